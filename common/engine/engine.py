@@ -1,0 +1,281 @@
+"""The in-process inference engine: requests in, token deltas out, one `step()` at a time.
+
+    engine = LLMEngine.from_checkpoint("checkpoints/mini", EngineConfig(dtype="float32"))
+    outputs = engine.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16))
+
+Every way of generating (CLI, servers, benchmarks) goes through `step()`: schedule -> model runner -> sampler
+-> stop checks. Bad input raises ValueError for that request only; nothing is queued for it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from common.checkpoint import load_model, load_tokenizer
+from common.config import EngineConfig, ModelConfig
+from common.engine.detokenizer import IncrementalDetokenizer
+from common.engine.model_runner import ModelRunner
+from common.engine.sampler import Sampler, SampleOutput
+from common.engine.sampling_params import SamplingParams
+from common.engine.scheduler import Scheduler
+from common.engine.sequence import Request, Sequence
+from common.kvcache import BlockManager, BlockPool
+from common.model.decoder import DeepseekModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    token_ids: list[int]  # all generated ids so far
+    text: str  # all text streamed so far
+    delta_token_ids: list[int]
+    delta_text: str
+    finish_reason: str | None = None
+    logprobs: list[dict] = field(default_factory=list)  # per generated token: {"logprob", "top": {id: lp}}
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        model: DeepseekModel,
+        tokenizer: Tokenizer | None,
+        config: EngineConfig,
+    ) -> None:
+        self.model_config, self.config, self.tokenizer = model_config, config, tokenizer
+        device = next(model.parameters()).device
+        num_blocks = self._num_blocks(model_config, config, device)
+        self.pool = BlockPool(
+            model_config.num_hidden_layers,
+            num_blocks,
+            config.block_size,
+            model_config.latent_dim,
+            dtype=config.torch_dtype,
+            device=device,
+        )
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.max_model_len = min(
+            config.max_model_len or model_config.max_position_embeddings, num_blocks * config.block_size
+        )
+        self.scheduler = Scheduler(config, self.blocks)
+        self.runner = ModelRunner(model, self.pool, self.blocks, device)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self.device = device
+        self._ids = itertools.count()
+        log.info(
+            "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB, %d bytes/token)",
+            num_blocks, config.block_size, num_blocks * config.block_size, self.pool.nbytes / 2**20,
+            self.pool.nbytes // (num_blocks * config.block_size),
+        )
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, config: EngineConfig | None = None) -> LLMEngine:
+        config = config or EngineConfig()
+        model_config, model = load_model(directory, config.torch_dtype, config.torch_device)
+        return cls(model_config, model, load_tokenizer(directory), config)
+
+    @staticmethod
+    def _num_blocks(model_config: ModelConfig, config: EngineConfig, device: torch.device) -> int:
+        """Blocks that fit the memory budget, but no more than max_num_seqs full-length sequences need."""
+        dtype = config.torch_dtype
+        budget = int(config.kv_cache_memory) if config.kv_cache_memory > 1 else float(config.kv_cache_memory)
+        fit = BlockPool.num_blocks_for_budget(
+            budget, model_config.num_hidden_layers, config.block_size, model_config.latent_dim, dtype, device
+        )
+        max_len = config.max_model_len or model_config.max_position_embeddings
+        useful = config.max_num_seqs * -(-max_len // config.block_size)
+        return min(fit, useful)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Queue a request; raises ValueError (nothing queued) if the prompt or params cannot be served."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        prompt_ids = self.validate_prompt(prompt, params)
+        request = Request(request_id, prompt_ids, params)
+        seq = self._new_sequence(request, 0)
+        request.seqs.append(seq)
+        self.requests[request_id] = request
+        self.scheduler.add(seq)
+        return request_id
+
+    def validate_prompt(self, prompt: str | Seq[int], params: SamplingParams) -> list[int]:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: send prompt token ids")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            if self.model_config.bos_token_id is not None:
+                ids = [self.model_config.bos_token_id, *ids]
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)]
+            bad += [t for t in ids if isinstance(t, int) and not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids must be integers in [0, {self.model_config.vocab_size}), got {bad[:5]}")
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; this server's context is {self.max_model_len} tokens "
+                "(prompt + at least one generated token)"
+            )
+        return ids
+
+    def _new_sequence(self, request: Request, index: int) -> Sequence:
+        params = request.params
+        generator = None
+        if params.seed is not None and not params.greedy:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(
+                self.tokenizer, request.prompt_ids, params.skip_special_tokens, params.stop,
+                params.include_stop_str_in_output,
+            )
+        return Sequence(request, index, detokenizer=detok, generator=generator)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its pages at once. Returns False if it was unknown or already done."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        for seq in request.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return []
+        now = time.monotonic()
+        for seq, _ in plan.prefills:
+            if seq.request.first_scheduled_time is None:
+                seq.request.first_scheduled_time = now
+        logits, sampling = self.runner.run(plan)
+        self.scheduler.mark_computed(plan)
+
+        # A request with n > 1 forks its prompt's pages into n sequences when the prompt is done.
+        rows: list[int] = []
+        seqs: list[Sequence] = []
+        for row, seq in enumerate(sampling):
+            rows.append(row)
+            seqs.append(seq)
+            request = seq.request
+            if request.params.n > 1 and len(request.seqs) == 1 and not seq.output_ids:
+                for index in range(1, request.params.n):
+                    child = self._new_sequence(request, index)
+                    request.seqs.append(child)
+                    self.scheduler.fork(seq, child)
+                    rows.append(row)
+                    seqs.append(child)
+        logits = logits[torch.tensor(rows, device=logits.device)] if len(rows) != len(sampling) else logits
+        sample = self.sampler(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
+        self._append_tokens(seqs, sample)
+        return self._collect_outputs({s.request.request_id: s.request for s in seqs}.values())
+
+    def _append_tokens(self, seqs: list[Sequence], sample: SampleOutput) -> None:
+        token_ids = sample.token_ids.tolist()
+        logprobs = sample.logprobs.tolist() if sample.logprobs is not None else None
+        top_ids = sample.top_ids.tolist() if sample.top_ids is not None else None
+        top_lps = sample.top_logprobs.tolist() if sample.top_logprobs is not None else None
+        now = time.monotonic()
+        for i, (seq, token) in enumerate(zip(seqs, token_ids, strict=True)):
+            params = seq.request.params
+            seq.output_ids.append(token)
+            if seq.request.first_token_time is None:
+                seq.request.first_token_time = now
+            if params.logprobs is not None and logprobs is not None:
+                k = params.logprobs
+                top = dict(zip(top_ids[i][:k], top_lps[i][:k], strict=True)) if top_ids and k else {}
+                seq.logprobs.append({"token_id": token, "logprob": logprobs[i], "top": top})
+            if seq.detokenizer is not None:
+                seq.pending_text += seq.detokenizer.add(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                if seq.detokenizer is not None:
+                    seq.pending_text += seq.detokenizer.flush()
+                self.scheduler.finish(seq, reason)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.request.params
+        if not params.ignore_eos and token in self.model_config.eos_token_ids:
+            return "stop"
+        if token in params.stop_token_ids:
+            return "stop"
+        if seq.detokenizer is not None and seq.detokenizer.stopped is not None:
+            return "stop"
+        if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _collect_outputs(self, requests: Seq[Request]) -> list[RequestOutput]:
+        outputs = []
+        for request in requests:
+            completions = []
+            for seq in request.seqs:
+                delta_ids = seq.output_ids[seq.sent_tokens :]
+                delta_text, seq.pending_text = seq.pending_text, ""
+                seq.sent_tokens = len(seq.output_ids)
+                completions.append(
+                    CompletionOutput(
+                        index=seq.index,
+                        token_ids=list(seq.output_ids),
+                        text=seq.detokenizer.text if seq.detokenizer is not None else "",
+                        delta_token_ids=delta_ids,
+                        delta_text=delta_text,
+                        finish_reason=seq.finish_reason,
+                        logprobs=seq.logprobs,
+                    )
+                )
+            finished = request.finished
+            if finished:
+                self.requests.pop(request.request_id, None)
+            outputs.append(
+                RequestOutput(request.request_id, request.prompt_ids, completions, finished, request.num_cached_tokens)
+            )
+        return outputs
+
+    # ------------------------------------------------------------------ batch API
+    def generate(
+        self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Run the given prompts to completion together; outputs in prompt order."""
+        params_list = params if isinstance(params, list | tuple) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]

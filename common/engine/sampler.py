@@ -1,0 +1,104 @@
+"""Next-token sampling for a batch of sequences, each with its own SamplingParams.
+
+The math is vectorised over the batch with per-row parameter tensors; filters no row uses cost nothing.
+Sampling uses the exponential race argmax(p / q), q ~ Exp(1), which draws exactly from p. A seeded request
+draws its q from its own torch.Generator, so its tokens do not depend on its batch mates or its row index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from common.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SampleOutput:
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None = None  # [B] float32: sampled token's logprob under log_softmax(raw logits)
+    top_ids: torch.Tensor | None = None  # [B, K] int64, K = the largest `logprobs` asked in the batch
+    top_logprobs: torch.Tensor | None = None  # [B, K] float32
+
+
+class Sampler:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> SampleOutput:
+        """Sample one token per row of `logits` [B, V]; generators[i] (on logits' device) seeds row i."""
+        if not logits.shape[0] == len(params) == len(generators):
+            sizes = f"{logits.shape[0]}, {len(params)}, {len(generators)}"
+            raise ValueError(f"logits, params and generators differ in batch size: {sizes}")
+        logits = logits.float()
+        k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        if len(rows) == len(params):
+            token_ids = _sample(logits, params, generators)
+        else:
+            token_ids = logits.argmax(dim=-1)  # greedy rows: exactly argmax of the raw logits
+            if rows:
+                sub_params, sub_generators = [params[i] for i in rows], [generators[i] for i in rows]
+                token_ids[rows] = _sample(logits[rows], sub_params, sub_generators)
+        if k is None:
+            return SampleOutput(token_ids)
+        # Reported logprobs are those of the raw distribution (vLLM's default), not the filtered one.
+        logprobs = logits.log_softmax(dim=-1)
+        out = SampleOutput(token_ids, logprobs.gather(-1, token_ids[:, None]).squeeze(-1))
+        if k > 0:
+            out.top_logprobs, out.top_ids = logprobs.topk(min(k, logits.shape[-1]), dim=-1)
+        return out
+
+
+def _sample(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p filtering, then the exponential race."""
+    vocab, device = logits.shape[-1], logits.device
+    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
+    logits = logits / temperature[:, None]
+
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_p = [p.top_p for p in params]
+    use_k, use_p = min(top_k) < vocab, min(top_p) < 1.0
+    if use_k or use_p:
+        logits = _top_k_top_p(
+            logits,
+            torch.tensor(top_k, device=device) if use_k else None,
+            torch.tensor(top_p, dtype=logits.dtype, device=device) if use_p else None,
+        )
+    if any(p.min_p > 0 for p in params):
+        # p_i < min_p * p_max  <=>  l_i < l_max + log(min_p); min_p = 0 gives -inf and keeps everything.
+        log_min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=device).log()
+        threshold = logits.amax(dim=-1, keepdim=True) + log_min_p[:, None]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+
+    probs = logits.softmax(dim=-1)
+    q = torch.empty_like(probs).exponential_()  # unseeded rows: one batched draw from the default generator
+    for i, generator in enumerate(generators):
+        if generator is not None:
+            q[i].exponential_(generator=generator)
+    # q == 0 would make a filtered-out token (p = 0) score 0/0 = nan, which argmax would pick.
+    return probs.div_(q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(dim=-1)
+
+
+def _top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top-k, then outside its top-p nucleus; k = V or p = 1 is off.
+
+    Ties with the k-th logit are kept. The nucleus is the smallest set of top tokens whose mass reaches p.
+    """
+    ascending, order = logits.sort(dim=-1)
+    if top_k is not None:
+        kth = ascending.gather(-1, (logits.shape[-1] - top_k)[:, None])
+        ascending.masked_fill_(ascending < kth, float("-inf"))
+    if top_p is not None:
+        outside = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)[:, None]
+        outside[:, -1] = False  # the most likely token always survives
+        ascending.masked_fill_(outside, float("-inf"))
+    return ascending.scatter(-1, order, ascending)

@@ -1,0 +1,1 @@
+"""Pure model math, one file per concept: norm, rope, mla, moe, decoder."""

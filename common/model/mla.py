@@ -1,0 +1,168 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3).
+
+Per token and layer MLA keeps only a compressed latent `c_kv` (kv_lora_rank wide) and one shared rotary key
+`k_pe` (qk_rope_head_dim wide): the cache entry is `[c_kv, k_pe]`, written into paged blocks. Two equivalent
+ways to attend over it:
+
+* naive (prefill): up-project every context latent with W_UK / W_UV (`kv_b_proj`) into per-head keys and
+  values, then run causal flash attention. Cheap when many queries share the context.
+* absorbed (decode): fold W_UK into the query (q_nope @ W_UK gives a query in latent space) and W_UV into the
+  output, so attention runs straight on the cached latents: one shared "head" of width d_c + d_R, like MQA.
+  Nothing is up-projected per context token, which is what makes MLA decode cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from common.config import ModelConfig
+from common.kernels import flash_attn_varlen, paged_latent_decode
+from common.kvcache import BlockPool
+from common.model.norm import RMSNorm
+from common.model.rope import apply_rotary
+
+
+@dataclass
+class AttentionBatch:
+    """Where a step's tokens live in the paged cache. Prefill-chunk tokens come first, then one token per decode.
+
+    Prefill sequence i computes queries for its last `q_len_i` positions over a context of `k_len_i` tokens
+    (cached prefix + the chunk); `context_slots` lists the cache slots of all those contexts back to back.
+    """
+
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot of each new token
+    num_prefill_tokens: int
+    cu_seqlens_q: torch.Tensor  # int32 [Bp + 1]
+    cu_seqlens_k: torch.Tensor  # int32 [Bp + 1]
+    max_seqlen_q: int
+    max_seqlen_k: int
+    context_slots: torch.Tensor  # int64 [sum k_len]
+    block_tables: torch.Tensor  # int32 [Bd, max_blocks]
+    context_lens: torch.Tensor  # int32 [Bd]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.numel()
+
+    @classmethod
+    def build(
+        cls,
+        prefills: list[tuple[list[int], int, int]],
+        decodes: list[tuple[list[int], int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionBatch:
+        """prefills: (block_table, num_cached_tokens, num_new_tokens); decodes: (block_table, context_len)."""
+        tables = [t for t, _, _ in prefills] + [t for t, _ in decodes]
+        width = max((len(t) for t in tables), default=1)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables] or [[0]], dtype=torch.int64)
+
+        starts = [c for _, c, _ in prefills] + [n - 1 for _, n in decodes]
+        q_lens = [n for _, _, n in prefills] + [1] * len(decodes)
+        k_lens = [c + n for _, c, n in prefills]
+
+        def slots(seq_starts: list[int], lengths: list[int]) -> torch.Tensor:
+            lengths_t = torch.tensor(lengths, dtype=torch.int64)
+            seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)
+            offsets = torch.cumsum(lengths_t, 0) - lengths_t
+            pos = torch.arange(int(lengths_t.sum())) - offsets[seq] + torch.tensor(seq_starts, dtype=torch.int64)[seq]
+            return table[seq, pos // block_size] * block_size + pos % block_size
+
+        slot_mapping = slots(starts, q_lens)
+        context_slots = slots([0] * len(prefills), k_lens)
+        zero = torch.zeros(1, dtype=torch.int32)
+        return cls(
+            slot_mapping=slot_mapping.to(device),
+            num_prefill_tokens=sum(q_lens[: len(prefills)]),
+            cu_seqlens_q=torch.cat([zero, torch.tensor(q_lens[: len(prefills)], dtype=torch.int64).cumsum(0)]).int().to(device),
+            cu_seqlens_k=torch.cat([zero, torch.tensor(k_lens, dtype=torch.int64).cumsum(0)]).int().to(device),
+            max_seqlen_q=max(q_lens[: len(prefills)], default=0),
+            max_seqlen_k=max(k_lens, default=0),
+            context_slots=context_slots.to(device),
+            block_tables=table[len(prefills) :].int().to(device),
+            context_lens=torch.tensor([n for _, n in decodes], dtype=torch.int32, device=device),
+        )
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.kv_rank = config.v_head_dim, config.kv_lora_rank
+        self.interleaved = config.rope_interleave
+        self.scale = config.softmax_scale
+        h, bias = config.hidden_size, config.attention_bias
+        q_out = self.num_heads * config.qk_head_dim
+
+        self.q_lora_rank = config.q_lora_rank
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, h, bias=bias)
+
+    # ------------------------------------------------------------------ projections
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_nope [T, H, d_nope] and the rotated q_pe [T, H, d_R]."""
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rotary(q_pe, cos, sin, self.interleaved)
+
+    def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The per-token cache entry [T, d_c + d_R]: normalised c_kv and rotated k_pe."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        return torch.cat([self.kv_a_layernorm(c_kv), apply_rotary(k_pe, cos, sin, self.interleaved)], dim=-1)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, d_nope, d_c] and W_UV [H, d_v, d_c], views of kv_b_proj (kept in sync with loaded weights)."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    # ------------------------------------------------------------------ attention
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch, cache: BlockPool
+    ) -> torch.Tensor:
+        q_nope, q_pe = self.queries(x, cos, sin)
+        cache.write(self.layer, batch.slot_mapping, self.latents(x, cos, sin))
+        p = batch.num_prefill_tokens
+        parts = []
+        if p:
+            parts.append(self.attend_naive(q_nope[:p], q_pe[:p], cache.gather(self.layer, batch.context_slots), batch))
+        if p < x.shape[0]:
+            parts.append(self.attend_absorbed(q_nope[p:], q_pe[p:], cache.layer(self.layer), batch))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self.o_proj(out.flatten(1))
+
+    def attend_naive(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, context: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
+        """Up-project the context latents to per-head K/V and run causal flash attention: [Tq, H, d_v]."""
+        c_kv, k_pe = context.split([self.kv_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(-1, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        return flash_attn_varlen(
+            q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q, batch.max_seqlen_k, self.scale
+        )
+
+    def attend_absorbed(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, pages: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
+        """Attend on the cached latents directly (W_UK folded into q, W_UV into the output): [Td, H, d_v]."""
+        w_uk, w_uv = self.absorbed_weights()
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [Td, H, d_c]
+        q = torch.cat([q_latent, q_pe], dim=-1)
+        o_latent = paged_latent_decode(q, pages, batch.block_tables, batch.context_lens, self.scale, self.kv_rank)
+        return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [Td, H, d_v]

@@ -1,0 +1,118 @@
+"""DeepSeekMoE: a gate picks top-k of many fine-grained routed experts; shared experts see every token.
+
+Gate variants (all scored in float32):
+  * scoring: softmax (V2) or sigmoid (V3);
+  * selection: greedy top-k; group_limited_greedy (V2: keep the `topk_group` groups with the best expert,
+    a device-limited routing); noaux_tc (V3: groups ranked by the sum of their two best biased scores);
+  * V3's `e_score_correction_bias` steers *selection* only; the combine weights are the unbiased scores;
+  * norm_topk_prob renormalises the k weights; routed_scaling_factor scales them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.config import ModelConfig
+from common.kernels.grouped_experts import grouped_swiglu
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (dense layers and shared experts); gate and up projections fused into one GEMM."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(hidden, intermediate))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj)
+
+
+class Gate(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.n_routed_experts
+        self.method, self.scoring = config.topk_method, config.scoring_func
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", None)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """V3's correction bias stays float32 whatever the serving dtype (as in the reference)."""
+        if self.method == "noaux_tc":
+            device = self.weight.device if self.weight.device.type != "meta" else None
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, device=device))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (weights float32 [T, k], expert ids int64 [T, k])."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.method != "greedy":
+            grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
+            if self.method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1, sorted=False).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, self.num_experts)
+        ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, ids
+
+
+class RoutedExperts(nn.Module):
+    """A shard of routed experts (all of them in-process; a contiguous or mapped subset on an expert worker)."""
+
+    def __init__(self, config: ModelConfig, expert_ids: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.expert_ids = list(range(config.n_routed_experts) if expert_ids is None else expert_ids)
+        n, h, i = len(self.expert_ids), config.hidden_size, config.moe_intermediate_size
+        self.w13 = nn.Parameter(torch.empty(n, 2 * i, h))
+        self.w2 = nn.Parameter(torch.empty(n, h, i))
+        self.num_global = config.n_routed_experts
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        local = torch.full((self.num_global,), -1, dtype=torch.int64, device="cpu")
+        local[torch.tensor(self.expert_ids, dtype=torch.int64, device="cpu")] = torch.arange(
+            len(self.expert_ids), device="cpu"
+        )
+        self.register_buffer("global_to_local", local.to(self.w13.device), persistent=False)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of this shard's experts over the (token, expert) pairs routed to it: [T, h]."""
+        return grouped_swiglu(x, self.global_to_local[ids], weights, self.w13, self.w2)
+
+
+class MoE(nn.Module):
+    """Gate + routed experts + shared experts. `experts` is any callable with RoutedExperts' signature, so
+    the same layer runs with local experts or with remote expert shards."""
+
+    def __init__(self, config: ModelConfig, expert_ids: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.gate = Gate(config)
+        self.experts = RoutedExperts(config, expert_ids)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        out = self.experts(x, weights, ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

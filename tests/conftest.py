@@ -1,0 +1,29 @@
+"""Shared fixtures: small random checkpoints in the Hub layout, written once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU-only machines
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tests.model_configs import CONFIGS  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    """checkpoint_dir(name) -> path of a float32 random checkpoint for one of tests.model_configs.CONFIGS."""
+    from common.checkpoint import write_random_checkpoint
+
+    made: dict[str, str] = {}
+
+    def make(name: str) -> str:
+        if name not in made:
+            out = tmp_path_factory.mktemp(f"ckpt-{name}")
+            made[name] = str(write_random_checkpoint(out, CONFIGS[name], seed=1, dtype=torch.float32))
+        return made[name]
+
+    return make
