@@ -292,7 +292,7 @@ class BlockManager:
         hashes: list[bytes] = []
         if self.enable_prefix_caching:
             bs, parent = self.block_size, b""
-            for i in range(len(tokens) // bs):
+            for i in range((len(tokens) - 1) // bs):
                 parent = hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs])
                 block = self._index.get(parent)
                 if block is None:
@@ -319,8 +319,7 @@ class BlockManager:
             block = self._free.popleft()
         else:
             block, _ = self._lru.popitem(last=False)
-            del self._index[self._block_hash[block]]
-            self._block_hash[block] = None
+            pass
             self.evictions += 1
         self._ref[block] = 1
         return block

@@ -216,9 +216,11 @@ def test_streaming_random_text(text, prompt, stop_at):
     s = stop[0]
     assert detok.stopped == s
     assert detok.text == text[: text.index(s) + (len(s) if include else 0)]
-    # It fired at the first token after which the decodable text contains the stop string.
+    # It fired at the first token after which the decodable text contains the stop string (or at flush,
+    # if the text ends in a genuine U+FFFD, which is indistinguishable from an incomplete character).
     prefixes = (tok.decode(ids[:n]) for n in range(1, len(ids) + 1))
-    assert fired_at == next(n for n, d in enumerate(prefixes, 1) if s in d and not d.endswith("\ufffd"))
+    first = (n for n, d in enumerate(prefixes, 1) if s in d and not d.endswith("\ufffd"))
+    assert fired_at == next(first, None)
 
 
 @settings(max_examples=300, deadline=None)
