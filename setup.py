@@ -13,8 +13,14 @@ def compile_protos() -> None:
     from grpc_tools import protoc
 
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
-    args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={GEN_ROOT}", f"--pyi_out={GEN_ROOT}",
-            f"--grpc_python_out={GEN_ROOT}", *protos]
+    args = [
+        "protoc",
+        f"-I{PROTO_ROOT}",
+        f"--python_out={GEN_ROOT}",
+        f"--pyi_out={GEN_ROOT}",
+        f"--grpc_python_out={GEN_ROOT}",
+        *protos,
+    ]
     (GEN_ROOT / "latentmoe" / "v1").mkdir(parents=True, exist_ok=True)
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {protos}")

@@ -12,6 +12,7 @@ import json
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -53,22 +54,31 @@ class CheckpointReader:
         for path in set(self.files.values()):
             if not path.is_file():
                 raise CheckpointError(f"{path}: listed in {INDEX_FILE} but missing")
-        self._open: dict[Path, object] = {}
+        self._open: dict[Path, Any] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor as stored (a memory-mapped view); a missing name is a CheckpointError."""
+    def _file(self, name: str) -> Any:
         path = self.files.get(name)
         if path is None:
             raise CheckpointError(f"{self.directory}: tensor {name!r} is missing")
         if path not in self._open:
             self._open[path] = safe_open(path, "pt")
+        return self._open[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape, read from the header only."""
+        return tuple(self._file(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor as stored; a missing name is a CheckpointError."""
         try:
-            return self._open[path].get_tensor(name)  # type: ignore[attr-defined]
+            return self._file(name).get_tensor(name)
+        except CheckpointError:
+            raise
         except Exception as e:  # a truncated or corrupt file
-            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from e
+            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e})") from e
 
 
 def _hub_targets(model: torch.nn.Module, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -118,13 +128,15 @@ def load_weights(
 ) -> None:
     """Copy every named tensor into its destination, casting dtype; checks every shape before writing any."""
     for name, dest in targets:
-        shape = tuple(reader.get(name).shape)
+        shape = reader.shape(name)
         if shape != tuple(dest.shape):
             raise CheckpointError(
                 f"{reader.files[name]}: tensor {name!r} has shape {list(shape)}, expected {list(dest.shape)}"
             )
     with torch.no_grad():
-        for name, dest in tqdm(targets, desc="loading weights", unit="tensor", disable=not progress, leave=False):
+        for name, dest in tqdm(
+            targets, desc="loading weights", unit="tensor", disable=not progress, leave=False
+        ):
             dest.copy_(reader.get(name))
 
 
@@ -135,7 +147,7 @@ def load_model(
     expert_ids: Sequence[int] | None = None,
     progress: bool = True,
 ) -> tuple[ModelConfig, torch.nn.Module]:
-    """Build the model for `directory` and load its weights (only `expert_ids` of the routed experts if given)."""
+    """Build the model for `directory` and load its weights (of the routed experts, only `expert_ids`)."""
     from common.model.decoder import DeepseekModel
 
     config = ModelConfig.from_file(directory)
@@ -309,11 +321,15 @@ def write_random_checkpoint(
             save_file(shard, out / file, metadata=metadata)
             weight_map.update(dict.fromkeys(shard, file))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        (out / INDEX_FILE).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+        )
 
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     build_tokenizer(model_config.vocab_size, seed).save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "tokenizer_class": "PreTrainedTokenizerFast"})
+        json.dumps(
+            {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "tokenizer_class": "PreTrainedTokenizerFast"}
+        )
     )
     return out

@@ -85,7 +85,7 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """1/sqrt(d_qk), times YaRN's mscale^2 when the config asks for it (DeepSeek's long-context recipe)."""
+        """1/sqrt(d_qk), times YaRN's mscale^2 when the config asks (DeepSeek's long-context recipe)."""
         scale = self.qk_head_dim**-0.5
         if self.rope.type == "yarn" and self.rope.mscale_all_dim:
             m = yarn_mscale(self.rope.factor, self.rope.mscale_all_dim)
@@ -134,7 +134,9 @@ class ModelConfig:
             if f.name in ("model_type", "rope", "extra", "eos_token_ids"):
                 continue
             d[f.name] = getattr(self, f.name)
-        d["eos_token_id"] = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids)
+        d["eos_token_id"] = (
+            self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids)
+        )
         d["rope_theta"] = self.rope.theta
         d["rope_scaling"] = None
         if self.rope.type == "yarn":
@@ -215,12 +217,16 @@ def _parse(raw: dict[str, Any]) -> ModelConfig:
         if not 1 <= top_k <= n_routed:
             raise ConfigError(f"num_experts_per_tok: expected 1..{n_routed}, got {top_k}")
         if topk_method == "noaux_tc" and n_routed // n_group < 2:
-            raise ConfigError("n_group: noaux_tc scores each group by its top-2 experts; groups need >= 2 experts")
+            raise ConfigError(
+                "n_group: noaux_tc scores each group by its top-2 experts; groups need >= 2 experts"
+            )
 
     heads = integer("num_attention_heads", required=True, minimum=1)
     kv_heads = get("num_key_value_heads", heads)
     if kv_heads != heads:
-        raise ConfigError(f"num_key_value_heads: MLA has one latent for all heads; expected {heads}, got {kv_heads}")
+        raise ConfigError(
+            f"num_key_value_heads: MLA has one latent for all heads; expected {heads}, got {kv_heads}"
+        )
 
     eos = get("eos_token_id", [])
     eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
@@ -282,7 +288,9 @@ def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
     if rope_type == "default":
         return RopeConfig(theta=float(theta))
     max_pos = raw.get("max_position_embeddings", 4096)
-    original = spec.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings") or max_pos
+    original = (
+        spec.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings") or max_pos
+    )
     factor = spec.get("factor")
     if factor is None:
         factor = max_pos / original

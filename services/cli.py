@@ -1,7 +1,7 @@
 """The `latentmoe` command: the single entry point for every job.
 
-    latentmoe init-checkpoint --preset mini --out checkpoints/mini
-    latentmoe generate --model checkpoints/mini --prompt "Hello" --max-tokens 32 --temperature 0 --json
+latentmoe init-checkpoint --preset mini --out checkpoints/mini
+latentmoe generate --model checkpoints/mini --prompt "Hello" --max-tokens 32 --temperature 0 --json
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--block-size", type=int, default=64, help="tokens per KV page (power of two, 1..256)")
     p.add_argument(
-        "--kv-cache-memory", type=float, default=float(1 << 30),
+        "--kv-cache-memory",
+        type=float,
+        default=float(1 << 30),
         help="KV cache budget: bytes, or a fraction (<= 1) of free device memory",
     )
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -65,7 +67,11 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
     from common.checkpoint import write_random_checkpoint
 
     out = write_random_checkpoint(
-        args.out, args.preset, seed=args.seed, dtype=getattr(torch, args.dtype), max_shard_bytes=args.max_shard_bytes
+        args.out,
+        args.preset,
+        seed=args.seed,
+        dtype=getattr(torch, args.dtype),
+        max_shard_bytes=args.max_shard_bytes,
     )
     print(f"wrote a random '{args.preset}' checkpoint to {out}")
     return 0
@@ -119,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate from prompts with the in-process engine")
     add_engine_args(p)
     p.add_argument("--prompt", action=_OrderedPrompts, help="a text prompt (repeatable)")
-    p.add_argument("--prompt-ids", action=_OrderedPrompts, help="comma-separated prompt token ids (repeatable)")
+    p.add_argument(
+        "--prompt-ids", action=_OrderedPrompts, help="comma-separated prompt token ids (repeatable)"
+    )
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -128,12 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line, in prompt order")
     p.set_defaults(func=cmd_generate)
+
+    from services.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from common.checkpoint import CheckpointError
 
     try:

@@ -23,7 +23,7 @@ from common.checkpoint import load_model, load_tokenizer
 from common.config import EngineConfig, ModelConfig
 from common.engine.detokenizer import IncrementalDetokenizer
 from common.engine.model_runner import ModelRunner
-from common.engine.sampler import Sampler, SampleOutput
+from common.engine.sampler import SampleOutput, Sampler
 from common.engine.sampling_params import SamplingParams
 from common.engine.scheduler import Scheduler
 from common.engine.sequence import Request, Sequence
@@ -84,7 +84,10 @@ class LLMEngine:
         self._ids = itertools.count()
         log.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB, %d bytes/token)",
-            num_blocks, config.block_size, num_blocks * config.block_size, self.pool.nbytes / 2**20,
+            num_blocks,
+            config.block_size,
+            num_blocks * config.block_size,
+            self.pool.nbytes / 2**20,
             self.pool.nbytes // (num_blocks * config.block_size),
         )
 
@@ -126,6 +129,10 @@ class LLMEngine:
     def validate_prompt(self, prompt: str | Seq[int], params: SamplingParams) -> list[int]:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if not isinstance(prompt, str | list | tuple):
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if len(prompt) == 0:
+            raise ValueError("prompt is empty")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: send prompt token ids")
@@ -137,9 +144,9 @@ class LLMEngine:
             bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)]
             bad += [t for t in ids if isinstance(t, int) and not 0 <= t < self.model_config.vocab_size]
             if bad:
-                raise ValueError(f"prompt token ids must be integers in [0, {self.model_config.vocab_size}), got {bad[:5]}")
-        if not ids:
-            raise ValueError("prompt is empty")
+                raise ValueError(
+                    f"prompt token ids must be integers in [0, {self.model_config.vocab_size}), got {bad[:5]}"
+                )
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(ids)} tokens; this server's context is {self.max_model_len} tokens "
@@ -155,7 +162,10 @@ class LLMEngine:
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(
-                self.tokenizer, request.prompt_ids, params.skip_special_tokens, params.stop,
+                self.tokenizer,
+                request.prompt_ids,
+                params.skip_special_tokens,
+                params.stop,
                 params.include_stop_str_in_output,
             )
         return Sequence(request, index, detokenizer=detok, generator=generator)
@@ -262,7 +272,9 @@ class LLMEngine:
             if finished:
                 self.requests.pop(request.request_id, None)
             outputs.append(
-                RequestOutput(request.request_id, request.prompt_ids, completions, finished, request.num_cached_tokens)
+                RequestOutput(
+                    request.request_id, request.prompt_ids, completions, finished, request.num_cached_tokens
+                )
             )
         return outputs
 
@@ -271,7 +283,9 @@ class LLMEngine:
         self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
     ) -> list[RequestOutput]:
         """Run the given prompts to completion together; outputs in prompt order."""
-        params_list = params if isinstance(params, list | tuple) else [params or SamplingParams()] * len(prompts)
+        params_list = (
+            params if isinstance(params, list | tuple) else [params or SamplingParams()] * len(prompts)
+        )
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):

@@ -12,7 +12,9 @@ from common.model.mla import AttentionBatch
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekModel, pool: BlockPool, blocks: BlockManager, device: torch.device) -> None:
+    def __init__(
+        self, model: DeepseekModel, pool: BlockPool, blocks: BlockManager, device: torch.device
+    ) -> None:
         self.model, self.pool, self.blocks, self.device = model, pool, blocks, device
 
     @torch.inference_mode()

@@ -62,43 +62,37 @@ def _sample(
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
     logits = logits / temperature[:, None]
 
-    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    top_p = [p.top_p for p in params]
-    use_k, use_p = min(top_k) < vocab, min(top_p) < 1.0
-    if use_k or use_p:
-        logits = _top_k_top_p(
-            logits,
-            torch.tensor(top_k, device=device) if use_k else None,
-            torch.tensor(top_p, dtype=logits.dtype, device=device) if use_p else None,
-        )
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]  # 0: this row keeps every token
+    if any(top_k):
+        logits = _top_k(logits, top_k)
+    if any(p.top_p < 1.0 for p in params):
+        logits = _top_p(logits, torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=device))
     if any(p.min_p > 0 for p in params):
         # p_i < min_p * p_max  <=>  l_i < l_max + log(min_p); min_p = 0 gives -inf and keeps everything.
         log_min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=device).log()
         threshold = logits.amax(dim=-1, keepdim=True) + log_min_p[:, None]
         logits = logits.masked_fill(logits < threshold, float("-inf"))
 
-    probs = logits.softmax(dim=-1)
-    q = torch.empty_like(probs).exponential_()  # unseeded rows: one batched draw from the default generator
+    # q = -log(u), u ~ U[0, 1), is Exp(1) and never 0 (so p / q is never 0/0); it is also cheaper than
+    # exponential_() on CPU. Unseeded rows: one batched draw from the default generator.
+    u = torch.empty_like(logits).uniform_()
     for i, generator in enumerate(generators):
         if generator is not None:
-            q[i].exponential_(generator=generator)
-    # q == 0 would make a filtered-out token (p = 0) score 0/0 = nan, which argmax would pick.
-    return probs.div_(q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(dim=-1)
+            u[i].uniform_(generator=generator)
+    return logits.softmax(dim=-1).div_(u.log_().neg_()).argmax(dim=-1)
 
 
-def _top_k_top_p(
-    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
-) -> torch.Tensor:
-    """Mask (to -inf) tokens outside each row's top-k, then outside its top-p nucleus; k = V or p = 1 is off.
+def _top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """Keep each row's k best logits and ties with the k-th (k = 0 keeps all); topk is cheaper than sort."""
+    k = torch.tensor(top_k, device=logits.device)
+    kth = logits.topk(max(top_k), dim=-1).values.gather(-1, (k - 1).clamp_min(0)[:, None])
+    kth.masked_fill_((k == 0)[:, None], float("-inf"))
+    return logits.masked_fill(logits < kth, float("-inf"))
 
-    Ties with the k-th logit are kept. The nucleus is the smallest set of top tokens whose mass reaches p.
-    """
+
+def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep each row's nucleus, the smallest set of top tokens whose mass reaches p (p = 1 keeps all)."""
     ascending, order = logits.sort(dim=-1)
-    if top_k is not None:
-        kth = ascending.gather(-1, (logits.shape[-1] - top_k)[:, None])
-        ascending.masked_fill_(ascending < kth, float("-inf"))
-    if top_p is not None:
-        outside = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)[:, None]
-        outside[:, -1] = False  # the most likely token always survives
-        ascending.masked_fill_(outside, float("-inf"))
-    return ascending.scatter(-1, order, ascending)
+    outside = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)[:, None]
+    outside[:, -1] = False  # the most likely token always survives
+    return logits.scatter(-1, order, ascending.masked_fill_(outside, float("-inf")))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NoReturn
 
 GREEDY_EPS = 1e-5  # temperatures below this are treated as exactly greedy (argmax)
 
@@ -35,7 +35,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
-        def fail(name: str, rule: str) -> None:
+        def fail(name: str, rule: str) -> NoReturn:
             raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
         if not _is_int(self.n) or self.n < 1:

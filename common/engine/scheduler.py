@@ -62,7 +62,9 @@ class Scheduler:
             budget -= n
             i += 1
 
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
+        while (
+            self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted
+        ):
             seq = self.waiting[0]
             tokens = seq.token_ids
             if not self.blocks.can_allocate(tokens, self.watermark_blocks if self.running else 0):

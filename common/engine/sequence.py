@@ -1,4 +1,4 @@
-"""Request and sequence state. Token ids are the source of truth: the KV cache can always be rebuilt from them."""
+"""Request and sequence state. Token ids are the source of truth: the KV cache can be rebuilt from them."""
 
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ def flash_attn_varlen(
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, causal: bool, tile_q: int, tile_k: int) -> Tensor:
-    """One sequence, all heads: q [H, Lq, Dqk] (already scaled), k [H, Lk, Dqk], v [H, Lk, Dv] -> [H, Lq, Dv]."""
+    """One sequence, all heads: q [H, Lq, Dqk] (pre-scaled), k [H, Lk, Dqk], v [H, Lk, Dv] -> [H, Lq, Dv]."""
     heads, q_len, k_len = q.shape[0], q.shape[1], k.shape[1]
     shift = k_len - q_len  # causal: query i sees keys 0 .. i + shift
     out = q.new_empty(heads, q_len, v.shape[2])
@@ -110,8 +110,9 @@ def paged_latent_decode(
     batch, heads, dim = q.shape
     block_size = pages.shape[1]
     lens = context_lens.to(device=q.device, dtype=torch.long)
-    _check_decode(q, pages, block_tables, lens, value_dim)
-    max_len = int(lens.max())
+    max_len = _check_decode(q, pages, block_tables, lens, value_dim)
+    if batch == 0:
+        return q.new_empty(0, heads, value_dim)
     if num_splits is None:
         num_splits = -(-max_len // SPLIT_TOKENS)
     split_blocks = -(-max_len // (max(1, num_splits) * block_size))
@@ -121,7 +122,7 @@ def paged_latent_decode(
     items_per_seq = (lens + split_len - 1) // split_len
     seq = torch.repeat_interleave(torch.arange(batch, device=q.device), items_per_seq)
     split = torch.arange(seq.numel(), device=q.device) - (items_per_seq.cumsum(0) - items_per_seq)[seq]
-    valid = split[:, None] * split_len + torch.arange(split_len, device=q.device) < lens[seq, None]
+    stale = split[:, None] * split_len + torch.arange(split_len, device=q.device) >= lens[seq, None]
     block_col = split[:, None] * split_blocks + torch.arange(split_blocks, device=q.device)
     block_used = block_col * block_size < lens[seq, None]
     block_col = block_col.clamp_(max=block_tables.shape[1] - 1)
@@ -144,16 +145,21 @@ def paged_latent_decode(
         if latents is not gathered:
             latents[: n * split_blocks].copy_(gathered[: n * split_blocks])
         kv = latents[: n * split_blocks].view(n, split_len, dim)
-        kv[~valid[items]] = 0.0  # slots past the context may hold anything, even NaN
+        # Slots past the context may hold anything, even NaN: zero them (few rows) and mask their scores.
+        kv.view(-1, dim).index_fill_(0, stale[items].flatten().nonzero().squeeze(1), 0.0)
         s = torch.bmm(q_items[items], kv.transpose(1, 2), out=scores[:n])  # [n, H, split_len]
-        s.masked_fill_(~valid[items, None, :], -math.inf)
+        s.masked_fill_(stale[items, None, :], -math.inf)
         m[items] = s.amax(dim=-1, keepdim=True)  # finite: every item holds at least one token
         p = s.sub_(m[items]).exp_()
         l[items] = p.sum(dim=-1, keepdim=True)
         torch.bmm(p, kv[:, :, :value_dim], out=o[items])
 
+    if num_items == batch:  # one split per sequence: nothing to combine
+        return o.div_(l).to(q.dtype)
+
     # Log-sum-exp combine of the items of each sequence.
-    m_seq = m.new_full((batch, heads, 1), -math.inf).scatter_reduce_(0, seq[:, None, None].expand_as(m), m, "amax")
+    owner = seq[:, None, None].expand_as(m)
+    m_seq = m.new_full((batch, heads, 1), -math.inf).scatter_reduce_(0, owner, m, "amax")
     weight = (m - m_seq[seq]).exp_()
     num = o.new_zeros(batch, heads, value_dim).index_add_(0, seq, o.mul_(weight))
     den = l.new_zeros(batch, heads, 1).index_add_(0, seq, l.mul_(weight))
@@ -162,21 +168,25 @@ def paged_latent_decode(
 
 def _check_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(f"q, k, v must be [tokens, heads, dim], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"q, k, v must be [tokens, heads, dim], got {q.dim()}, {k.dim()}, {v.dim()} dims")
     if k.shape[:2] != v.shape[:2] or q.shape[1] != k.shape[1] or q.shape[2] != k.shape[2]:
         raise ValueError(f"incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.dim() != 1:
         raise ValueError("cu_seqlens_q and cu_seqlens_k must both be [batch + 1]")
 
 
-def _check_decode(q: Tensor, pages: Tensor, block_tables: Tensor, lens: Tensor, value_dim: int) -> None:
+def _check_decode(q: Tensor, pages: Tensor, block_tables: Tensor, lens: Tensor, value_dim: int) -> int:
+    """Validate the decode inputs; return the longest context."""
     if q.dim() != 3 or pages.dim() != 3 or q.shape[2] != pages.shape[2]:
-        raise ValueError(f"q [B, H, D] and pages [blocks, block_size, D] expected, got {tuple(q.shape)}, "
-                         f"{tuple(pages.shape)}")
+        raise ValueError(
+            f"q [B, H, D] and pages [blocks, block_size, D] expected, got {tuple(q.shape)}, "
+            f"{tuple(pages.shape)}"
+        )
     if not 0 < value_dim <= q.shape[2]:
         raise ValueError(f"value_dim {value_dim} must be in 1..{q.shape[2]}")
     if block_tables.dim() != 2 or block_tables.shape[0] != q.shape[0] or lens.shape != (q.shape[0],):
         raise ValueError(f"block_tables [B, max_blocks] and context_lens [B] expected for B={q.shape[0]}")
-    lo, hi = torch.aminmax(lens)
+    lo, hi = torch.stack(torch.aminmax(lens)).tolist() if lens.numel() else (1, 0)
     if lo < 1 or hi > block_tables.shape[1] * pages.shape[1]:
         raise ValueError(f"context_lens must be in 1..{block_tables.shape[1] * pages.shape[1]}")
+    return hi

@@ -1,8 +1,8 @@
 """Block manager: per-sequence block tables over a fixed set of physical latent KV pages.
 
-Pure-Python bookkeeping (no torch), so the engine, the attention workers and the KV-cache service can all
-run the same class. Every call costs O(blocks it touches): free blocks live in a deque, cached-but-unreferenced
-blocks in an LRU ``OrderedDict`` and the prefix index is a dict, so nothing scans the whole pool.
+Pure-Python bookkeeping (no torch), so the engine, the attention workers and the KV-cache service can
+all run the same class. Every call costs O(blocks it touches): free blocks live in a deque, cached but
+unreferenced blocks in an LRU ``OrderedDict`` and the prefix index is a dict; nothing scans the pool.
 
 A block is always exactly one of:
   * free            -- refcount 0, holds nothing useful, in ``_free``;
@@ -198,8 +198,8 @@ class BlockManager:
             raise ValueError(f"sequence {child_id!r} is already allocated")
         if parent.num_computed != len(parent.token_ids):
             raise ValueError(
-                f"fork {parent_id!r}: {len(parent.token_ids) - parent.num_computed} tokens are not computed yet; "
-                "fork after their KV is written and mark_computed was called"
+                f"fork {parent_id!r}: {len(parent.token_ids) - parent.num_computed} tokens are not "
+                "computed yet; fork after their KV is written and mark_computed was called"
             )
         for block in parent.block_table:
             self._ref[block] += 1
@@ -319,7 +319,8 @@ class BlockManager:
             block = self._free.popleft()
         else:
             block, _ = self._lru.popitem(last=False)
-            pass
+            del self._index[self._block_hash[block]]
+            self._block_hash[block] = None
             self.evictions += 1
         self._ref[block] = 1
         return block
@@ -327,7 +328,7 @@ class BlockManager:
     # ------------------------------------------------------------------ invariants
 
     def check_invariants(self) -> None:
-        """Raise AssertionError if the bookkeeping is inconsistent (O(num_blocks + table sizes); for tests)."""
+        """Raise AssertionError if the bookkeeping is inconsistent. O(num_blocks + tables): for tests."""
         bs = self.block_size
         holders = [0] * self.num_blocks
         for sid, seq in self._seqs.items():
@@ -342,7 +343,9 @@ class BlockManager:
                 holders[block] += 1
                 h = self._block_hash[block]
                 if h is not None:
-                    _check((i + 1) * bs <= seq.num_computed, f"{sid!r}: indexed block {block} not full+computed")
+                    _check(
+                        (i + 1) * bs <= seq.num_computed, f"{sid!r}: indexed block {block} not full+computed"
+                    )
                     _check(seq.block_hashes[i] == h, f"{sid!r}: indexed block {block} holds other tokens")
             # Every position that will still be written lies in a block this sequence owns alone.
             pending = range(seq.num_computed // bs, len(seq.block_table)) if seq.num_computed < n else ()
@@ -365,7 +368,8 @@ class BlockManager:
             if block in lru:
                 _check(self._block_hash[block] is not None, f"cached block {block} is not indexed")
         _check(
-            len(self._index) == sum(h is not None for h in self._block_hash), "index and block hashes disagree"
+            len(self._index) == sum(h is not None for h in self._block_hash),
+            "index and block hashes disagree",
         )
         for h, block in self._index.items():
             _check(self._block_hash[block] == h, f"index entry of block {block} disagrees with the block")

@@ -61,12 +61,14 @@ class BlockPool:
         self.dtype = dtype
         self.device = torch.device(device)
         # Zero-initialised so never-written slots read as zeros, not garbage (reproducible padding reads).
-        self.pages = torch.zeros(num_layers, num_blocks, block_size, entry_dim, dtype=dtype, device=self.device)
+        self.pages = torch.zeros(
+            num_layers, num_blocks, block_size, entry_dim, dtype=dtype, device=self.device
+        )
 
     # ------------------------------------------------------------------ per-layer token access
 
     def layer(self, layer: int) -> torch.Tensor:
-        """View ``[num_blocks, block_size, entry_dim]`` of one layer (what the paged attention kernel reads)."""
+        """View ``[num_blocks, block_size, entry_dim]`` of one layer: what paged attention reads."""
         return self.pages[layer]
 
     def _slots_view(self, layer: int) -> torch.Tensor:
@@ -74,7 +76,11 @@ class BlockPool:
 
     def write(self, layer: int, slot_mapping: torch.Tensor, entries: torch.Tensor) -> None:
         """Scatter new tokens' entries ``[T, entry_dim]`` into their slots ``[T]`` of one layer."""
-        if entries.dim() != 2 or entries.shape[1] != self.entry_dim or entries.shape[0] != slot_mapping.numel():
+        if (
+            entries.dim() != 2
+            or entries.shape[1] != self.entry_dim
+            or entries.shape[0] != slot_mapping.numel()
+        ):
             raise ValueError(
                 f"entries must be [{slot_mapping.numel()}, {self.entry_dim}] to match slot_mapping, "
                 f"got {list(entries.shape)}"
@@ -84,7 +90,9 @@ class BlockPool:
 
     def gather(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """Entries ``[T, entry_dim]`` at the given slots of one layer (a copy)."""
-        return self._slots_view(layer).index_select(0, slots.reshape(-1).to(device=self.device, dtype=torch.long))
+        return self._slots_view(layer).index_select(
+            0, slots.reshape(-1).to(device=self.device, dtype=torch.long)
+        )
 
     # ------------------------------------------------------------------ whole-block access (all layers)
 
@@ -100,7 +108,7 @@ class BlockPool:
         self.pages.index_copy_(1, self._ids(dst), self.pages.index_select(1, self._ids(src)))
 
     def read_blocks(self, block_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """``[num_layers, n, block_size, entry_dim]`` copy of the given blocks (transfer to the KV service)."""
+        """``[num_layers, n, block_size, entry_dim]`` copy of the blocks (transfer to the KV service)."""
         return self.pages.index_select(1, self._ids(block_ids))
 
     def write_blocks(self, block_ids: Sequence[int] | torch.Tensor, data: torch.Tensor) -> None:
@@ -136,7 +144,7 @@ class BlockPool:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> int:
-        """How many blocks fit in `budget`: int bytes, or a float in (0, 1] = fraction of free device memory."""
+        """Blocks that fit in `budget`: int bytes, or a float in (0, 1] = fraction of free device memory."""
         per_block = cls.bytes_per_block(num_layers, block_size, entry_dim, dtype)
         if isinstance(budget, bool) or not isinstance(budget, int | float):
             raise ValueError(f"budget must be int bytes or a float fraction in (0, 1], got {budget!r}")
@@ -152,7 +160,7 @@ class BlockPool:
         num_blocks = nbytes // per_block
         if num_blocks < 1:
             raise ValueError(
-                f"KV-cache budget of {nbytes} bytes ({what}) holds no block: one block of {block_size} tokens "
-                f"x {num_layers} layers x {entry_dim} x {dtype} needs {per_block} bytes"
+                f"KV-cache budget of {nbytes} bytes ({what}) holds no block: one block of {block_size} "
+                f"tokens x {num_layers} layers x {entry_dim} x {dtype} needs {per_block} bytes"
             )
         return num_blocks

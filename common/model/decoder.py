@@ -23,7 +23,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = MLA(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: MoE | MLP = (
-            MoE(config, expert_ids) if config.is_moe_layer(layer) else MLP(config.hidden_size, config.intermediate_size)
+            MoE(config, expert_ids)
+            if config.is_moe_layer(layer)
+            else MLP(config.hidden_size, config.intermediate_size)
         )
 
     def forward(
@@ -34,13 +36,15 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekModel(nn.Module):
-    """Works on a flat batch of tokens from many sequences; `batch` says where each lives in the paged cache."""
+    """Runs a flat batch of tokens from many sequences; `batch` says where each lives in the paged cache."""
 
     def __init__(self, config: ModelConfig, expert_ids: Sequence[int] | None = None) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, expert_ids) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, expert_ids) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

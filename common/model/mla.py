@@ -27,7 +27,7 @@ from common.model.rope import apply_rotary
 
 @dataclass
 class AttentionBatch:
-    """Where a step's tokens live in the paged cache. Prefill-chunk tokens come first, then one token per decode.
+    """Where a step's tokens live in the paged cache. Prefill-chunk tokens first, then one token per decode.
 
     Prefill sequence i computes queries for its last `q_len_i` positions over a context of `k_len_i` tokens
     (cached prefix + the chunk); `context_slots` lists the cache slots of all those contexts back to back.
@@ -68,7 +68,11 @@ class AttentionBatch:
             lengths_t = torch.tensor(lengths, dtype=torch.int64)
             seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)
             offsets = torch.cumsum(lengths_t, 0) - lengths_t
-            pos = torch.arange(int(lengths_t.sum())) - offsets[seq] + torch.tensor(seq_starts, dtype=torch.int64)[seq]
+            pos = (
+                torch.arange(int(lengths_t.sum()))
+                - offsets[seq]
+                + torch.tensor(seq_starts, dtype=torch.int64)[seq]
+            )
             return table[seq, pos // block_size] * block_size + pos % block_size
 
         slot_mapping = slots(starts, q_lens)
@@ -77,8 +81,12 @@ class AttentionBatch:
         return cls(
             slot_mapping=slot_mapping.to(device),
             num_prefill_tokens=sum(q_lens[: len(prefills)]),
-            cu_seqlens_q=torch.cat([zero, torch.tensor(q_lens[: len(prefills)], dtype=torch.int64).cumsum(0)]).int().to(device),
-            cu_seqlens_k=torch.cat([zero, torch.tensor(k_lens, dtype=torch.int64).cumsum(0)]).int().to(device),
+            cu_seqlens_q=torch.cat([zero, torch.tensor(q_lens[: len(prefills)], dtype=torch.int64).cumsum(0)])
+            .int()
+            .to(device),
+            cu_seqlens_k=torch.cat([zero, torch.tensor(k_lens, dtype=torch.int64).cumsum(0)])
+            .int()
+            .to(device),
             max_seqlen_q=max(q_lens[: len(prefills)], default=0),
             max_seqlen_k=max(k_lens, default=0),
             context_slots=context_slots.to(device),
@@ -112,9 +120,15 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, h, bias=bias)
 
     # ------------------------------------------------------------------ projections
-    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def queries(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """q_nope [T, H, d_nope] and the rotated q_pe [T, H, d_R]."""
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = (
+            self.q_proj(x)
+            if self.q_lora_rank is None
+            else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        )
         q = q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rotary(q_pe, cos, sin, self.interleaved)
@@ -125,7 +139,7 @@ class MLA(nn.Module):
         return torch.cat([self.kv_a_layernorm(c_kv), apply_rotary(k_pe, cos, sin, self.interleaved)], dim=-1)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H, d_nope, d_c] and W_UV [H, d_v, d_c], views of kv_b_proj (kept in sync with loaded weights)."""
+        """W_UK [H, d_nope, d_c] and W_UV [H, d_v, d_c]: views of kv_b_proj, so always the loaded weights."""
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
@@ -138,7 +152,9 @@ class MLA(nn.Module):
         p = batch.num_prefill_tokens
         parts = []
         if p:
-            parts.append(self.attend_naive(q_nope[:p], q_pe[:p], cache.gather(self.layer, batch.context_slots), batch))
+            parts.append(
+                self.attend_naive(q_nope[:p], q_pe[:p], cache.gather(self.layer, batch.context_slots), batch)
+            )
         if p < x.shape[0]:
             parts.append(self.attend_absorbed(q_nope[p:], q_pe[p:], cache.layer(self.layer), batch))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -154,7 +170,14 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         return flash_attn_varlen(
-            q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q, batch.max_seqlen_k, self.scale
+            q,
+            k,
+            v,
+            batch.cu_seqlens_q,
+            batch.cu_seqlens_k,
+            batch.max_seqlen_q,
+            batch.max_seqlen_k,
+            self.scale,
         )
 
     def attend_absorbed(
@@ -164,5 +187,7 @@ class MLA(nn.Module):
         w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [Td, H, d_c]
         q = torch.cat([q_latent, q_pe], dim=-1)
-        o_latent = paged_latent_decode(q, pages, batch.block_tables, batch.context_lens, self.scale, self.kv_rank)
+        o_latent = paged_latent_decode(
+            q, pages, batch.block_tables, batch.context_lens, self.scale, self.kv_rank
+        )
         return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [Td, H, d_v]

@@ -73,7 +73,7 @@ class Gate(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """A shard of routed experts (all of them in-process; a contiguous or mapped subset on an expert worker)."""
+    """A shard of routed experts: all in-process, a contiguous or mapped subset on an expert worker."""
 
     def __init__(self, config: ModelConfig, expert_ids: Sequence[int] | None = None) -> None:
         super().__init__()

@@ -65,7 +65,7 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate x [T, ..., dim] by its token's angles; returns the half-split layout [rotated x1 | rotated x2]."""
+    """Rotate x [T, ..., dim] by its token's angles; returns the half-split layout [x1' | x2']."""
     x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleaved else x.chunk(2, dim=-1)
     shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
     cos, sin = cos.view(shape), sin.view(shape)

@@ -79,8 +79,9 @@ def test_absorbed_decode_equals_naive(pair):
 
 def test_greedy_generation_token_identical(pair):
     name, path, _, ours, ref = pair
-    engine_config = EngineConfig(dtype="float32", device="cpu", block_size=BLOCK, kv_cache_memory=8 << 20,
-                                 max_num_batched_tokens=24)  # small budget: prompts are chunk-prefilled
+    engine_config = EngineConfig(
+        dtype="float32", device="cpu", block_size=BLOCK, kv_cache_memory=8 << 20, max_num_batched_tokens=24
+    )  # small budget: prompts are chunk-prefilled
     engine = LLMEngine.from_checkpoint(path, engine_config)
     outputs = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     ref.generation_config.eos_token_id = None

@@ -30,7 +30,10 @@ def fingerprints(tokens: list[int], start: list[int] | None = None) -> list[int]
 
 
 def state(mgr: BlockManager) -> dict:
-    return copy.deepcopy(vars(mgr))
+    """Everything the manager holds (to prove a failed call changed nothing)."""
+    snapshot = {name: copy.copy(value) for name, value in vars(mgr).items()}
+    snapshot["_seqs"] = copy.deepcopy(mgr._seqs)
+    return snapshot
 
 
 class BlockManagerMachine(RuleBasedStateMachine):

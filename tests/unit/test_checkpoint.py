@@ -21,8 +21,9 @@ from tests.model_configs import CONFIGS
 
 def test_sharded_checkpoint_loads_like_single_file(tmp_path, checkpoint_dir):
     single = checkpoint_dir("v3")
-    sharded = write_random_checkpoint(tmp_path / "sharded", CONFIGS["v3"], seed=1, dtype=torch.float32,
-                                      max_shard_bytes=64 * 1024)
+    sharded = write_random_checkpoint(
+        tmp_path / "sharded", CONFIGS["v3"], seed=1, dtype=torch.float32, max_shard_bytes=64 * 1024
+    )
     index = json.loads((sharded / INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) > 3
     _, a = load_model(single, torch.float32, progress=False)
@@ -75,7 +76,9 @@ def _broken_copy(src, dst, mutate):
 
 def test_missing_and_misshapen_tensors_are_named(tmp_path, checkpoint_dir):
     src = tmp_path.__class__(checkpoint_dir("v2_lite"))
-    missing = _broken_copy(src, tmp_path / "missing", lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight"))
+    missing = _broken_copy(
+        src, tmp_path / "missing", lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight")
+    )
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight.*missing"):
         load_model(missing, torch.float32, progress=False)
 
@@ -83,12 +86,16 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path, checkpoint_dir):
         t["model.layers.0.self_attn.kv_b_proj.weight"] = torch.zeros(3, 3)
 
     bad = _broken_copy(src, tmp_path / "bad", reshape)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.kv_b_proj"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.kv_b_proj"
+    ):
         load_model(bad, torch.float32, progress=False)
 
 
 def test_missing_shard_file_is_named(tmp_path):
-    out = write_random_checkpoint(tmp_path / "s", CONFIGS["v2_lite"], dtype=torch.float32, max_shard_bytes=64 * 1024)
+    out = write_random_checkpoint(
+        tmp_path / "s", CONFIGS["v2_lite"], dtype=torch.float32, max_shard_bytes=64 * 1024
+    )
     victim = sorted(out.glob("model-*.safetensors"))[1]
     victim.unlink()
     with pytest.raises(CheckpointError, match=victim.name):
@@ -99,8 +106,20 @@ def test_cli_reports_a_broken_checkpoint_and_exits_nonzero(tmp_path, checkpoint_
     src = tmp_path.__class__(checkpoint_dir("v2_lite"))
     broken = _broken_copy(src, tmp_path / "b", lambda t: t.pop("lm_head.weight"))
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "generate", "--model", str(broken), "--prompt-ids", "1,2", "--json"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "generate",
+            "--model",
+            str(broken),
+            "--prompt-ids",
+            "1,2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "lm_head.weight" in proc.stderr and proc.stdout == ""

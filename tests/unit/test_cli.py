@@ -10,15 +10,33 @@ from common.engine.sampling_params import SamplingParams
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_generate_json_one_object_per_prompt_in_order(checkpoint_dir):
     path = checkpoint_dir("v2_lite")
     proc = run_cli(
-        "generate", "--model", path, "--prompt-ids", "1,2,3", "--prompt", "bana lo", "--prompt-ids", "4,5",
-        "--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--dtype", "float32", "--json",
-        "--kv-cache-memory", "4000000",
+        "generate",
+        "--model",
+        path,
+        "--prompt-ids",
+        "1,2,3",
+        "--prompt",
+        "bana lo",
+        "--prompt-ids",
+        "4,5",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--dtype",
+        "float32",
+        "--json",
+        "--kv-cache-memory",
+        "4000000",
     )
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -46,5 +64,7 @@ def test_init_checkpoint_writes_the_hub_layout(tmp_path):
 def test_bad_arguments_are_clear_errors(checkpoint_dir):
     proc = run_cli("generate", "--model", checkpoint_dir("v2_lite"), "--prompt-ids", "1,x")
     assert proc.returncode == 2 and "--prompt-ids takes comma-separated integers" in proc.stderr
-    proc = run_cli("generate", "--model", checkpoint_dir("v2_lite"), "--prompt-ids", "1,99999", "--dtype", "float32")
+    proc = run_cli(
+        "generate", "--model", checkpoint_dir("v2_lite"), "--prompt-ids", "1,99999", "--dtype", "float32"
+    )
     assert proc.returncode == 2 and "prompt token ids must be integers in [0, 384)" in proc.stderr

@@ -84,17 +84,20 @@ LOGITS = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()  # probabilities that make f
 N = 40_000
 
 
-def frequencies(params: SamplingParams, logits: torch.Tensor = LOGITS) -> torch.Tensor:
-    out = sample(logits.expand(N, -1), [params] * N)
-    return torch.bincount(out.token_ids, minlength=logits.numel()).double() / N
+def frequencies(params: SamplingParams) -> torch.Tensor:
+    return histogram(sample(LOGITS.expand(N, -1), [params] * N).token_ids)
 
 
-def assert_distributed_as(freq: torch.Tensor, expected: torch.Tensor) -> None:
+def histogram(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(tokens, minlength=LOGITS.numel()).double() / tokens.numel()
+
+
+def assert_distributed_as(freq: torch.Tensor, expected: torch.Tensor, n: int = N) -> None:
     """Tokens outside the support never appear; the chi-square statistic is below the 0.1% critical value."""
     expected = expected.double() / expected.sum()
     assert torch.all(freq[expected == 0] == 0), (freq, expected)
     support = expected > 0
-    chi2 = (N * (freq[support] - expected[support]) ** 2 / expected[support]).sum().item()
+    chi2 = (n * (freq[support] - expected[support]) ** 2 / expected[support]).sum().item()
     assert chi2 < 20.0, (chi2, freq, expected)  # df <= 3: the 0.1% critical value is 16.3; seeds are fixed
 
 
@@ -126,6 +129,19 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_best():
 def test_filters_apply_after_temperature():
     expected = (LOGITS / 2.0).softmax(0) * torch.tensor([1, 1, 1, 0])
     assert_distributed_as(frequencies(SamplingParams(temperature=2.0, top_k=3)), expected)
+
+
+def test_each_row_gets_its_own_filters():
+    """Filters are vectorised with per-row parameters: a row's neighbours never change its distribution."""
+    cases = [
+        (SamplingParams(top_k=2), [0.5, 0.3, 0, 0]),
+        (SamplingParams(), [0.5, 0.3, 0.15, 0.05]),
+        (SamplingParams(top_p=0.75), [0.5, 0.3, 0, 0]),
+        (SamplingParams(min_p=0.25), [0.5, 0.3, 0.15, 0]),
+    ]
+    tokens = sample(LOGITS.expand(N, -1), [params for params, _ in cases] * (N // 4)).token_ids
+    for row, (_, probs) in enumerate(cases):
+        assert_distributed_as(histogram(tokens[row::4]), torch.tensor(probs), n=N // 4)
 
 
 def test_per_row_filters_in_one_batch():

@@ -1,0 +1,162 @@
+"""Engine behaviour beyond greedy equivalence: sampling, n > 1, aborts, bad input, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from common.config import EngineConfig
+from common.engine.async_engine import AsyncEngine
+from common.engine.engine import LLMEngine
+from common.engine.sampling_params import SamplingParams
+
+CONFIG = EngineConfig(
+    dtype="float32", device="cpu", block_size=4, kv_cache_memory=4 << 20, max_num_batched_tokens=64
+)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint_dir):
+    return LLMEngine.from_checkpoint(checkpoint_dir("v2_lite"), CONFIG)
+
+
+def run_all(engine: LLMEngine) -> dict:
+    done = {}
+    for _ in range(1000):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+def assert_all_pages_released(engine: LLMEngine) -> None:
+    engine.blocks.check_invariants()
+    assert engine.blocks.num_used_blocks == 0
+    assert engine.blocks.num_free_blocks() == engine.blocks.num_blocks
+
+
+def test_seeded_sampling_is_reproducible_across_batch_compositions(engine):
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=12, ignore_eos=True)
+    alone = engine.generate([[5, 6, 7]], seeded)[0].outputs[0].token_ids
+    noise = SamplingParams(temperature=1.0, max_tokens=9, ignore_eos=True)
+    mates = [[1, 2], [8, 9, 10, 11], list(range(30, 50))]
+    batch = engine.generate([mates[0], mates[1], [5, 6, 7], mates[2]], [noise, noise, seeded, noise])
+    assert batch[2].outputs[0].token_ids == alone
+    other_seed = SamplingParams(
+        temperature=0.9, top_p=0.95, top_k=50, seed=99, max_tokens=12, ignore_eos=True
+    )
+    assert engine.generate([[5, 6, 7]], other_seed)[0].outputs[0].token_ids != alone
+    assert_all_pages_released(engine)
+
+
+def test_n_outputs_share_the_prompt_pages(engine):
+    prompt = list(range(60, 70))  # 10 tokens: 2 full blocks of 4 + a partial one
+    engine.add_request(
+        prompt, SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=5, ignore_eos=True), "fan"
+    )
+    engine.step()  # prefill + fork: three sequences on the prompt's 3 pages
+    seqs = engine.requests["fan"].seqs
+    assert len(seqs) == 3
+    tables = [engine.blocks.block_table(s.seq_id) for s in seqs]
+    assert tables[0] == tables[1] == tables[2] and engine.blocks.num_used_blocks == 3
+    engine.step()  # first append: each child copies the shared partial page (copy-on-write)
+    tables = [engine.blocks.block_table(s.seq_id) for s in seqs]
+    assert tables[0][:2] == tables[1][:2] == tables[2][:2]  # full prompt pages still shared
+    assert len({t[2] for t in tables}) == 3
+    assert engine.blocks.num_used_blocks == 2 + 3
+    out = run_all(engine)["fan"]
+    assert [len(c.token_ids) for c in out.outputs] == [5, 5, 5]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # independent samples
+    assert_all_pages_released(engine)
+
+
+def test_abort_frees_every_page_at_once(engine):
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    engine.add_request(list(range(10, 30)), params, "a")
+    engine.add_request(list(range(40, 45)), params, "b")
+    engine.step()
+    engine.step()
+    used = engine.blocks.num_used_blocks
+    assert engine.abort("a") and not engine.abort("a")
+    assert engine.blocks.num_used_blocks < used
+    done = run_all(engine)
+    assert set(done) == {"b"} and len(done["b"].outputs[0].token_ids) == 50
+    assert_all_pages_released(engine)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ([], None, "prompt is empty"),
+        ("", None, "prompt is empty"),
+        ([5] * 600, None, "context is"),
+        ([1, 2], {"max_tokens": 0}, "max_tokens"),
+        ([1, 2], {"top_p": 1.5}, "top_p"),
+        ([1, 2], {"stop": 5}, "stop"),
+        ([1, -3], None, "prompt token ids"),
+    ],
+)
+def test_bad_input_is_rejected_and_others_keep_running(engine, prompt, params, message):
+    engine.add_request([3, 4, 5], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), "good")
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(prompt, SamplingParams(**params) if params else None, "bad")
+    assert "bad" not in engine.requests
+    done = run_all(engine)
+    assert set(done) == {"good"} and len(done["good"].outputs[0].token_ids) == 4
+    assert_all_pages_released(engine)
+
+
+def test_stop_conditions(engine):
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    first = engine.generate([[7, 8, 9]], greedy)[0].outputs[0]
+    stopped = engine.generate(
+        [[7, 8, 9]], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[first.token_ids[2]])
+    )
+    assert stopped[0].outputs[0].token_ids == first.token_ids[:3]
+    assert stopped[0].outputs[0].finish_reason == "stop"
+    text = first.text
+    if len(text) > 3:
+        cut = engine.generate(
+            [[7, 8, 9]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop=[text[2:4]])
+        )
+        assert cut[0].outputs[0].text == text[: text.index(text[2:4])]
+        assert cut[0].outputs[0].finish_reason == "stop"
+
+
+def test_streaming_deltas_and_cancellation(engine):
+    async def main():
+        front = AsyncEngine(engine)
+        try:
+            params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+            deltas, ids, final = [], [], None
+            async for out in front.generate([11, 12, 13], params):
+                deltas.append(out.outputs[0].delta_text)
+                ids += out.outputs[0].delta_token_ids
+                final = out
+            assert (
+                final.finished
+                and ids == final.outputs[0].token_ids
+                and "".join(deltas) == final.outputs[0].text
+            )
+
+            with pytest.raises(ValueError, match="prompt is empty"):
+                async for _ in front.generate([], params):
+                    pass
+
+            long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+            stream = front.generate([1, 2, 3], long)
+            async for _ in stream:
+                break  # the client goes away after the first delta
+            await stream.aclose()
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if not engine.has_unfinished_requests():
+                    break
+        finally:
+            front.shutdown()
+
+    asyncio.run(main())
+    assert_all_pages_released(engine)
