@@ -5,6 +5,7 @@ runs a full softmax over them; the paged side is one vectorised call for the who
 DeepSeek-V2-like: H=16 heads, latent entries of d_c=512 + d_R=64, block size 64, shuffled physical blocks.
 
     python tests/bench/bench_decode_attention.py [--dtype bfloat16] [--output-json FILE] [--quick]
+                                                 [--threads N]
 
 Times are the best of a few runs (the machine may be shared); not a timed test.
 """
@@ -69,7 +70,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--output-json", type=Path, help="also write the results here")
     parser.add_argument("--quick", action="store_true", help="contexts 1k and 4k, batches 1 and 16 only")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     contexts = [1024, 4096] if args.quick else [1024, 4096, 16384]
     batches = [1, 16] if args.quick else [1, 16, 64]
