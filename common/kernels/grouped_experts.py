@@ -1,8 +1,9 @@
-"""Grouped SwiGLU expert computation: tokens sorted by expert, one matmul pair per active expert.
+"""Grouped SwiGLU expert computation: (token, expert) pairs sorted by expert, one GEMM pair per active expert.
 
-The reference loops over experts too, but builds a one-hot mask over all experts for every token; here one
-argsort groups the (token, expert) pairs, so the cost is a sort plus one GEMM pair per expert that received
-tokens, and there is no per-token Python work.
+One argsort groups the pairs; the inputs are gathered once in expert order, each expert that received pairs
+runs its two GEMMs on a contiguous slice, and one index_add scatters the weighted results back. Experts
+nobody chose are never read, which is what makes fine-grained MoE decode cheap. (A padded all-experts
+batched GEMM was measured as no faster on CPU, so the simpler schedule stays.)
 """
 
 import torch
@@ -19,18 +20,16 @@ def grouped_swiglu(
     """
     num_experts, k = w13.shape[0], expert_ids.shape[1]
     flat = expert_ids.flatten()
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat.clamp_min(-1) + 1, minlength=num_experts + 1).tolist()
-    sorted_tokens = order // k
-    sorted_weights = weights.flatten()[order]
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-    start = counts[0]  # pairs routed elsewhere sort first (id -1)
+    counts = torch.bincount(flat + 1, minlength=num_experts + 1).tolist()  # bin 0: pairs of other shards
+    order = torch.argsort(flat, stable=True)[counts[0] :]
+    tokens = order // k
+    xs = x[tokens]
+    ys = torch.empty_like(xs)
+    start = 0
     for e, n in enumerate(counts[1:]):
-        if n == 0:
-            continue
-        rows = sorted_tokens[start : start + n]
-        gate, up = F.linear(x[rows], w13[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[e])
-        out.index_add_(0, rows, y.float() * sorted_weights[start : start + n, None])
-        start += n
-    return out.to(x.dtype)
+        if n:
+            gate, up = F.linear(xs[start : start + n], w13[e]).chunk(2, dim=-1)
+            ys[start : start + n] = F.linear(F.silu(gate) * up, w2[e])
+            start += n
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    return out.index_add_(0, tokens, ys.float() * weights.flatten()[order, None]).to(x.dtype)

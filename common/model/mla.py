@@ -118,6 +118,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, h, bias=bias)
+        self._absorbed: tuple | None = None  # (weight, its version, W_UK, W_UV^T): derived from kv_b_proj
 
     # ------------------------------------------------------------------ projections
     def queries(
@@ -139,9 +140,14 @@ class MLA(nn.Module):
         return torch.cat([self.kv_a_layernorm(c_kv), apply_rotary(k_pe, cos, sin, self.interleaved)], dim=-1)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H, d_nope, d_c] and W_UV [H, d_v, d_c]: views of kv_b_proj, so always the loaded weights."""
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
-        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+        """W_UK [H, d_nope, d_c] and W_UV^T [H, d_c, d_v], split out of kv_b_proj once and kept contiguous."""
+        w = self.kv_b_proj.weight
+        if self._absorbed is None or self._absorbed[0] is not w or self._absorbed[1] != w._version:
+            heads = w.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+            w_uk = heads[:, : self.nope_dim].contiguous()
+            w_uv_t = heads[:, self.nope_dim :].transpose(1, 2).contiguous()
+            self._absorbed = (w, w._version, w_uk, w_uv_t)
+        return self._absorbed[2], self._absorbed[3]
 
     # ------------------------------------------------------------------ attention
     def forward(
@@ -184,10 +190,10 @@ class MLA(nn.Module):
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, pages: torch.Tensor, batch: AttentionBatch
     ) -> torch.Tensor:
         """Attend on the cached latents directly (W_UK folded into q, W_UV into the output): [Td, H, d_v]."""
-        w_uk, w_uv = self.absorbed_weights()
+        w_uk, w_uv_t = self.absorbed_weights()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [Td, H, d_c]
         q = torch.cat([q_latent, q_pe], dim=-1)
         o_latent = paged_latent_decode(
             q, pages, batch.block_tables, batch.context_lens, self.scale, self.kv_rank
         )
-        return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [Td, H, d_v]
+        return torch.bmm(o_latent.transpose(0, 1), w_uv_t).transpose(0, 1)  # [Td, H, d_v]
