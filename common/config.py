@@ -314,7 +314,7 @@ def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
 class EngineConfig:
     """Serving settings (the engine's knobs, named as in vLLM where they overlap)."""
 
-    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bfloat16 where the hardware has it)
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     block_size: int = 64  # tokens per KV page; 64 is what GPU MLA decode kernels use
     kv_cache_memory: float = 1 << 30  # bytes (> 1) or a fraction of free device memory (<= 1)
@@ -324,8 +324,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype: expected one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in (*DTYPES, "auto"):
+            raise ConfigError(f"dtype: expected auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.kv_cache_memory <= 0:
@@ -333,9 +333,14 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> Any:
+        """The serving dtype; `auto` is bfloat16 on GPUs and CPUs with bfloat16 matmul units, else float32."""
         import torch
 
-        return getattr(torch, DTYPES[self.dtype])
+        if self.dtype != "auto":
+            return getattr(torch, DTYPES[self.dtype])
+        if self.torch_device.type == "cpu" and not cpu_has_native_bf16():
+            return torch.float32
+        return torch.bfloat16
 
     @property
     def torch_device(self) -> Any:
@@ -347,3 +352,14 @@ class EngineConfig:
 
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). Without them torch emulates
+    bfloat16 matmuls, several times slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

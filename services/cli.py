@@ -31,7 +31,12 @@ class _OrderedPrompts(argparse.Action):
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (Hub layout)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on GPUs and CPUs with bfloat16 units, float32 otherwise",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--block-size", type=int, default=64, help="tokens per KV page (power of two, 1..256)")
     p.add_argument(
@@ -111,7 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentmoe", description=__doc__.split("\n")[0])
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default="INFO", help="level of latentmoe's own log lines (stderr)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init-checkpoint", help="write a random checkpoint in the Hub layout")

@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer
 
 from common.checkpoint import load_model, load_tokenizer
-from common.config import EngineConfig, ModelConfig
+from common.config import EngineConfig, ModelConfig, cpu_has_native_bf16
 from common.engine.detokenizer import IncrementalDetokenizer
 from common.engine.model_runner import ModelRunner
 from common.engine.sampler import SampleOutput, Sampler
@@ -94,6 +94,15 @@ class LLMEngine:
     @classmethod
     def from_checkpoint(cls, directory: str | Path, config: EngineConfig | None = None) -> LLMEngine:
         config = config or EngineConfig()
+        if (
+            config.torch_device.type == "cpu"
+            and config.torch_dtype == torch.bfloat16
+            and not cpu_has_native_bf16()
+        ):
+            log.warning(
+                "this CPU has no bfloat16 matmul units (AVX512-BF16/AMX): torch emulates them, several "
+                "times slower than float32; --dtype auto picks float32 here"
+            )
         model_config, model = load_model(directory, config.torch_dtype, config.torch_device)
         return cls(model_config, model, load_tokenizer(directory), config)
 

@@ -6,8 +6,10 @@ Sections (each prints a table; all figures go to the JSON):
   concurrency  decode-heavy runs, prompt 64 / output 64, at 1..64 concurrent sequences, plus a PNG plot;
   mixed        seeded requests with prompts 16-512 and outputs 16-256 submitted at once, against
                transformers in static batches of 16;
-  prefix       requests sharing a 1024-token system prompt: time to first token with and without prefix caching;
-  floor        decode step time against the memory-bandwidth floor (weight bytes a step touches / copy bandwidth).
+  prefix       requests sharing a 1024-token system prompt: time to first token with and without prefix
+               caching;
+  floor        decode step time against the memory-bandwidth floor (weight bytes a step touches / copy
+               bandwidth).
 Not a timed test: the machine is shared and noisy; ratios measured in the same run are what to read.
 """
 
@@ -39,7 +41,7 @@ def ours_generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[
 
 
 def hf_generate(model, prompts: list[list[int]], max_tokens: list[int], batch: int) -> tuple[float, int]:  # type: ignore[no-untyped-def]
-    """Static batches, left-padded; a batch runs until its longest request is done (only asked tokens count)."""
+    """Static batches, left-padded; a batch runs until its longest request is done (asked tokens count)."""
     start, useful = time.perf_counter(), 0
     for i in range(0, len(prompts), batch):
         chunk, budgets = prompts[i : i + batch], max_tokens[i : i + batch]
@@ -62,7 +64,10 @@ def section_concurrency(engine, hf, vocab: int, levels: list[int], results: dict
         row = {"concurrency": n, "latentmoe_tok_s": tok_ours / t_ours, "transformers_tok_s": tok_hf / t_hf}
         row["ratio"] = row["latentmoe_tok_s"] / row["transformers_tok_s"]
         rows.append(row)
-        print(f"{n:>10} | {row['latentmoe_tok_s']:>10.1f} | {row['transformers_tok_s']:>12.1f} | {row['ratio']:>5.2f}x")
+        print(
+            f"{n:>10} | {row['latentmoe_tok_s']:>10.1f} | {row['transformers_tok_s']:>12.1f} | "
+            f"{row['ratio']:>5.2f}x"
+        )
     results["concurrency"] = rows
     try:
         import matplotlib
@@ -74,8 +79,12 @@ def section_concurrency(engine, hf, vocab: int, levels: list[int], results: dict
         x = [r["concurrency"] for r in rows]
         ax.plot(x, [r["latentmoe_tok_s"] for r in rows], "o-", label="latentmoe")
         ax.plot(x, [r["transformers_tok_s"] for r in rows], "s--", label="transformers generate()")
-        ax.set(xscale="log", xlabel="concurrent sequences", ylabel="output tokens/s",
-               title=f"mini, {results['dtype']}, prompt 64 / output 64")
+        ax.set(
+            xscale="log",
+            xlabel="concurrent sequences",
+            ylabel="output tokens/s",
+            title=f"mini, {results['dtype']}, prompt 64 / output 64",
+        )
         ax.set_xticks(x, [str(v) for v in x])
         ax.grid(alpha=0.3)
         ax.legend()
@@ -94,13 +103,20 @@ def section_mixed(engine, hf, vocab: int, num: int, results: dict) -> None:  # t
     budgets = [o for _, o in lens]
     t_ours, tok_ours = ours_generate(engine, prompts, budgets)
     t_hf, tok_hf = hf_generate(hf, prompts, budgets, batch=16)
-    row = {"requests": num, "latentmoe_tok_s": tok_ours / t_ours, "transformers_tok_s": tok_hf / t_hf,
-           "latentmoe_s": t_ours, "transformers_s": t_hf}
+    row = {
+        "requests": num,
+        "latentmoe_tok_s": tok_ours / t_ours,
+        "transformers_tok_s": tok_hf / t_hf,
+        "latentmoe_s": t_ours,
+        "transformers_s": t_hf,
+    }
     row["ratio"] = row["latentmoe_tok_s"] / row["transformers_tok_s"]
     results["mixed"] = row
     print(f"\n== mixed: {num} requests, prompts 16-512, outputs 16-256, submitted at once ==")
-    print(f"latentmoe {row['latentmoe_tok_s']:.1f} tok/s ({t_ours:.1f} s) | transformers static batches of 16 "
-          f"{row['transformers_tok_s']:.1f} tok/s ({t_hf:.1f} s) | ratio {row['ratio']:.2f}x")
+    print(
+        f"latentmoe {row['latentmoe_tok_s']:.1f} tok/s ({t_ours:.1f} s) | transformers static batches of 16 "
+        f"{row['transformers_tok_s']:.1f} tok/s ({t_hf:.1f} s) | ratio {row['ratio']:.2f}x"
+    )
 
 
 def section_prefix(model_dir: str, config: EngineConfig, vocab: int, num: int, results: dict) -> None:
@@ -109,10 +125,15 @@ def section_prefix(model_dir: str, config: EngineConfig, vocab: int, num: int, r
     prompts = [system + torch.randint(2, vocab, (16,), generator=gen).tolist() for _ in range(num)]
     row = {"requests": num}
     for caching in (True, False):
-        engine = LLMEngine.from_checkpoint(model_dir, EngineConfig(**{**vars(config), "enable_prefix_caching": caching}))
+        engine = LLMEngine.from_checkpoint(
+            model_dir, EngineConfig(**{**vars(config), "enable_prefix_caching": caching})
+        )
         ttfts = []
         start = time.perf_counter()
-        ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)) for p in prompts]
+        ids = [
+            engine.add_request(p, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+            for p in prompts
+        ]
         pending = set(ids)
         while pending:
             for out in engine.step():
@@ -127,8 +148,11 @@ def section_prefix(model_dir: str, config: EngineConfig, vocab: int, num: int, r
     row["ttft_ratio"] = row["without_cache_mean_ttft_s"] / row["with_cache_mean_ttft_s"]
     results["prefix"] = row
     print(f"\n== prefix caching: {num} requests sharing a 1024-token system prompt (+16 own tokens) ==")
-    print(f"mean TTFT with cache {row['with_cache_mean_ttft_s'] * 1e3:.0f} ms, without {row['without_cache_mean_ttft_s'] * 1e3:.0f} ms "
-          f"-> {row['ttft_ratio']:.1f}x lower (token hit rate {row['prefix_hit_rate']:.0%})")
+    print(
+        f"mean TTFT with cache {row['with_cache_mean_ttft_s'] * 1e3:.0f} ms, "
+        f"without {row['without_cache_mean_ttft_s'] * 1e3:.0f} ms "
+        f"-> {row['ttft_ratio']:.1f}x lower (token hit rate {row['prefix_hit_rate']:.0%})"
+    )
 
 
 def copy_bandwidth() -> float:
@@ -181,8 +205,10 @@ def section_floor(engine: LLMEngine, vocab: int, levels: list[int], results: dic
             row = {"batch": n, "step_ms": step * 1e3, "bytes": nbytes, "floor_ms": nbytes / bandwidth * 1e3}
             row["step_over_floor"] = row["step_ms"] / row["floor_ms"]
             rows.append(row)
-            print(f"{n:>6} | {row['step_ms']:>8.2f} | {nbytes / 1e6:>8.1f} | {row['floor_ms']:>8.2f} | "
-                  f"{row['step_over_floor']:>9.2f}x")
+            print(
+                f"{n:>6} | {row['step_ms']:>8.2f} | {nbytes / 1e6:>8.1f} | {row['floor_ms']:>8.2f} | "
+                f"{row['step_over_floor']:>9.2f}x"
+            )
     finally:
         RoutedExperts.forward = hook
     results["floor"] = {"copy_bandwidth_bytes_s": bandwidth, "rows": rows}
@@ -206,7 +232,9 @@ def main() -> None:
     if not (Path(model_dir) / "config.json").exists():
         write_random_checkpoint(model_dir, "mini")
     dtype = getattr(torch, args.dtype)
-    config = EngineConfig(dtype=args.dtype, device="cpu", max_num_batched_tokens=2048, kv_cache_memory=2 << 30)
+    config = EngineConfig(
+        dtype=args.dtype, device="cpu", max_num_batched_tokens=2048, kv_cache_memory=2 << 30
+    )
     engine = LLMEngine.from_checkpoint(model_dir, config)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     hf.generation_config.eos_token_id = None

@@ -4,6 +4,7 @@ import pytest
 
 from common.config import ConfigError, ModelConfig
 from tests.model_configs import CONFIGS
+from tests.published_configs import PUBLISHED
 
 
 def test_both_rope_spellings_parse_alike():
@@ -72,3 +73,10 @@ def test_from_file_errors(tmp_path):
         ModelConfig.from_file(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(CONFIGS["v3"]))
     assert ModelConfig.from_file(tmp_path).model_type == "deepseek_v3"
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_configs_parse(name):
+    cfg = ModelConfig.from_dict(PUBLISHED[name])
+    assert cfg.latent_dim == 576 and cfg.rope.type == "yarn"
+    assert cfg.extra.get("aux_loss_alpha") is not None  # training-only fields are kept aside, not rejected
