@@ -26,16 +26,28 @@ $(MODEL)/config.json: | $(STAMP)
 
 checkpoint: $(MODEL)/config.json
 
-run: venv checkpoint
-	$(BIN)/latentmoe generate --model $(MODEL) --prompt "The experts of a mixture" --max-tokens 32 --temperature 0
+# The embedded deployment on the random `mini` model (written once to ~/.cache/latentmoe): gRPC on :$(PORT),
+# Prometheus metrics on :9400, until Ctrl-C. Try `.venv/bin/latentmoe client generate --prompt hi`.
+run: venv
+	$(BIN)/latentmoe serve --model mini --port $(PORT)
 
-test: venv
+lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest
 
+# Benchmarks print tables and write JSON to bench-results/ (git-ignored); they are not part of `make test`.
 bench: venv checkpoint
-	$(BIN)/python -m pytest -q tests/bench --co >/dev/null
-	@echo "see README: each benchmark in tests/bench/ runs as a script"
+	mkdir -p bench-results
+	$(BIN)/python -m tests.bench.bench_kv_bytes --output-json bench-results/kv_bytes.json
+	$(BIN)/python -m tests.bench.bench_block_waste --output-json bench-results/block_waste.json
+	$(BIN)/python -m tests.bench.bench_decode_attention --output-json bench-results/decode_attention.json
+	$(BIN)/python -m tests.bench.bench_throughput --model $(MODEL) --dtype bfloat16 \
+		--output-json bench-results/throughput-bf16.json
+	$(BIN)/python -m tests.bench.bench_throughput --model $(MODEL) --dtype float32 \
+		--output-json bench-results/throughput-fp32.json
 
 clean:
 	rm -rf $(VENV) gen build *.egg-info .pytest_cache .ruff_cache

@@ -9,6 +9,7 @@ published layout, so tests and benchmarks never download anything.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -333,3 +334,49 @@ def write_random_checkpoint(
         )
     )
     return out
+
+
+def resolve_model(model: str) -> Path:
+    """A checkpoint directory, or a preset name (tiny, mini): its random checkpoint, written once into the
+    user's cache directory (XDG_CACHE_HOME or ~/.cache) so every later start reuses it."""
+    path = Path(model)
+    if model in PRESETS and not (path / "config.json").exists():
+        cache = (
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "latentmoe" / "presets" / model
+        )
+        if not (cache / "config.json").exists():
+            write_random_checkpoint(cache.with_suffix(".tmp"), model)
+            cache.with_suffix(".tmp").rename(cache)
+        return cache
+    if not (path / "config.json").exists():
+        raise CheckpointError(
+            f"{path}: not a checkpoint directory (no config.json) nor a preset {sorted(PRESETS)}"
+        )
+    return path
+
+
+def load_expert_shard(
+    directory: str | Path,
+    expert_ids: Sequence[int],
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[ModelConfig, dict[int, torch.nn.Module]]:
+    """Only the given routed experts of every MoE layer (an expert worker's shard): {layer: RoutedExperts}."""
+    from common.model.moe import RoutedExperts
+
+    config = ModelConfig.from_file(directory)
+    bad = [e for e in expert_ids if not 0 <= e < config.n_routed_experts]
+    if bad:
+        raise CheckpointError(f"{directory}: expert ids {bad} outside 0..{config.n_routed_experts - 1}")
+    reader = CheckpointReader(directory)
+    shards: dict[int, torch.nn.Module] = {}
+    for layer in config.moe_layers:
+        with torch.device("meta"):
+            experts = RoutedExperts(config, expert_ids)
+        experts = experts.to(dtype=dtype).to_empty(device=device)
+        experts.reset_buffers()
+        shards[layer] = experts.eval().requires_grad_(False)
+    targets = [t for layer, m in shards.items() for t in expert_targets(m, f"model.layers.{layer}")]
+    load_weights(targets, reader, progress)
+    return config, shards

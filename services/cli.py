@@ -29,8 +29,10 @@ class _OrderedPrompts(argparse.Action):
         namespace.prompts = prompts
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (Hub layout)")
+def add_engine_args(
+    p: argparse.ArgumentParser, model_help: str = "checkpoint directory (Hub layout)"
+) -> None:
+    p.add_argument("--model", required=True, help=model_help)
     p.add_argument(
         "--dtype",
         default="auto",
@@ -143,7 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     from services.bench import add_parser as add_bench_parser
+    from services.client import add_parser as add_client_parser
+    from services.router.main import add_parser as add_serve_parser
 
+    add_serve_parser(sub)
+    add_client_parser(sub)
     add_bench_parser(sub)
     return parser
 

@@ -27,3 +27,13 @@ def checkpoint_dir(tmp_path_factory):
         return made[name]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session, with explicit resources (never the machine's guess)."""
+    import ray
+
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from common import metrics
 from common.checkpoint import load_model, load_tokenizer
 from common.config import EngineConfig, ModelConfig, cpu_has_native_bf16
 from common.engine.detokenizer import IncrementalDetokenizer
@@ -29,6 +30,7 @@ from common.engine.scheduler import Scheduler
 from common.engine.sequence import Request, Sequence
 from common.kvcache import BlockManager, BlockPool
 from common.model.decoder import DeepseekModel
+from common.model.moe import MoE
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.device = device
         self._ids = itertools.count()
+        self._install_metrics(model)
         log.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB, %d bytes/token)",
             num_blocks,
@@ -91,8 +94,40 @@ class LLMEngine:
             self.pool.nbytes // (num_blocks * config.block_size),
         )
 
+    def _install_metrics(self, model: DeepseekModel) -> None:
+        """Expert load is read off the gate's output by forward hooks: the model math stays untouched."""
+        self.expert_load = metrics.ExpertLoad(
+            self.model_config.moe_layers, self.model_config.n_routed_experts
+        )
+        for i, layer in enumerate(model.layers):
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.gate.register_forward_hook(
+                    lambda _module, _args, out, i=i: self.expert_load.record(i, out[1])
+                )
+        metrics.KV_BLOCKS.labels("total").set(self.blocks.num_blocks)
+        self._published = {"prefix_queries": 0, "prefix_hits": 0, "preemptions": 0}
+
+    def _publish_step_metrics(self) -> None:
+        self.expert_load.flush()
+        blocks = self.blocks
+        metrics.KV_BLOCKS.labels("used").set(blocks.num_used_blocks)
+        metrics.KV_BLOCKS.labels("cached").set(blocks.num_cached_blocks)
+        metrics.KV_USAGE.set(blocks.usage)
+        metrics.REQUESTS_RUNNING.set(len(self.scheduler.running))
+        metrics.REQUESTS_WAITING.set(len(self.scheduler.waiting))
+        for name, counter, value in (
+            ("prefix_queries", metrics.PREFIX_QUERIES, blocks.prefix_queries),
+            ("prefix_hits", metrics.PREFIX_HITS, blocks.prefix_hits),
+            ("preemptions", metrics.PREEMPTIONS, self.scheduler.num_preemptions),
+        ):
+            counter.inc(value - self._published[name])
+            self._published[name] = value
+
     @classmethod
-    def from_checkpoint(cls, directory: str | Path, config: EngineConfig | None = None) -> LLMEngine:
+    def from_checkpoint(
+        cls, directory: str | Path, config: EngineConfig | None = None, local_experts: bool = True
+    ) -> LLMEngine:
+        """local_experts=False loads no routed expert (they run elsewhere, e.g. on expert actors)."""
         config = config or EngineConfig()
         if (
             config.torch_device.type == "cpu"
@@ -103,7 +138,9 @@ class LLMEngine:
                 "this CPU has no bfloat16 matmul units (AVX512-BF16/AMX): torch emulates them, several "
                 "times slower than float32; --dtype auto picks float32 here"
             )
-        model_config, model = load_model(directory, config.torch_dtype, config.torch_device)
+        model_config, model = load_model(
+            directory, config.torch_dtype, config.torch_device, expert_ids=None if local_experts else []
+        )
         return cls(model_config, model, load_tokenizer(directory), config)
 
     @staticmethod
@@ -129,6 +166,7 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         prompt_ids = self.validate_prompt(prompt, params)
         request = Request(request_id, prompt_ids, params)
+        metrics.PROMPT_TOKENS.inc(len(prompt_ids))
         seq = self._new_sequence(request, 0)
         request.seqs.append(seq)
         self.requests[request_id] = request
@@ -187,6 +225,7 @@ class LLMEngine:
         for seq in request.seqs:
             if not seq.finished:
                 self.scheduler.finish(seq, "abort")
+        metrics.REQUESTS_FINISHED.labels("abort").inc()
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -221,7 +260,9 @@ class LLMEngine:
         logits = logits[torch.tensor(rows, device=logits.device)] if len(rows) != len(sampling) else logits
         sample = self.sampler(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
         self._append_tokens(seqs, sample)
-        return self._collect_outputs({s.request.request_id: s.request for s in seqs}.values())
+        outputs = self._collect_outputs({s.request.request_id: s.request for s in seqs}.values())
+        self._publish_step_metrics()
+        return outputs
 
     def _append_tokens(self, seqs: list[Sequence], sample: SampleOutput) -> None:
         token_ids = sample.token_ids.tolist()
@@ -232,8 +273,14 @@ class LLMEngine:
         for i, (seq, token) in enumerate(zip(seqs, token_ids, strict=True)):
             params = seq.request.params
             seq.output_ids.append(token)
-            if seq.request.first_token_time is None:
-                seq.request.first_token_time = now
+            request = seq.request
+            if request.first_token_time is None:
+                request.first_token_time = now
+                metrics.TTFT.observe(now - request.arrival_time)
+                metrics.QUEUE_TIME.observe((request.first_scheduled_time or now) - request.arrival_time)
+            elif seq.last_token_time is not None:
+                metrics.ITL.observe(now - seq.last_token_time)
+            seq.last_token_time = now
             if params.logprobs is not None and logprobs is not None:
                 k = params.logprobs
                 top = dict(zip(top_ids[i][:k], top_lps[i][:k], strict=True)) if top_ids and k else {}
@@ -245,6 +292,10 @@ class LLMEngine:
                 if seq.detokenizer is not None:
                     seq.pending_text += seq.detokenizer.flush()
                 self.scheduler.finish(seq, reason)
+                if request.finished:
+                    metrics.E2E.observe(now - request.arrival_time)
+                    metrics.REQUESTS_FINISHED.labels(reason).inc()
+        metrics.GENERATION_TOKENS.inc(len(token_ids))
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.request.params

@@ -35,6 +35,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None
     generator: torch.Generator | None = None
     logprobs: list[dict] = field(default_factory=list)
+    last_token_time: float | None = None
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     # streaming cursor: what the caller has already been given
     sent_tokens: int = 0

@@ -9,6 +9,9 @@ ways to attend over it:
 * absorbed (decode): fold W_UK into the query (q_nope @ W_UK gives a query in latent space) and W_UV into the
   output, so attention runs straight on the cached latents: one shared "head" of width d_c + d_R, like MQA.
   Nothing is up-projected per context token, which is what makes MLA decode cheap.
+
+Prefill chunks take whichever form is cheaper for the batch (a short chunk after a long cached prefix is
+cheaper absorbed); decodes always run absorbed on the pages.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class AttentionBatch:
     max_seqlen_q: int
     max_seqlen_k: int
     context_slots: torch.Tensor  # int64 [sum k_len]
+    prefill_qk: int  # sum of q_len x k_len over the prefill sequences (attention cost)
     block_tables: torch.Tensor  # int32 [Bd, max_blocks]
     context_lens: torch.Tensor  # int32 [Bd]
 
@@ -90,6 +94,7 @@ class AttentionBatch:
             max_seqlen_q=max(q_lens[: len(prefills)], default=0),
             max_seqlen_k=max(k_lens, default=0),
             context_slots=context_slots.to(device),
+            prefill_qk=sum(q * k for q, k in zip(q_lens, k_lens)),
             block_tables=table[len(prefills) :].int().to(device),
             context_lens=torch.tensor([n for _, n in decodes], dtype=torch.int32, device=device),
         )
@@ -158,9 +163,11 @@ class MLA(nn.Module):
         p = batch.num_prefill_tokens
         parts = []
         if p:
-            parts.append(
-                self.attend_naive(q_nope[:p], q_pe[:p], cache.gather(self.layer, batch.context_slots), batch)
+            context = cache.gather(self.layer, batch.context_slots)
+            prefill = (
+                self.attend_absorbed_prefill if self.absorbed_prefill_is_cheaper(batch) else self.attend_naive
             )
+            parts.append(prefill(q_nope[:p], q_pe[:p], context, batch))
         if p < x.shape[0]:
             parts.append(self.attend_absorbed(q_nope[p:], q_pe[p:], cache.layer(self.layer), batch))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -186,14 +193,50 @@ class MLA(nn.Module):
             self.scale,
         )
 
+    def absorbed_prefill_is_cheaper(self, batch: AttentionBatch) -> bool:
+        """Per head, naive costs k x d_c x (d_nope + d_v) to up-project the context plus q x k x
+        (d_nope + d_R + d_v) to attend; absorbed costs q x d_c x (d_nope + d_v) to fold the weights plus
+        q x k x (2 d_c + d_R). Short chunks over long contexts (prefix hits, small chunks) favour absorbed."""
+        q, k, qk = batch.num_prefill_tokens, batch.context_slots.numel(), batch.prefill_qk
+        fold = self.kv_rank * (self.nope_dim + self.v_dim)
+        naive = k * fold + qk * (self.nope_dim + self.rope_dim + self.v_dim)
+        absorbed = q * fold + qk * (2 * self.kv_rank + self.rope_dim)
+        return absorbed < naive
+
+    def absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """[T, H, d_c + d_R]: W_UK folded into the query, so it scores latents directly."""
+        w_uk, _ = self.absorbed_weights()
+        return torch.cat([torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1), q_pe], dim=-1)
+
+    def absorb_output(self, o_latent: torch.Tensor) -> torch.Tensor:
+        """[T, H, d_c] latent outputs -> [T, H, d_v] through W_UV."""
+        _, w_uv_t = self.absorbed_weights()
+        return torch.bmm(o_latent.transpose(0, 1), w_uv_t).transpose(0, 1)
+
+    def attend_absorbed_prefill(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, context: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
+        """Causal flash attention of absorbed queries over the gathered latents, one head for all (MQA)."""
+        k = context[:, None, :].expand(-1, self.num_heads, -1)
+        v = context[:, None, : self.kv_rank].expand(-1, self.num_heads, -1)
+        o_latent = flash_attn_varlen(
+            self.absorb_query(q_nope, q_pe),
+            k,
+            v,
+            batch.cu_seqlens_q,
+            batch.cu_seqlens_k,
+            batch.max_seqlen_q,
+            batch.max_seqlen_k,
+            self.scale,
+        )
+        return self.absorb_output(o_latent)
+
     def attend_absorbed(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, pages: torch.Tensor, batch: AttentionBatch
     ) -> torch.Tensor:
-        """Attend on the cached latents directly (W_UK folded into q, W_UV into the output): [Td, H, d_v]."""
-        w_uk, w_uv_t = self.absorbed_weights()
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [Td, H, d_c]
-        q = torch.cat([q_latent, q_pe], dim=-1)
+        """Decode on the paged latents directly (W_UK folded into q, W_UV into the output): [Td, H, d_v]."""
+        q = self.absorb_query(q_nope, q_pe)
         o_latent = paged_latent_decode(
             q, pages, batch.block_tables, batch.context_lens, self.scale, self.kv_rank
         )
-        return torch.bmm(o_latent.transpose(0, 1), w_uv_t).transpose(0, 1)  # [Td, H, d_v]
+        return self.absorb_output(o_latent)

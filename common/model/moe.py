@@ -85,7 +85,8 @@ class RoutedExperts(nn.Module):
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        local = torch.full((self.num_global,), -1, dtype=torch.int64, device="cpu")
+        # One extra trailing slot: id -1 ("computed by another shard") indexes it and maps to -1 too.
+        local = torch.full((self.num_global + 1,), -1, dtype=torch.int64, device="cpu")
         local[torch.tensor(self.expert_ids, dtype=torch.int64, device="cpu")] = torch.arange(
             len(self.expert_ids), device="cpu"
         )

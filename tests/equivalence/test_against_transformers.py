@@ -77,6 +77,27 @@ def test_absorbed_decode_equals_naive(pair):
     assert (absorbed_logits - want).abs().max().item() < 1e-4
 
 
+def test_absorbed_prefill_equals_naive_prefill(pair):
+    """A chunk after a cached prefix, attended both ways on the same gathered context."""
+    _, _, config, ours, _ = pair
+    _, pool, tables = prefill(config, ours, [p[:-3] for p in PROMPTS if len(p) > 3])
+    tables = tables[: len(PROMPTS) - 1]
+    chunks = [p[-3:] for p in PROMPTS if len(p) > 3]
+    batch = AttentionBatch.build([(t, len(p) - 3, 3) for t, p in zip(tables, PROMPTS[1:])], [], BLOCK)
+    x = torch.randn(batch.num_tokens, config.hidden_size)
+    attn = ours.layers[0].self_attn
+    positions = torch.cat([torch.arange(len(p) - 3, len(p)) for p in PROMPTS[1:]])
+    cos, sin = ours.rotary(positions)
+    with torch.no_grad():
+        q_nope, q_pe = attn.queries(x, cos, sin)
+        pool.write(0, batch.slot_mapping, attn.latents(x, cos, sin))
+        context = pool.gather(0, batch.context_slots)
+        naive = attn.attend_naive(q_nope, q_pe, context, batch)
+        absorbed = attn.attend_absorbed_prefill(q_nope, q_pe, context, batch)
+    assert sum(map(len, chunks)) == batch.num_tokens
+    assert (naive - absorbed).abs().max().item() < 1e-5
+
+
 def test_greedy_generation_token_identical(pair):
     name, path, _, ours, ref = pair
     engine_config = EngineConfig(

@@ -1,0 +1,109 @@
+"""Every Prometheus metric of latentmoe, defined once; services expose them on /metrics.
+
+Names follow Prometheus conventions: `latentmoe_` prefix, base units (`_seconds`), `_total` for counters.
+Label sets stay bounded: the largest is (layer, expert) on latentmoe_expert_tokens_total, i.e. MoE layers x
+routed experts series (7 x 32 for the mini model, 58 x 256 for DeepSeek-V3); `worker` is one value per
+expert worker, `reason` one of stop|length|abort.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60)
+
+# --- expert load ---------------------------------------------------------------------------------------
+EXPERT_TOKENS = Counter(
+    "latentmoe_expert_tokens_total", "Tokens routed to each routed expert", ["layer", "expert"]
+)
+EXPERT_IMBALANCE = Gauge(
+    "latentmoe_expert_load_imbalance",
+    "Max over mean expert load of a MoE layer over the recent window of steps (1 = perfectly balanced)",
+    ["layer"],
+)
+EXPERT_WORKER_TOKENS = Counter(
+    "latentmoe_expert_worker_tokens_total", "(token, expert) pairs computed by each expert worker", ["worker"]
+)
+EXPERT_WORKER_LATENCY = Histogram(
+    "latentmoe_expert_worker_latency_seconds",
+    "Latency of one RunExperts call",
+    ["worker"],
+    buckets=_LATENCY_BUCKETS,
+)
+EXPERT_WORKER_RESTARTS = Counter(
+    "latentmoe_expert_worker_restarts_total", "Expert actor restarts seen by the router", ["worker"]
+)
+
+# --- KV cache ----------------------------------------------------------------------------------------------
+KV_BLOCKS = Gauge("latentmoe_kv_cache_blocks", "KV-cache blocks by state", ["state"])  # total|used|cached
+KV_USAGE = Gauge("latentmoe_kv_cache_usage_ratio", "Fraction of KV-cache blocks referenced by sequences")
+PREFIX_QUERIES = Counter(
+    "latentmoe_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache"
+)
+PREFIX_HITS = Counter("latentmoe_prefix_cache_hits_total", "Prompt tokens found in the prefix cache")
+PREEMPTIONS = Counter(
+    "latentmoe_preemptions_total", "Sequences preempted (recomputed later) for lack of pages"
+)
+
+# --- requests --------------------------------------------------------------------------------------------
+REQUESTS_RUNNING = Gauge("latentmoe_requests_running", "Sequences being computed")
+REQUESTS_WAITING = Gauge("latentmoe_requests_waiting", "Sequences waiting for admission")
+TTFT = Histogram("latentmoe_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS)
+ITL = Histogram(
+    "latentmoe_inter_token_latency_seconds", "Time between two tokens of a sequence", buckets=_LATENCY_BUCKETS
+)
+E2E = Histogram("latentmoe_e2e_request_latency_seconds", "Arrival to finish", buckets=_LATENCY_BUCKETS)
+QUEUE_TIME = Histogram(
+    "latentmoe_request_queue_time_seconds", "Arrival to first scheduled", buckets=_LATENCY_BUCKETS
+)
+PROMPT_TOKENS = Counter("latentmoe_prompt_tokens_total", "Prompt tokens of accepted requests")
+GENERATION_TOKENS = Counter("latentmoe_generation_tokens_total", "Generated tokens")
+REQUESTS_FINISHED = Counter("latentmoe_requests_finished_total", "Finished requests", ["reason"])
+ROUTED_TOKENS = Counter(
+    "latentmoe_routed_tokens_total", "(token, expert) pairs the gate routed, over all MoE layers"
+)
+
+
+class ExpertLoad:
+    """Counts the gate's choices per (layer, expert) and tracks each layer's imbalance over a window."""
+
+    def __init__(self, moe_layers: list[int], num_experts: int, window: int = 64) -> None:
+        self.layers = moe_layers
+        self.row = {layer: i for i, layer in enumerate(moe_layers)}
+        self.step_counts = torch.zeros(len(moe_layers), num_experts, dtype=torch.int64)
+        self.window: collections.deque[torch.Tensor] = collections.deque(maxlen=window)
+        self.window_sum = torch.zeros_like(self.step_counts)
+        self._children = [
+            [EXPERT_TOKENS.labels(str(layer), str(e)) for e in range(num_experts)] for layer in moe_layers
+        ]
+        self._imbalance = [EXPERT_IMBALANCE.labels(str(layer)) for layer in moe_layers]
+
+    def record(self, layer: int, expert_ids: torch.Tensor) -> None:
+        """Called with the gate's top-k ids [T, k] of one layer (inside the forward pass: tensor ops only)."""
+        self.step_counts[self.row[layer]] += torch.bincount(
+            expert_ids.flatten().cpu(), minlength=self.step_counts.shape[1]
+        )
+
+    def flush(self) -> None:
+        """After a step: publish the step's counts and the windowed imbalance."""
+        counts = self.step_counts.clone()
+        self.step_counts.zero_()
+        if len(self.window) == self.window.maxlen:
+            self.window_sum -= self.window[0]
+        self.window.append(counts)
+        self.window_sum += counts
+        total = 0
+        for i, row in enumerate(counts.tolist()):
+            for e, n in enumerate(row):
+                if n:
+                    self._children[i][e].inc(n)
+                    total += n
+        ROUTED_TOKENS.inc(total)
+        load = self.window_sum.double()
+        mean = load.mean(dim=1)
+        imbalance = torch.where(mean > 0, load.amax(dim=1) / mean.clamp_min(1e-9), torch.ones_like(mean))
+        for gauge, value in zip(self._imbalance, imbalance.tolist()):
+            gauge.set(value)

@@ -1,0 +1,61 @@
+"""Every latentmoe gRPC server starts the same way: the service itself, the standard health service (so load
+balancers, compose healthchecks and `grpc_health_probe` work) and reflection (so grpcurl can discover it).
+Asyncio servers front the streaming engine; thread-pool servers host blocking compute (expert shards)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+MAX_MESSAGE_BYTES = 512 << 20  # hidden states and KV blocks of a large micro-batch
+OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def _wire(
+    server, add_servicers: list[Callable], service_names: list[str], health_servicer, address: str
+) -> int:  # type: ignore[no-untyped-def]
+    for add in add_servicers:
+        add(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*service_names, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC server to {address}")
+    return port
+
+
+async def start_aio_server(
+    add_servicers: list[Callable[[grpc.aio.Server], None]], service_names: list[str], address: str
+) -> tuple[grpc.aio.Server, int]:
+    """Start an asyncio gRPC server on `address` (port 0 picks a free one); returns it and the bound port."""
+    server = grpc.aio.server(options=OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    port = _wire(server, add_servicers, service_names, health_servicer, address)
+    await server.start()
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port
+
+
+def start_server(
+    add_servicers: list[Callable[[grpc.Server], None]],
+    service_names: list[str],
+    address: str,
+    workers: int = 8,
+) -> tuple[grpc.Server, int]:
+    """The thread-pool twin of start_aio_server."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
+    health_servicer = health.HealthServicer()
+    port = _wire(server, add_servicers, service_names, health_servicer, address)
+    server.start()
+    for name in ["", *service_names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port

@@ -1,0 +1,76 @@
+"""Routed experts as Ray actors serving gRPC: same tokens as in-process, load spread, bad input rejected."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from common.config import EngineConfig
+from common.engine.engine import LLMEngine
+from common.engine.sampling_params import SamplingParams
+from common.rpc.codec import tensor_to_proto
+from latentmoe.v1 import expert_pb2
+from services.router.experts import ExpertPool, contiguous_shards
+
+PROMPTS = [[3, 4, 5, 6], list(range(50, 81)), [9], [(5 * i) % 300 + 2 for i in range(17)]]
+CONFIG = EngineConfig(
+    dtype="float32", device="cpu", block_size=16, kv_cache_memory=8e6, max_num_batched_tokens=32
+)
+
+
+@pytest.fixture(scope="module")
+def pool(ray_session, checkpoint_dir):
+    # Expert 5 lives on both workers: pairs for it alternate between the replicas.
+    pool = ExpertPool(checkpoint_dir("v3"), 2, "float32", shards=[[0, 1, 2, 3, 5], [4, 5, 6, 7]])
+    yield pool
+    pool.shutdown()
+
+
+def test_contiguous_shards_cover_every_expert():
+    assert contiguous_shards(8, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert sorted(e for s in contiguous_shards(160, 3) for e in s) == list(range(160))
+
+
+def test_remote_experts_give_the_in_process_tokens(pool, checkpoint_dir):
+    path = checkpoint_dir("v3")
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    local = LLMEngine.from_checkpoint(path, CONFIG).generate(PROMPTS, params)
+    remote_engine = LLMEngine.from_checkpoint(path, CONFIG, local_experts=False)
+    assert all(
+        layer.mlp.experts.__class__.__name__ == "RoutedExperts"
+        for layer in remote_engine.runner.model.layers[2:]
+    )
+    pool.attach(remote_engine.runner.model)
+    remote = remote_engine.generate(PROMPTS, params)
+    assert [o.outputs[0].token_ids for o in remote] == [o.outputs[0].token_ids for o in local]
+    stats = [shard.stats() for shard in pool.shards]
+    assert all(s.pairs > 0 for s in stats)  # the load is spread over both actors
+    assert all(s.pairs_per_expert[5] > 0 for s in stats)  # and over both replicas of expert 5
+
+
+def test_bad_expert_requests_are_invalid_argument(pool):
+    stub = pool.shards[0].stub
+    hidden = tensor_to_proto(torch.zeros(2, 64))
+    ids = tensor_to_proto(torch.tensor([[0, 1, 2], [1, 2, 3]], dtype=torch.int32))
+    weights = tensor_to_proto(torch.ones(2, 3))
+    bad = [
+        expert_pb2.RunExpertsRequest(layer=0, hidden=hidden, expert_ids=ids, weights=weights),  # dense layer
+        expert_pb2.RunExpertsRequest(
+            layer=2, hidden=tensor_to_proto(torch.zeros(2, 5)), expert_ids=ids, weights=weights
+        ),
+        expert_pb2.RunExpertsRequest(
+            layer=2,
+            hidden=hidden,
+            expert_ids=tensor_to_proto(torch.full((2, 3), 99, dtype=torch.int32)),
+            weights=weights,
+        ),
+    ]
+    for request in bad:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.RunExperts(request, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    good = stub.RunExperts(
+        expert_pb2.RunExpertsRequest(layer=2, hidden=hidden, expert_ids=ids, weights=weights), timeout=30
+    )
+    assert list(good.output.shape) == [2, 64]
