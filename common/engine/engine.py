@@ -242,6 +242,9 @@ class LLMEngine:
                 seq.request.first_scheduled_time = now
         logits, sampling = self.runner.run(plan)
         self.scheduler.mark_computed(plan)
+        if not sampling:  # only prefill chunks that do not finish their prompt
+            self._publish_step_metrics()
+            return []
 
         # A request with n > 1 forks its prompt's pages into n sequences when the prompt is done.
         rows: list[int] = []

@@ -50,6 +50,6 @@ class ModelRunner:
             torch.tensor(positions, device=self.device),
             batch,
             self.pool,
-            torch.tensor(logits_rows, device=self.device),
+            torch.tensor(logits_rows, dtype=torch.long, device=self.device),
         )
         return logits, sampling

@@ -242,8 +242,12 @@ class BlockManager:
 
     def lookup_prefix(self, token_ids: Sequence[int]) -> int:
         """Tokens a new request with these ids would find cached (pure query: no state or counter change)."""
+        return len(self.lookup_prefix_blocks(token_ids)) * self.block_size
+
+    def lookup_prefix_blocks(self, token_ids: Sequence[int]) -> list[int]:
+        """The cached blocks holding the longest reusable prefix of these ids (pure query)."""
         _, hits, _ = self._plan(self._tokens(token_ids))
-        return len(hits) * self.block_size
+        return hits
 
     def has_seq(self, seq_id: Hashable) -> bool:
         return seq_id in self._seqs

@@ -156,7 +156,7 @@ def section_prefix(model_dir: str, config: EngineConfig, vocab: int, num: int, r
 
 
 def copy_bandwidth() -> float:
-    """Bytes read per second by a large tensor copy (best of 5)."""
+    """Bandwidth of a large tensor copy, counted like STREAM's Copy: bytes read + bytes written, best of 5."""
     src = torch.empty(256 << 20, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src)
     best = float("inf")
@@ -164,7 +164,7 @@ def copy_bandwidth() -> float:
         t = time.perf_counter()
         dst.copy_(src)
         best = min(best, time.perf_counter() - t)
-    return src.numel() / best
+    return 2 * src.numel() / best
 
 
 def section_floor(engine: LLMEngine, vocab: int, levels: list[int], results: dict) -> None:

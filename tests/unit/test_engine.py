@@ -109,6 +109,19 @@ def test_bad_input_is_rejected_and_others_keep_running(engine, prompt, params, m
     assert_all_pages_released(engine)
 
 
+def test_a_step_of_only_unfinished_prefill_chunks(checkpoint_dir):
+    small_budget = EngineConfig(**{**vars(CONFIG), "max_num_batched_tokens": 6})
+    engine = LLMEngine.from_checkpoint(checkpoint_dir("v2_lite"), small_budget)
+    assert engine.step() == []  # nothing to do yet
+    engine.add_request(
+        list(range(40, 57)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), "long"
+    )
+    assert engine.step() == [] and engine.step() == []  # chunks 0-6, 6-12: nothing sampled yet
+    done = run_all(engine)
+    assert len(done["long"].outputs[0].token_ids) == 3
+    assert_all_pages_released(engine)
+
+
 def test_stop_conditions(engine):
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     first = engine.generate([[7, 8, 9]], greedy)[0].outputs[0]
