@@ -173,3 +173,14 @@ def test_streaming_deltas_and_cancellation(engine):
 
     asyncio.run(main())
     assert_all_pages_released(engine)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 256])
+def test_every_block_size_gives_the_same_tokens(checkpoint_dir, block_size):
+    path = checkpoint_dir("v2_lite")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [[3, 4, 5], list(range(30, 50))]
+    want = [o.outputs[0].token_ids for o in LLMEngine.from_checkpoint(path, CONFIG).generate(prompts, params)]
+    engine = LLMEngine.from_checkpoint(path, EngineConfig(**{**vars(CONFIG), "block_size": block_size}))
+    assert [o.outputs[0].token_ids for o in engine.generate(prompts, params)] == want
+    assert_all_pages_released(engine)
