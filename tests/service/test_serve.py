@@ -56,7 +56,13 @@ def server(checkpoint_dir):
         ready = re.match(r"latentmoe ready: grpc=(\S+) metrics=(\S+)", line)
     assert ready, "no ready line"
     channel = grpc.insecure_channel(ready.group(1))
-    yield {"proc": proc, "channel": channel, "metrics": ready.group(2), "path": path}
+    yield {
+        "proc": proc,
+        "channel": channel,
+        "address": ready.group(1),
+        "metrics": ready.group(2),
+        "path": path,
+    }
     channel.close()
     proc.send_signal(signal.SIGTERM)
     try:
@@ -134,3 +140,53 @@ def test_metrics_count_the_routed_tokens(server):
     assert values["latentmoe_generation_tokens_total"] >= 5
     assert "latentmoe_time_to_first_token_seconds_bucket" in text
     assert 'latentmoe_kv_cache_blocks{state="total"}' in text
+
+
+def test_client_command_streams_from_the_server(server):
+    address = server["address"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "client",
+            "generate",
+            "--address",
+            address,
+            "--prompt-ids",
+            "3,4,5",
+            "--max-tokens",
+            "5",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    tokens = [t for r in records for t in r["delta_token_ids"]]
+    assert tokens == generate(server["channel"], [3, 4, 5], temperature=0, max_tokens=5, ignore_eos=True)[0]
+    assert records[-1]["finished"] and records[-1]["finish_reason"] == "length"
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "client",
+            "generate",
+            "--address",
+            address,
+            "--prompt-ids",
+            "1",
+            "--max-tokens",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "max_tokens" in bad.stderr
