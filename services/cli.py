@@ -146,11 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from services.bench import add_parser as add_bench_parser
     from services.client import add_parser as add_client_parser
+    from services.health import add_parser as add_health_parser
     from services.router.main import add_parser as add_serve_parser
 
     add_serve_parser(sub)
     add_client_parser(sub)
     add_bench_parser(sub)
+    add_health_parser(sub)
     return parser
 
 

@@ -125,11 +125,12 @@ class ExpertActor:
     """Ray actor hosting one expert worker; on (re)start it serves its shard over gRPC on a fresh port."""
 
     def __init__(
-        self, model_dir: str, expert_ids: list[int], dtype: str, name: str, host: str = "127.0.0.1"
+        self, model_dir: str, expert_ids: list[int], dtype: str, name: str, host: str | None = None
     ) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.worker = ExpertWorker(model_dir, expert_ids, dtype, device, name)
-        self.server, self._address = serve_worker(self.worker, host)
+        # Reachable from the router on another node: the node's own address unless told otherwise.
+        self.server, self._address = serve_worker(self.worker, host or ray.util.get_node_ip_address())
 
     def address(self) -> str:
         return self._address

@@ -111,8 +111,14 @@ class ExpertPool:
     cluster has GPUs), started with Ray's restart options; each actor loads only its shard."""
 
     def __init__(
-        self, model_dir: str, num_workers: int, dtype: str = "float32", shards: list[list[int]] | None = None
+        self,
+        model_dir: str,
+        num_workers: int,
+        dtype: str = "float32",
+        shards: list[list[int]] | None = None,
+        host: str | None = None,
     ) -> None:
+        """host: the address the actors bind and advertise (default: each node's own IP address)."""
         self.config = ModelConfig.from_file(model_dir)
         n = self.config.n_routed_experts
         self.expert_map = shards or contiguous_shards(n, num_workers)
@@ -131,7 +137,7 @@ class ExpertPool:
                 max_restarts=-1,
                 max_task_retries=-1,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
-            ).remote(model_dir, experts, dtype, f"expert-{i}")
+            ).remote(model_dir, experts, dtype, f"expert-{i}", host)
             self.shards.append(ShardClient(f"expert-{i}", actor))
         for shard in self.shards:
             shard.connect()

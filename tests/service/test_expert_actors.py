@@ -22,7 +22,9 @@ CONFIG = EngineConfig(
 @pytest.fixture(scope="module")
 def pool(ray_session, checkpoint_dir):
     # Expert 5 lives on both workers: pairs for it alternate between the replicas.
-    pool = ExpertPool(checkpoint_dir("v3"), 2, "float32", shards=[[0, 1, 2, 3, 5], [4, 5, 6, 7]])
+    pool = ExpertPool(
+        checkpoint_dir("v3"), 2, "float32", shards=[[0, 1, 2, 3, 5], [4, 5, 6, 7]], host="127.0.0.1"
+    )
     yield pool
     pool.shutdown()
 
