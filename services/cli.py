@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from common.config import ConfigError
 
 
-class _OrderedPrompts(argparse.Action):
+class OrderedPrompts(argparse.Action):
     """Keeps --prompt and --prompt-ids in command-line order in one list."""
 
     def __call__(self, parser, namespace, value, option_string=None):  # type: ignore[no-untyped-def]
@@ -84,14 +84,24 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from common.engine.engine import LLMEngine
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Prompts and sampling flags, shared by `latentmoe generate` and the Ray job entry."""
+    p.add_argument("--prompt", action=OrderedPrompts, help="a text prompt (repeatable)")
+    p.add_argument(
+        "--prompt-ids", action=OrderedPrompts, help="comma-separated prompt token ids (repeatable)"
+    )
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_params(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from common.engine.sampling_params import SamplingParams
 
-    prompts = getattr(args, "prompts", None)
-    if not prompts:
-        raise SystemExit("error: give at least one --prompt or --prompt-ids")
-    params = SamplingParams(
+    return SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
@@ -99,20 +109,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         ignore_eos=args.ignore_eos,
     )
+
+
+def completion_record(index: int, out) -> dict:  # type: ignore[no-untyped-def]
+    """The JSON line `generate --json` prints per prompt (a contract other tools parse)."""
+    completion = out.outputs[0]
+    return {
+        "index": index,
+        "prompt_token_ids": out.prompt_token_ids,
+        "token_ids": completion.token_ids,
+        "text": completion.text,
+        "finish_reason": completion.finish_reason,
+    }
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from common.engine.engine import LLMEngine
+
+    prompts = getattr(args, "prompts", None)
+    if not prompts:
+        raise SystemExit("error: give at least one --prompt or --prompt-ids")
     engine = LLMEngine.from_checkpoint(args.model, engine_config(args))
-    for i, out in enumerate(engine.generate(prompts, params)):
-        completion = out.outputs[0]
+    for i, out in enumerate(engine.generate(prompts, sampling_params(args))):
         if args.json:
-            record = {
-                "index": i,
-                "prompt_token_ids": out.prompt_token_ids,
-                "token_ids": completion.token_ids,
-                "text": completion.text,
-                "finish_reason": completion.finish_reason,
-            }
-            print(json.dumps(record, ensure_ascii=False), flush=True)
+            print(json.dumps(completion_record(i, out), ensure_ascii=False), flush=True)
         else:
-            print(completion.text, flush=True)
+            print(out.outputs[0].text, flush=True)
     return 0
 
 
@@ -131,16 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate from prompts with the in-process engine")
     add_engine_args(p)
-    p.add_argument("--prompt", action=_OrderedPrompts, help="a text prompt (repeatable)")
-    p.add_argument(
-        "--prompt-ids", action=_OrderedPrompts, help="comma-separated prompt token ids (repeatable)"
-    )
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true")
+    add_generation_args(p)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line, in prompt order")
     p.set_defaults(func=cmd_generate)
 
@@ -158,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("common", "services"):  # our own log lines at --log-level; libraries stay at WARNING
+        logging.getLogger(name).setLevel(args.log_level.upper())
     from common.checkpoint import CheckpointError
 
     try:

@@ -27,7 +27,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from services.cli import _OrderedPrompts, add_engine_args, engine_config
+from services.cli import (
+    add_engine_args,
+    add_generation_args,
+    completion_record,
+    engine_config,
+    sampling_params,
+)
 
 log = logging.getLogger("latentmoe.ray_job")
 
@@ -37,17 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p, model_help="checkpoint directory on every node, or a preset (tiny, mini)")
     p.add_argument("--expert-workers", type=int, default=2, help="expert actors (one shard of experts each)")
     p.add_argument("--ray-address", default="auto", help="the cluster to join (default: this node's)")
-    p.add_argument("--prompt", action=_OrderedPrompts, help="a text prompt (repeatable)")
-    p.add_argument(
-        "--prompt-ids", action=_OrderedPrompts, help="comma-separated prompt token ids (repeatable)"
-    )
-    # The sampling flags of `latentmoe generate`, with its defaults.
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true")
+    add_generation_args(p)  # the prompts and sampling flags of `latentmoe generate`
     p.add_argument("--log-level", default="INFO", help="level of the job's own log lines (stderr)")
     return p
 
@@ -57,17 +53,9 @@ def run(args: argparse.Namespace) -> int:
 
     from common.checkpoint import resolve_model
     from common.engine.engine import LLMEngine
-    from common.engine.sampling_params import SamplingParams
     from services.router.experts import ExpertPool
 
-    params = SamplingParams(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        max_tokens=args.max_tokens,
-        ignore_eos=args.ignore_eos,
-    )
+    params = sampling_params(args)
     config = engine_config(args)
     model_dir = str(resolve_model(args.model))
     ray.init(address=args.ray_address)
@@ -96,15 +84,7 @@ def run(args: argparse.Namespace) -> int:
         )
         pool.attach(engine.runner.model)
         for i, out in enumerate(engine.generate(args.prompts, params)):
-            completion = out.outputs[0]
-            record = {
-                "index": i,
-                "prompt_token_ids": out.prompt_token_ids,
-                "token_ids": completion.token_ids,
-                "text": completion.text,
-                "finish_reason": completion.finish_reason,
-            }
-            print(json.dumps(record, ensure_ascii=False), flush=True)
+            print(json.dumps(completion_record(i, out), ensure_ascii=False), flush=True)
     finally:
         if pool is not None:
             pool.shutdown()
