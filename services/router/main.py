@@ -24,7 +24,9 @@ async def serve(args: argparse.Namespace) -> None:
     from services.cli import engine_config
 
     model_dir = resolve_model(args.model)
-    engine = LLMEngine.from_checkpoint(model_dir, engine_config(args))
+    config = engine_config(args)
+    engine = LLMEngine.from_checkpoint(model_dir, config, local_experts=not args.expert_workers)
+    pool = start_expert_actors(args, str(model_dir), engine) if args.expert_workers else None
     front = AsyncEngine(engine)
     servicer = RouterServicer(front, model_name=str(args.model), max_pending=args.max_pending)
     server, port = await start_aio_server(
@@ -52,6 +54,33 @@ async def serve(args: argparse.Namespace) -> None:
     await server.stop(grace=5)
     front.shutdown()
     metrics_server.shutdown()
+    if pool is not None:
+        import ray
+
+        pool.shutdown()
+        ray.shutdown()
+
+
+def start_expert_actors(args: argparse.Namespace, model_dir: str, engine: LLMEngine):  # type: ignore[no-untyped-def]
+    """Routed experts on Ray actors: joins --ray-address, or starts a local Ray sized for the actors (whose
+    servers then bind --host, like the rest of this process)."""
+    import ray
+
+    from services.router.experts import ExpertPool
+
+    if args.ray_address:
+        ray.init(address=args.ray_address)
+        host = None  # each actor advertises its node's address
+    else:
+        ray.init(num_cpus=args.expert_workers, include_dashboard=False)
+        host = args.host
+    dtype = str(engine.config.torch_dtype).removeprefix("torch.")
+    pool = ExpertPool(model_dir, args.expert_workers, dtype, host=host)
+    pool.attach(engine.runner.model)
+    log.info(
+        "routed experts on %d Ray actors: %s", len(pool.shards), ", ".join(s.address for s in pool.shards)
+    )
+    return pool
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -66,5 +95,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-pending", type=int, default=1024, help="requests in flight before RESOURCE_EXHAUSTED"
+    )
+    p.add_argument(
+        "--expert-workers",
+        type=int,
+        default=0,
+        help="run the routed experts on this many Ray actors (0: here)",
+    )
+    p.add_argument(
+        "--ray-address", default=None, help="Ray cluster to join (default: a local Ray when asked)"
     )
     p.set_defaults(func=lambda args: asyncio.run(serve(args)) or 0)

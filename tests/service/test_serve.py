@@ -190,3 +190,58 @@ def test_client_command_streams_from_the_server(server):
         timeout=120,
     )
     assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "max_tokens" in bad.stderr
+
+
+def test_serve_with_expert_actors(checkpoint_dir):
+    """`serve --expert-workers 2`: a local Ray, the routed experts on two actors, the same tokens."""
+    path = checkpoint_dir("v3")
+    args = [
+        "serve",
+        "--model",
+        path,
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--dtype",
+        "float32",
+        "--block-size",
+        "16",
+        "--kv-cache-memory",
+        "8000000",
+        "--expert-workers",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        ready, deadline = None, time.monotonic() + 180
+        while ready is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                raise RuntimeError(f"serve exited: {proc.stderr.read()[-2000:]}")
+            ready = re.match(r"latentmoe ready: grpc=(\S+) metrics=(\S+)", line)
+        assert ready, "no ready line"
+        engine = LLMEngine.from_checkpoint(path, EngineConfig(dtype="float32", kv_cache_memory=8e6))
+        want = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        with grpc.insecure_channel(ready.group(1)) as channel:
+            for prompt, out in zip(PROMPTS, want):
+                tokens, _, _ = generate(channel, prompt, temperature=0, max_tokens=8, ignore_eos=True)
+                assert tokens == out.outputs[0].token_ids
+        text = urllib.request.urlopen(ready.group(2), timeout=10).read().decode()
+        for worker in ("expert-0", "expert-1"):
+            assert re.search(rf'latentmoe_expert_worker_tokens_total{{worker="{worker}"}} [1-9]', text), (
+                worker
+            )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
