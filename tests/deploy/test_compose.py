@@ -27,7 +27,6 @@ import importlib.util
 import json
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -44,6 +43,7 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.cli import build_parser
+from tests.processes import start_until_ready, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -51,8 +51,6 @@ DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 SCHEMA_FILE = Path(__file__).with_name("compose-spec.json")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 BIN = Path(sys.executable).parent
-READY_TIMEOUT_S = 120
-STOP_TIMEOUT_S = 30
 # Published ports and what serves them (the comment block at the top of docker-compose.yml says the same).
 PUBLISHED = {50051: "ray-head", 9400: "ray-head", 8265: "ray-head", 50052: "kvcache", 9401: "kvcache"}
 PUBLISHED |= {9090: "prometheus", 3000: "grafana"}
@@ -379,40 +377,6 @@ def local_argv(step: list[str]) -> list[str]:
     else:
         raise AssertionError(f"cannot run {step} locally")
     return head + rest
-
-
-def start_until_ready(argv: list[str]) -> tuple[subprocess.Popen, re.Match]:
-    proc = subprocess.Popen(
-        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    seen, ready = [], None
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    try:
-        while ready is None:
-            assert time.monotonic() < deadline, "no ready line in time:\n" + "".join(seen[-30:])
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                raise AssertionError(f"{argv} exited with {proc.returncode}:\n" + "".join(seen[-30:]))
-            seen.append(line)
-            ready = re.search(r"ready: grpc=(\S+)(?: metrics=(\S+))?", line)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, ready
-
-
-def stop(proc: subprocess.Popen) -> int:
-    """SIGTERM the process we started, then SIGKILL if it does not exit in time; its exit status."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT_S)
-    if proc.stdout:
-        proc.stdout.close()
-    return proc.returncode
 
 
 @pytest.mark.parametrize("name", ["ray-head", "kvcache"])

@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import re
-import signal
-import subprocess
 import sys
 import threading
-import time
 
 import grpc
 import pytest
@@ -27,6 +23,7 @@ from latentmoe.v1 import kvcache_pb2 as pb
 from latentmoe.v1 import kvcache_pb2_grpc, tensor_pb2
 from services.kvcache.client import RemoteBlockManager
 from services.kvcache.service import ERROR_METADATA_KEY, UNKNOWN_SEQUENCE, KVCacheService, serve_kvcache
+from tests.processes import start_until_ready, stop
 
 T = 30  # seconds: every RPC of these tests is bounded
 LAYERS, ENTRY_DIM, BS = 3, 48, 4  # the v2_lite test config: 3 layers, kv_lora_rank 32 + qk_rope_head_dim 16
@@ -468,22 +465,11 @@ def test_budget_sizing_and_the_command_line_entry(checkpoint_dir):
         KVCacheService.from_model(path, block_size=BS, kv_cache_memory=10 * per_block).pool.num_blocks == 10
     )
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.kvcache.service", "--model", path, "--port", "0"]
-        + ["--block-size", str(BS), "--num-blocks", "8", "--dtype", "float32"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    argv = [sys.executable, "-m", "services.kvcache.service", "--model", path, "--port", "0"]
+    proc, ready = start_until_ready(
+        argv + ["--block-size", str(BS), "--num-blocks", "8", "--dtype", "float32"]
     )
     try:
-        ready = None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and ready is None:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                raise RuntimeError(f"the KV-cache service exited: {proc.stderr.read()}")
-            ready = re.match(r"latentmoe kvcache ready: grpc=(\S+)", line)
-        assert ready, "no ready line"
         with RemoteBlockManager(ready.group(1)) as blocks:
             assert (blocks.num_blocks, blocks.block_size) == (8, BS)
             assert blocks.allocate("s", [1, 2, 3]) == 0
@@ -492,14 +478,9 @@ def test_budget_sizing_and_the_command_line_entry(checkpoint_dir):
             health = health_pb2_grpc.HealthStub(blocks.channel)
             status = health.Check(health_pb2.HealthCheckRequest(service="latentmoe.v1.KVCache"), timeout=T)
             assert status.status == health_pb2.HealthCheckResponse.SERVING
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        proc.stdout.close()
-        proc.stderr.close()
+        code = stop(proc)
+    assert code == 0, "the KV-cache service did not stop cleanly on SIGTERM"
 
 
 def test_deferred_ops_ride_on_the_next_call_and_fail_cleanly(kv):

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import grpc
@@ -19,56 +17,35 @@ from common.config import EngineConfig
 from common.engine.engine import LLMEngine
 from common.engine.sampling_params import SamplingParams
 from latentmoe.v1 import router_pb2, router_pb2_grpc
+from tests.processes import start_until_ready, stop
 
 PROMPTS = [[3, 4, 5], list(range(20, 45)), [7]]
+
+
+def serve_argv(path: str, *extra: str) -> list[str]:
+    flags = ["--port", "0", "--metrics-port", "0", "--dtype", "float32", "--block-size", "16"]
+    return [
+        sys.executable,
+        "-m",
+        "services.cli",
+        "serve",
+        "--model",
+        path,
+        *flags,
+        "--kv-cache-memory",
+        "8000000",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def server(checkpoint_dir):
     path = checkpoint_dir("v3")
-    args = [
-        "serve",
-        "--model",
-        path,
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--dtype",
-        "float32",
-        "--block-size",
-        "16",
-        "--kv-cache-memory",
-        "8000000",
-    ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    ready = None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and ready is None:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            raise RuntimeError(f"serve exited: {proc.stderr.read()}")
-        ready = re.match(r"latentmoe ready: grpc=(\S+) metrics=(\S+)", line)
-    assert ready, "no ready line"
+    proc, ready = start_until_ready(serve_argv(path))
     channel = grpc.insecure_channel(ready.group(1))
-    yield {
-        "proc": proc,
-        "channel": channel,
-        "address": ready.group(1),
-        "metrics": ready.group(2),
-        "path": path,
-    }
+    yield {"channel": channel, "address": ready.group(1), "metrics": ready.group(2), "path": path}
     channel.close()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        assert proc.wait(timeout=30) == 0
-    finally:
-        proc.kill() if proc.poll() is None else None
+    assert stop(proc) == 0, "serve did not stop cleanly on SIGTERM"
 
 
 def generate(channel, ids, **params) -> tuple[list[int], str, str]:
@@ -195,38 +172,8 @@ def test_client_command_streams_from_the_server(server):
 def test_serve_with_expert_actors(checkpoint_dir):
     """`serve --expert-workers 2`: a local Ray, the routed experts on two actors, the same tokens."""
     path = checkpoint_dir("v3")
-    args = [
-        "serve",
-        "--model",
-        path,
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--dtype",
-        "float32",
-        "--block-size",
-        "16",
-        "--kv-cache-memory",
-        "8000000",
-        "--expert-workers",
-        "2",
-    ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc, ready = start_until_ready(serve_argv(path, "--expert-workers", "2"))
     try:
-        ready, deadline = None, time.monotonic() + 180
-        while ready is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                raise RuntimeError(f"serve exited: {proc.stderr.read()[-2000:]}")
-            ready = re.match(r"latentmoe ready: grpc=(\S+) metrics=(\S+)", line)
-        assert ready, "no ready line"
         engine = LLMEngine.from_checkpoint(path, EngineConfig(dtype="float32", kv_cache_memory=8e6))
         want = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
         with grpc.insecure_channel(ready.group(1)) as channel:
@@ -239,9 +186,5 @@ def test_serve_with_expert_actors(checkpoint_dir):
                 worker
             )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(timeout=60) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        code = stop(proc)
+    assert code == 0, "serve did not stop cleanly on SIGTERM"
