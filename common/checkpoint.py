@@ -380,3 +380,26 @@ def load_expert_shard(
     targets = [t for layer, m in shards.items() for t in expert_targets(m, f"model.layers.{layer}")]
     load_weights(targets, reader, progress)
     return config, shards
+
+
+def load_attention_layers(
+    directory: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[ModelConfig, torch.nn.ModuleList]:
+    """Only the MLA weights of every layer (an attention worker's share of the model)."""
+    from common.model.mla import MLA
+
+    config = ModelConfig.from_file(directory)
+    reader = CheckpointReader(directory)
+    with torch.device("meta"):
+        layers = torch.nn.ModuleList(MLA(config, i) for i in range(config.num_hidden_layers))
+    layers = layers.to(dtype=dtype).to_empty(device=device)
+    targets = [
+        (f"model.layers.{i}.self_attn.{name}", param)
+        for i, layer in enumerate(layers)
+        for name, param in layer.named_parameters()
+    ]
+    load_weights(targets, reader, progress)
+    return config, layers.eval().requires_grad_(False)

@@ -3,12 +3,13 @@
 Names follow Prometheus conventions: `latentmoe_` prefix, base units (`_seconds`), `_total` for counters.
 Label sets stay bounded: the largest is (layer, expert) on latentmoe_expert_tokens_total, i.e. MoE layers x
 routed experts series (7 x 32 for the mini model, 58 x 256 for DeepSeek-V3); `worker` is one value per
-expert worker, `reason` one of stop|length|abort.
+expert or attention worker, `reason` one of stop|length|abort.
 """
 
 from __future__ import annotations
 
 import collections
+import threading
 
 import torch
 from prometheus_client import Counter, Gauge, Histogram
@@ -35,6 +36,24 @@ EXPERT_WORKER_LATENCY = Histogram(
 )
 EXPERT_WORKER_RESTARTS = Counter(
     "latentmoe_expert_worker_restarts_total", "Expert actor restarts seen by the router", ["worker"]
+)
+
+# --- attention workers -------------------------------------------------------------------------------
+ATTENTION_TOKENS = Counter(
+    "latentmoe_attention_tokens_total",
+    "New tokens attended by each attention worker (all layers)",
+    ["worker"],
+)
+ATTENTION_BLOCKS_PULLED = Counter(
+    "latentmoe_attention_blocks_pulled_total",
+    "KV blocks an attention worker copied from the KV-cache service (hot-copy misses)",
+    ["worker"],
+)
+ATTENTION_WORKER_LATENCY = Histogram(
+    "latentmoe_attention_worker_latency_seconds",
+    "Latency of one Attend call (one layer of one micro-batch)",
+    ["worker"],
+    buckets=_LATENCY_BUCKETS,
 )
 
 # --- KV cache ----------------------------------------------------------------------------------------------
@@ -80,17 +99,19 @@ class ExpertLoad:
             [EXPERT_TOKENS.labels(str(layer), str(e)) for e in range(num_experts)] for layer in moe_layers
         ]
         self._imbalance = [EXPERT_IMBALANCE.labels(str(layer)) for layer in moe_layers]
+        self._lock = threading.Lock()  # micro-batches of one step record from their own threads
 
     def record(self, layer: int, expert_ids: torch.Tensor) -> None:
         """Called with the gate's top-k ids [T, k] of one layer (inside the forward pass: tensor ops only)."""
-        self.step_counts[self.row[layer]] += torch.bincount(
-            expert_ids.flatten().cpu(), minlength=self.step_counts.shape[1]
-        )
+        counts = torch.bincount(expert_ids.flatten().cpu(), minlength=self.step_counts.shape[1])
+        with self._lock:
+            self.step_counts[self.row[layer]] += counts
 
     def flush(self) -> None:
         """After a step: publish the step's counts and the windowed imbalance."""
-        counts = self.step_counts.clone()
-        self.step_counts.zero_()
+        with self._lock:
+            counts = self.step_counts.clone()
+            self.step_counts.zero_()
         if len(self.window) == self.window.maxlen:
             self.window_sum -= self.window[0]
         self.window.append(counts)

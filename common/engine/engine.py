@@ -23,7 +23,7 @@ from common import metrics
 from common.checkpoint import load_model, load_tokenizer
 from common.config import EngineConfig, ModelConfig, cpu_has_native_bf16
 from common.engine.detokenizer import IncrementalDetokenizer
-from common.engine.model_runner import ModelRunner
+from common.engine.model_runner import AttentionBackend, LocalAttention, ModelRunner
 from common.engine.sampler import SampleOutput, Sampler
 from common.engine.sampling_params import SamplingParams
 from common.engine.scheduler import Scheduler
@@ -62,37 +62,45 @@ class LLMEngine:
         model: DeepseekModel,
         tokenizer: Tokenizer | None,
         config: EngineConfig,
+        attention: AttentionBackend | None = None,
     ) -> None:
+        """attention: where the latent pages live and attention runs (default: a pool in this process; the
+        distributed router passes its attention workers, whose block manager is the KV-cache service's)."""
         self.model_config, self.config, self.tokenizer = model_config, config, tokenizer
         device = next(model.parameters()).device
-        num_blocks = self._num_blocks(model_config, config, device)
-        self.pool = BlockPool(
-            model_config.num_hidden_layers,
-            num_blocks,
-            config.block_size,
-            model_config.latent_dim,
-            dtype=config.torch_dtype,
-            device=device,
-        )
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        if attention is None:
+            num_blocks = self._num_blocks(model_config, config, device)
+            pool = BlockPool(
+                model_config.num_hidden_layers,
+                num_blocks,
+                config.block_size,
+                model_config.latent_dim,
+                dtype=config.torch_dtype,
+                device=device,
+            )
+            attention = LocalAttention(
+                pool, BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+            )
+            log.info(
+                "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB, %d bytes/token)",
+                num_blocks,
+                config.block_size,
+                pool.capacity_tokens,
+                pool.nbytes / 2**20,
+                pool.nbytes // pool.capacity_tokens,
+            )
+        self.blocks = attention.blocks
         self.max_model_len = min(
-            config.max_model_len or model_config.max_position_embeddings, num_blocks * config.block_size
+            config.max_model_len or model_config.max_position_embeddings,
+            self.blocks.num_blocks * self.blocks.block_size,
         )
         self.scheduler = Scheduler(config, self.blocks)
-        self.runner = ModelRunner(model, self.pool, self.blocks, device)
+        self.runner = ModelRunner(model, attention, device)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.device = device
         self._ids = itertools.count()
         self._install_metrics(model)
-        log.info(
-            "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB, %d bytes/token)",
-            num_blocks,
-            config.block_size,
-            num_blocks * config.block_size,
-            self.pool.nbytes / 2**20,
-            self.pool.nbytes // (num_blocks * config.block_size),
-        )
 
     def _install_metrics(self, model: DeepseekModel) -> None:
         """Expert load is read off the gate's output by forward hooks: the model math stays untouched."""
@@ -109,15 +117,15 @@ class LLMEngine:
 
     def _publish_step_metrics(self) -> None:
         self.expert_load.flush()
-        blocks = self.blocks
-        metrics.KV_BLOCKS.labels("used").set(blocks.num_used_blocks)
-        metrics.KV_BLOCKS.labels("cached").set(blocks.num_cached_blocks)
-        metrics.KV_USAGE.set(blocks.usage)
+        stats = self.blocks.stats()  # one snapshot: one round trip when the block manager is remote
+        metrics.KV_BLOCKS.labels("used").set(stats.used)
+        metrics.KV_BLOCKS.labels("cached").set(stats.cached)
+        metrics.KV_USAGE.set(stats.usage)
         metrics.REQUESTS_RUNNING.set(len(self.scheduler.running))
         metrics.REQUESTS_WAITING.set(len(self.scheduler.waiting))
         for name, counter, value in (
-            ("prefix_queries", metrics.PREFIX_QUERIES, blocks.prefix_queries),
-            ("prefix_hits", metrics.PREFIX_HITS, blocks.prefix_hits),
+            ("prefix_queries", metrics.PREFIX_QUERIES, stats.prefix_queries),
+            ("prefix_hits", metrics.PREFIX_HITS, stats.prefix_hits),
             ("preemptions", metrics.PREEMPTIONS, self.scheduler.num_preemptions),
         ):
             counter.inc(value - self._published[name])
@@ -125,7 +133,11 @@ class LLMEngine:
 
     @classmethod
     def from_checkpoint(
-        cls, directory: str | Path, config: EngineConfig | None = None, local_experts: bool = True
+        cls,
+        directory: str | Path,
+        config: EngineConfig | None = None,
+        local_experts: bool = True,
+        attention: AttentionBackend | None = None,
     ) -> LLMEngine:
         """local_experts=False loads no routed expert (they run elsewhere, e.g. on expert actors)."""
         config = config or EngineConfig()
@@ -141,7 +153,7 @@ class LLMEngine:
         model_config, model = load_model(
             directory, config.torch_dtype, config.torch_device, expert_ids=None if local_experts else []
         )
-        return cls(model_config, model, load_tokenizer(directory), config)
+        return cls(model_config, model, load_tokenizer(directory), config, attention)
 
     @staticmethod
     def _num_blocks(model_config: ModelConfig, config: EngineConfig, device: torch.device) -> int:
@@ -233,6 +245,11 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        """One scheduling round and forward pass; the step's block-manager ops go out together."""
+        with self.blocks.deferred():
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         if plan.empty:
             return []

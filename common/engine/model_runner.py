@@ -1,6 +1,14 @@
-"""Turns a scheduled step into one flat forward pass: prefill chunks first, then one token per decode."""
+"""Turns a scheduled step into flat forward passes: prefill chunks first, then one token per decode.
+
+Where the latent pages live is the attention backend's business: `LocalAttention` keeps them in this process;
+the distributed router's backend keeps them on attention workers and asks for two micro-batches, which then
+run in two threads so one's remote attention overlaps the other's expert calls (ping-pong).
+"""
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
 
 import torch
 
@@ -10,46 +18,110 @@ from common.kvcache import BlockManager, BlockPool
 from common.model.decoder import DeepseekModel
 from common.model.mla import AttentionBatch
 
+Span = tuple[Sequence, int]  # a sequence and how many new tokens it computes this step
+Part = tuple[list[Span], list[Sequence]]  # a micro-batch: prefill chunks, then decodes
+
+
+class AttentionBackend(Protocol):
+    micro_batches: int  # how many parts to cut a step into (they run concurrently)
+    blocks: Any  # the block manager whose tables say where each sequence's pages are
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Apply the step's copy-on-write page copies before anything attends."""
+
+    def prepare(self, parts: list[Part]) -> list[tuple[Any, Any]]:
+        """For each micro-batch, the (batch, cache) arguments its attention layers get. Called once per step,
+        before any micro-batch runs."""
+
+
+class LocalAttention:
+    """The paged latent pool in this process: one micro-batch per step."""
+
+    micro_batches = 1
+
+    def __init__(self, pool: BlockPool, blocks: BlockManager) -> None:
+        self.pool, self.blocks = pool, blocks
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        self.pool.copy_blocks(copies)
+
+    def prepare(self, parts: list[Part]) -> list[tuple[AttentionBatch, BlockPool]]:
+        table = self.blocks.block_table
+        return [
+            (
+                AttentionBatch.build(
+                    [(table(s.seq_id), s.num_computed_tokens, n) for s, n in prefills],
+                    [(table(s.seq_id), s.num_tokens) for s in decodes],
+                    self.pool.block_size,
+                    self.pool.device,
+                ),
+                self.pool,
+            )
+            for prefills, decodes in parts
+        ]
+
 
 class ModelRunner:
-    def __init__(
-        self, model: DeepseekModel, pool: BlockPool, blocks: BlockManager, device: torch.device
-    ) -> None:
-        self.model, self.pool, self.blocks, self.device = model, pool, blocks, device
+    def __init__(self, model: DeepseekModel, attention: AttentionBackend, device: torch.device) -> None:
+        self.model, self.attention, self.device = model, attention, device
+        parts = attention.micro_batches
+        self._threads = ThreadPoolExecutor(parts, "micro-batch") if parts > 1 else None
 
-    @torch.inference_mode()
     def run(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
         """Returns logits [S, V] (float32) for the S sequences that sample a token this step, in order."""
+        if step.copies:
+            self.attention.copy_blocks(step.copies)
+        parts = self.split(step, self.attention.micro_batches)
+        jobs = list(zip(parts, self.attention.prepare(parts), strict=True))
+        if self._threads is None or len(jobs) == 1:
+            return self.forward(*jobs[0])
+        results = list(self._threads.map(lambda job: self.forward(*job), jobs))
+        return torch.cat([logits for logits, _ in results]), [s for _, seqs in results for s in seqs]
+
+    @staticmethod
+    def split(step: SchedulerOutput, parts: int) -> list[Part]:
+        """Cut the step's sequences into up to `parts` contiguous groups of about equal token counts."""
+        spans: list[tuple[Sequence, int, bool]] = [(s, n, True) for s, n in step.prefills]
+        spans += [(s, 1, False) for s in step.decodes]
+        cuts, done = [0], 0
+        for i, (_, n, _) in enumerate(spans):
+            done += n
+            later_groups = parts - len(cuts)
+            if (
+                later_groups > 0
+                and done * parts >= step.num_tokens * len(cuts)
+                and len(spans) - i > later_groups
+            ):
+                cuts.append(i + 1)
+        cuts.append(len(spans))
+        groups = [spans[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+        return [([(s, n) for s, n, p in g if p], [s for s, _, p in g if not p]) for g in groups]
+
+    @torch.inference_mode()
+    def forward(self, part: Part, attention: tuple[Any, Any]) -> tuple[torch.Tensor, list[Sequence]]:
+        prefills, decodes = part
         ids: list[int] = []
         positions: list[int] = []
         sampling: list[Sequence] = []
         logits_rows: list[int] = []
-        for seq, n in step.prefills:
+        for seq, n in prefills:
             start = seq.num_computed_tokens
             ids += seq.token_ids[start : start + n]
             positions += range(start, start + n)
             if start + n == seq.num_tokens:
                 sampling.append(seq)
                 logits_rows.append(len(ids) - 1)
-        for seq in step.decodes:
+        for seq in decodes:
             ids.append(seq.token_ids[-1])
             positions.append(seq.num_tokens - 1)
             sampling.append(seq)
             logits_rows.append(len(ids) - 1)
-
-        batch = AttentionBatch.build(
-            [(self.blocks.block_table(s.seq_id), s.num_computed_tokens, n) for s, n in step.prefills],
-            [(self.blocks.block_table(s.seq_id), s.num_tokens) for s in step.decodes],
-            self.pool.block_size,
-            self.device,
-        )
-        if step.copies:
-            self.pool.copy_blocks(step.copies)
+        batch, cache = attention
         logits = self.model(
             torch.tensor(ids, device=self.device),
             torch.tensor(positions, device=self.device),
             batch,
-            self.pool,
+            cache,
             torch.tensor(logits_rows, dtype=torch.long, device=self.device),
         )
         return logits, sampling

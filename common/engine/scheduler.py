@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from common.config import EngineConfig
 from common.engine.sequence import Sequence, SequenceStatus
-from common.kvcache import BlockManager
+from common.kvcache import BlockManager, NoFreeBlocksError
 
 
 @dataclass
@@ -67,9 +67,12 @@ class Scheduler:
         ):
             seq = self.waiting[0]
             tokens = seq.token_ids
-            if not self.blocks.can_allocate(tokens, self.watermark_blocks if self.running else 0):
+            try:
+                cached = self.blocks.allocate(
+                    seq.seq_id, tokens, self.watermark_blocks if self.running else 0
+                )
+            except NoFreeBlocksError:
                 break
-            cached = self.blocks.allocate(seq.seq_id, tokens)
             if seq.request.first_scheduled_time is None:
                 seq.request.num_cached_tokens = cached
             seq.num_computed_tokens = cached
@@ -82,15 +85,18 @@ class Scheduler:
         return out
 
     def _reserve_decode_slot(self, seq: Sequence, out: SchedulerOutput) -> bool:
-        """Give seq a page slot for its newest token, preempting the newest sequences if pages run out."""
-        while not self.blocks.can_append(seq.seq_id, 1):
-            victim = self.running.pop()
-            self.preempt(victim)
-            out.preempted.append(victim)
-            if victim is seq:
-                return False
-        out.copies.extend(self.blocks.append_slots(seq.seq_id, [seq.token_ids[-1]]))
-        return True
+        """Give seq a page slot for its newest token, preempting the newest sequences if pages run out.
+        Tries first and preempts on failure: one block-manager call per decode, not a query and a call."""
+        while True:
+            try:
+                out.copies.extend(self.blocks.append_slots(seq.seq_id, [seq.token_ids[-1]]))
+                return True
+            except NoFreeBlocksError:
+                victim = self.running.pop()
+                self.preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    return False
 
     def preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq.seq_id)

@@ -16,6 +16,7 @@ so a shared block is never written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
 from collections import OrderedDict, deque
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "MAX_BLOCK_SIZE",
     "BlockManager",
+    "BlockStats",
     "NoFreeBlocksError",
     "hash_block_tokens",
     "validate_block_size",
@@ -77,6 +79,21 @@ def _check(condition: bool, message: str) -> None:
         raise AssertionError(message)
 
 
+@dataclass(frozen=True)
+class BlockStats:
+    """One snapshot of the counters (a remote block manager answers it in one round trip)."""
+
+    num_blocks: int
+    used: int  # referenced by at least one sequence
+    cached: int  # unreferenced, in the prefix index (evictable)
+    free: int  # neither: used + cached + free == num_blocks
+    usage: float
+    prefix_queries: int
+    prefix_hits: int
+    evictions: int
+    num_seqs: int
+
+
 class BlockManager:
     """Maps sequences to physical blocks; shares full blocks by prefix hash, copies partial ones on write."""
 
@@ -116,8 +133,9 @@ class BlockManager:
 
     # ------------------------------------------------------------------ sequence lifecycle
 
-    def allocate(self, seq_id: Hashable, token_ids: Sequence[int]) -> int:
+    def allocate(self, seq_id: Hashable, token_ids: Sequence[int], watermark_blocks: int = 0) -> int:
         """Build the block table of a new sequence; returns how many leading tokens are already cached.
+        NoFreeBlocksError (state unchanged) unless `watermark_blocks` stay free or evictable afterwards.
 
         The block holding the last prompt token is never reused, so at least one token is computed (its
         logits are needed) and every position that will be written lies in a block this sequence owns.
@@ -126,9 +144,10 @@ class BlockManager:
             raise ValueError(f"sequence {seq_id!r} is already allocated")
         tokens = self._tokens(token_ids)
         need, hits, hashes = self._plan(tokens)
-        if need > self.num_free_blocks():
+        if need + watermark_blocks > self.num_free_blocks():
             raise NoFreeBlocksError(
-                f"allocate {seq_id!r}: needs {need} blocks, {self.num_free_blocks()} free or evictable"
+                f"allocate {seq_id!r}: needs {need} blocks (+{watermark_blocks} kept free), "
+                f"{self.num_free_blocks()} free or evictable"
             )
         for block in hits:
             if self._ref[block] == 0:
@@ -257,6 +276,23 @@ class BlockManager:
     @property
     def num_seqs(self) -> int:
         return len(self._seqs)
+
+    def stats(self) -> BlockStats:
+        return BlockStats(
+            num_blocks=self.num_blocks,
+            used=self.num_used_blocks,
+            cached=self.num_cached_blocks,
+            free=len(self._free),
+            usage=self.usage,
+            prefix_queries=self.prefix_queries,
+            prefix_hits=self.prefix_hits,
+            evictions=self.evictions,
+            num_seqs=self.num_seqs,
+        )
+
+    def deferred(self) -> contextlib.AbstractContextManager:
+        """Callers batch a step's ops in this block; a remote block manager sends them in one round trip."""
+        return contextlib.nullcontext(self)
 
     @property
     def num_used_blocks(self) -> int:

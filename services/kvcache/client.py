@@ -11,12 +11,15 @@ call                                     round trips
 =======================================  =====================================================================
 can_allocate / can_append                1 (CanAllocate / CanAppend: pure queries, exact)
 allocate / append_slots / fork           1 (Allocate / AppendSlots / Fork; a Batch if deferred ops are queued)
+                                         append_slots inside ``deferred()``: 0 (queued) when the tokens fit
+                                         the sequence's last block and no fork may share it
 mark_computed / free                     1 (MarkComputed / Free); 0 inside ``deferred()``: queued, sent with
                                          the next call (one Batch) or when the outermost ``deferred()`` exits
 block_table / has_seq / num_tokens /     0: answered from the local copy kept of this client's sequences
 num_computed_tokens / slot_mapping
 num_blocks / block_size                  0: read once at connect
-num_free_blocks() / num_used_blocks /    1 each (Stats); ``stats()`` returns every counter in one round trip
+stats()                                  1 (Stats): every counter in one snapshot
+num_free_blocks() / num_used_blocks /    1 each (a Stats each)
 num_cached_blocks / usage / num_seqs /
 prefix_queries / prefix_hits / evictions
 lookup_prefix / lookup_prefix_blocks     1 (LookupPrefix)
@@ -24,11 +27,10 @@ read_blocks / write_blocks /             1 (ReadBlocks / WriteBlocks / WriteEntr
 write_entries / pull_blocks / push_blocks
 =======================================  =====================================================================
 
-A Scheduler step therefore costs 2 round trips per admission (can_allocate + allocate), 2 per decode
-(can_append + append_slots; +1 per extra can_append while it preempts), 1 per preemption and per finished
-sequence (free) and 1 per scheduled sequence for mark_computed -- or 1 for all of them when the caller wraps
-``scheduler.mark_computed(plan)`` in ``blocks.deferred()``. LLMEngine's per-step metrics read 5 counters:
-5 Stats round trips (one ``stats()`` call would do).
+The engine runs each step's scheduling and bookkeeping inside ``blocks.deferred()``, and the Scheduler tries
+an allocation or append and preempts on NoFreeBlocksError instead of asking first. A step therefore costs one
+round trip per admission, one per decode that needs a new page (one step in block_size) or a copy on write,
+one Batch for everything queued, and one ``stats()`` for the metrics.
 
 Semantics are the BlockManager's: NoFreeBlocksError when there is no room (state unchanged), KeyError for an
 unknown sequence, ValueError for other bad input. Sequence ids travel as ``namespace + str(seq_id)``, so
@@ -39,6 +41,7 @@ sequence is owned by the client that allocated or forked it. Not thread-safe (ne
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +49,7 @@ from typing import Any
 import grpc
 import torch
 
-from common.kvcache import BlockPool, NoFreeBlocksError
+from common.kvcache import BlockPool, BlockStats, NoFreeBlocksError
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
 from common.rpc.server import OPTIONS
 from latentmoe.v1 import kvcache_pb2, kvcache_pb2_grpc
@@ -62,9 +65,10 @@ class _Mirror:
     block_table: list[int]
     num_tokens: int
     num_computed: int
+    forked: bool = False  # may share its partial last block (until its next append copies it on write)
 
     def copy(self) -> _Mirror:
-        return _Mirror(list(self.block_table), self.num_tokens, self.num_computed)
+        return _Mirror(list(self.block_table), self.num_tokens, self.num_computed, self.forked)
 
 
 def _raise_op_error(result: Any) -> None:
@@ -205,9 +209,11 @@ class RemoteBlockManager:
 
     # ------------------------------------------------------------------ sequence lifecycle
 
-    def allocate(self, seq_id: Hashable, token_ids: Sequence[int]) -> int:
+    def allocate(self, seq_id: Hashable, token_ids: Sequence[int], watermark_blocks: int = 0) -> int:
         tokens = list(token_ids)
-        request = kvcache_pb2.AllocateRequest(seq_id=self._wire(seq_id), token_ids=tokens)
+        request = kvcache_pb2.AllocateRequest(
+            seq_id=self._wire(seq_id), token_ids=tokens, watermark_blocks=watermark_blocks
+        )
         r = self._mutate("allocate", self.stub.Allocate, request)
         if not r.ok:
             raise NoFreeBlocksError(r.message or f"allocate {seq_id!r}: no room for {len(tokens)} tokens")
@@ -217,13 +223,25 @@ class RemoteBlockManager:
     def append_slots(self, seq_id: Hashable, token_ids: Sequence[int]) -> list[tuple[int, int]]:
         tokens = list(token_ids)
         request = kvcache_pb2.AppendSlotsRequest(seq_id=self._wire(seq_id), token_ids=tokens)
+        mirror = self._seqs.get(seq_id)
+        # Tokens that fit the last block, which this sequence owns alone (a prefix hit never includes the last
+        # block; only a fork shares it): the service can neither refuse nor copy, so queue the op.
+        if (
+            self._defer_depth
+            and mirror is not None
+            and not mirror.forked
+            and mirror.num_tokens + len(tokens) <= len(mirror.block_table) * self.block_size
+        ):
+            self._pending.append((kvcache_pb2.KVOp(append=request), seq_id, mirror.copy()))
+            mirror.num_tokens += len(tokens)
+            return []
         r = self._mutate("append", self.stub.AppendSlots, request)
         if not r.ok:
             raise NoFreeBlocksError(r.message or f"append to {seq_id!r}: no room for {len(tokens)} tokens")
-        mirror = self._seqs.get(seq_id)
         if mirror is not None:
             mirror.block_table = list(r.block_table)
             mirror.num_tokens += len(tokens)
+            mirror.forked = mirror.forked and not tokens
         return [(c.src, c.dst) for c in r.copies]
 
     def mark_computed(self, seq_id: Hashable, num_computed_tokens: int) -> None:
@@ -245,7 +263,8 @@ class RemoteBlockManager:
         parent = self._seq(parent_id)  # a sequence this client owns (the child's mirror starts as its copy)
         request = kvcache_pb2.ForkRequest(parent_id=self._wire(parent_id), child_id=self._wire(child_id))
         r = self._mutate("fork", self.stub.Fork, request)
-        self._seqs[child_id] = _Mirror(list(r.block_table), parent.num_tokens, parent.num_computed)
+        parent.forked = True
+        self._seqs[child_id] = _Mirror(list(r.block_table), parent.num_tokens, parent.num_computed, True)
 
     def free(self, seq_id: Hashable) -> None:
         request = kvcache_pb2.FreeRequest(seq_id=self._wire(seq_id))
@@ -291,9 +310,10 @@ class RemoteBlockManager:
         r = self._query(self.stub.LookupPrefix, kvcache_pb2.LookupPrefixRequest(token_ids=token_ids))
         return r.num_cached_tokens, list(r.block_ids)
 
-    def stats(self) -> kvcache_pb2.KVStatsResponse:
+    def stats(self) -> BlockStats:
         """Every counter of the service in one round trip (blocks: used + cached + free == num_blocks)."""
-        return self._query(self.stub.Stats, kvcache_pb2.KVStatsRequest())
+        r = self._query(self.stub.Stats, kvcache_pb2.KVStatsRequest())
+        return BlockStats(**{f.name: getattr(r, f.name) for f in dataclasses.fields(BlockStats)})
 
     @property
     def num_seqs(self) -> int:

@@ -13,6 +13,7 @@ over gRPC through `services.kvcache.client.RemoteBlockManager`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import threading
@@ -191,18 +192,10 @@ class KVCacheService:
         with self._lock:
             b = self.blocks
             return kvcache_pb2.KVStatsResponse(
-                num_blocks=b.num_blocks,
+                **dataclasses.asdict(b.stats()),
                 block_size=b.block_size,
                 entry_dim=self.pool.entry_dim,
                 num_layers=self.pool.num_layers,
-                used=b.num_used_blocks,
-                cached=b.num_cached_blocks,
-                free=b.num_blocks - b.num_used_blocks - b.num_cached_blocks,
-                usage=b.usage,
-                prefix_queries=b.prefix_queries,
-                prefix_hits=b.prefix_hits,
-                evictions=b.evictions,
-                num_seqs=b.num_seqs,
                 dtype=_dtype_name(self.pool.dtype),
                 enable_prefix_caching=b.enable_prefix_caching,
                 prefix_query_blocks=b.prefix_query_blocks,
@@ -273,15 +266,8 @@ class KVCacheService:
     def _allocate(self, seq_id: str, token_ids: Sequence[int], watermark_blocks: int = 0) -> OpResult:
         b = self.blocks
         seq_id = _seq_id(seq_id)
-        # A duplicate id falls through to allocate(), which names it; a new one first checks the room.
-        if not b.has_seq(seq_id) and not b.can_allocate(token_ids, watermark_blocks):
-            return OpResult(
-                ok=False,
-                message=f"allocate {seq_id!r}: {len(token_ids)} tokens do not fit with {watermark_blocks} "
-                f"blocks to spare ({b.num_free_blocks()} free or evictable)",
-            )
         try:
-            cached = b.allocate(seq_id, token_ids)
+            cached = b.allocate(seq_id, token_ids, watermark_blocks)
         except NoFreeBlocksError as e:
             return OpResult(ok=False, message=str(e))
         return OpResult(num_cached_tokens=cached, block_table=b.block_table(seq_id))
@@ -418,6 +404,7 @@ class KVCacheServicer(kvcache_pb2_grpc.KVCacheServicer):
                     num_cached_tokens=r.num_cached_tokens,
                     block_table=r.block_table,
                     copies=_copies(r.copies),
+                    message=r.message,
                 )
                 for r in results
             ]

@@ -25,7 +25,20 @@ async def serve(args: argparse.Namespace) -> None:
 
     model_dir = resolve_model(args.model)
     config = engine_config(args)
-    engine = LLMEngine.from_checkpoint(model_dir, config, local_experts=not args.expert_workers)
+    attention = connect_attention_workers(args) if args.attention_workers else None
+    engine = LLMEngine.from_checkpoint(
+        model_dir, config, local_experts=not args.expert_workers, attention=attention
+    )
+    if attention is not None:
+        attention.attach(engine.runner.model)
+        log.info(
+            "attention on %d workers (%s), KV cache at %s: %d blocks of %d tokens",
+            len(attention.workers),
+            ", ".join(w.address for w in attention.workers),
+            args.kv_cache,
+            attention.blocks.num_blocks,
+            attention.blocks.block_size,
+        )
     pool = start_expert_actors(args, str(model_dir), engine) if args.expert_workers else None
     front = AsyncEngine(engine)
     servicer = RouterServicer(front, model_name=str(args.model), max_pending=args.max_pending)
@@ -59,6 +72,20 @@ async def serve(args: argparse.Namespace) -> None:
 
         pool.shutdown()
         ray.shutdown()
+
+
+def connect_attention_workers(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The KV-cache service hosts the block manager; the workers hold the pages and run MLA."""
+    import uuid
+
+    from services.kvcache.client import RemoteBlockManager
+    from services.router.attention import AttentionPool
+
+    if not args.kv_cache:
+        raise SystemExit("--attention-workers needs --kv-cache HOST:PORT (the service the workers use)")
+    blocks = RemoteBlockManager(args.kv_cache, namespace=f"router-{uuid.uuid4().hex[:8]}/")
+    addresses = [a for a in args.attention_workers.split(",") if a]
+    return AttentionPool(addresses, blocks, micro_batches=args.micro_batches)
 
 
 def start_expert_actors(args: argparse.Namespace, model_dir: str, engine: LLMEngine):  # type: ignore[no-untyped-def]
@@ -104,5 +131,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--ray-address", default=None, help="Ray cluster to join (default: a local Ray when asked)"
+    )
+    p.add_argument(
+        "--attention-workers",
+        default="",
+        metavar="HOST:PORT,...",
+        help="run attention on these attention workers (default: here); needs --kv-cache",
+    )
+    p.add_argument("--kv-cache", default="", metavar="HOST:PORT", help="the KV-cache service the workers use")
+    p.add_argument(
+        "--micro-batches",
+        type=int,
+        default=2,
+        help="with attention workers: micro-batches in flight per step (2: ping-pong)",
     )
     p.set_defaults(func=lambda args: asyncio.run(serve(args)) or 0)

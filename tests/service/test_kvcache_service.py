@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.config import EngineConfig
 from common.engine.engine import LLMEngine
+from common.engine.model_runner import LocalAttention
 from common.engine.sampling_params import SamplingParams
 from common.kvcache import BlockManager, BlockPool, NoFreeBlocksError
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
@@ -376,20 +377,14 @@ def test_engine_over_a_remote_block_manager_matches_the_local_engine(kv, checkpo
     )
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     local = LLMEngine.from_checkpoint(path, config)
-    remote = LLMEngine.from_checkpoint(path, config)
     assert local.blocks.num_blocks == 16
     service, address, _ = kv(num_blocks=16)
     counter = _CountCalls()
     channel = grpc.intercept_channel(grpc.insecure_channel(address), counter)
     blocks = RemoteBlockManager(channel)
-    remote.blocks = remote.scheduler.blocks = remote.runner.blocks = blocks
-    mark_computed = remote.scheduler.mark_computed
-
-    def mark_computed_in_one_batch(plan):  # what a distributed router does: one round trip per step
-        with blocks.deferred():
-            mark_computed(plan)
-
-    remote.scheduler.mark_computed = mark_computed_in_one_batch
+    # Pages in this process, bookkeeping on the service: the engine's step batches its block-manager ops.
+    pool = BlockPool(LAYERS, 16, BS, ENTRY_DIM)
+    remote = LLMEngine.from_checkpoint(path, config, attention=LocalAttention(pool, blocks))
 
     results: dict[str, dict] = {"local": {}, "remote": {}}
     step = 0
@@ -414,7 +409,8 @@ def test_engine_over_a_remote_block_manager_matches_the_local_engine(kv, checkpo
     s = blocks.stats()
     assert (s.used, s.num_seqs, s.prefix_hits) == (0, 0, local.blocks.prefix_hits)
     service.blocks.check_invariants()
-    assert counter.calls["MarkComputed"] == 0 and counter.calls["Batch"] > 0
+    assert counter.calls["MarkComputed"] == counter.calls["CanAppend"] == counter.calls["CanAllocate"] == 0
+    assert counter.calls["Batch"] > 0
     print(f"\n{step} steps, round trips per method: {dict(counter.calls)}")
     blocks.close()
     channel.close()

@@ -1,0 +1,245 @@
+"""The attention worker: MLA for every layer of the sequences the router assigns to it, as a plain class, its
+gRPC servicer (a thin adapter) and the `python -m services.attention.worker` entry point.
+
+    python -m services.attention.worker --model checkpoints/mini --kv-cache 127.0.0.1:50060 --port 50070
+
+It keeps the latent pages of its sequences locally (the hot copy: a BlockPool with the KV-cache service's
+block ids), pulls the blocks the router says it lacks, and writes every new latent entry through to the
+service after the micro-batch's last layer, so any other worker can continue from the service's copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from common import metrics
+from common.checkpoint import load_attention_layers, resolve_model
+from common.kvcache import BlockPool
+from common.model.mla import AttentionBatch
+from common.model.rope import RotaryEmbedding
+from common.rpc.codec import tensor_from_proto, tensor_to_proto
+from common.rpc.server import start_server
+from latentmoe.v1 import attention_pb2, attention_pb2_grpc
+from services.kvcache.client import RemoteBlockManager
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = attention_pb2.DESCRIPTOR.services_by_name["Attention"].full_name
+MAX_OPEN_BATCHES = 8  # micro-batches announced but not finished (a router that gave up on one leaves it)
+
+# A span: (block table, tokens already computed, new tokens this micro-batch).
+Span = tuple[list[int], int, int]
+
+
+@dataclass
+class _OpenBatch:
+    batch: AttentionBatch
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+class AttentionWorker:
+    """MLA of all layers over a local hot copy of the pages (the KV-cache service has the master)."""
+
+    def __init__(
+        self, model_dir: str, kv_cache: str, device: str = "cpu", name: str = "attention-worker"
+    ) -> None:
+        self.name = name
+        self.kv = RemoteBlockManager(kv_cache, timeout=120.0)  # used for pages only: no sequence of its own
+        self.kv_cache_address = kv_cache
+        self.device = torch.device(device)
+        self.dtype = self.kv.dtype  # the pages' dtype is the serving dtype
+        self.config, self.layers = load_attention_layers(model_dir, self.dtype, self.device, progress=False)
+        if (self.kv.num_layers, self.kv.entry_dim) != (self.config.num_hidden_layers, self.config.latent_dim):
+            raise ValueError(
+                f"the KV-cache service at {kv_cache} has {self.kv.num_layers} layers x {self.kv.entry_dim}, "
+                f"this model needs {self.config.num_hidden_layers} x {self.config.latent_dim}"
+            )
+        self.rotary = RotaryEmbedding(self.config).to(self.device)
+        self.pool = BlockPool(
+            self.config.num_hidden_layers,
+            self.kv.num_blocks,
+            self.kv.block_size,
+            self.config.latent_dim,
+            self.dtype,
+            self.device,
+        )
+        self.batches: collections.OrderedDict[str, _OpenBatch] = collections.OrderedDict()
+        self.tokens_computed = self.blocks_pulled = self.entries_written = 0
+        self._lock = threading.Lock()  # one computation at a time: torch already uses every core
+        self._tokens = metrics.ATTENTION_TOKENS.labels(name)
+        self._pulled = metrics.ATTENTION_BLOCKS_PULLED.labels(name)
+
+    def attend(
+        self,
+        batch_id: str,
+        layer: int,
+        hidden: torch.Tensor,
+        spans: tuple[list[Span], list[Span], list[int]] | None,
+    ) -> torch.Tensor:
+        """MLA output [T, hidden] of one layer; `spans` (prefills, decodes, pulls) opens the batch."""
+        if not 0 <= layer < self.config.num_hidden_layers:
+            raise ValueError(f"layer {layer} outside 0..{self.config.num_hidden_layers - 1}")
+        if hidden.dim() != 2 or hidden.shape[1] != self.config.hidden_size:
+            raise ValueError(f"hidden must be [T, {self.config.hidden_size}], got {list(hidden.shape)}")
+        with self._lock, torch.inference_mode():
+            if spans is not None:
+                self._open(batch_id, *spans)
+            open_batch = self.batches.get(batch_id)
+            if open_batch is None:
+                raise ValueError(f"unknown batch_id {batch_id!r}: send its spans with its first layer")
+            batch = open_batch.batch
+            if hidden.shape[0] != batch.num_tokens:
+                raise ValueError(
+                    f"batch {batch_id!r} has {batch.num_tokens} tokens, hidden has {hidden.shape[0]}"
+                )
+            out = self.layers[layer](
+                hidden.to(self.device, self.dtype), open_batch.cos, open_batch.sin, batch, self.pool
+            )
+            if layer == self.config.num_hidden_layers - 1:
+                self._write_through(batch)
+                del self.batches[batch_id]
+        return out
+
+    def _open(self, batch_id: str, prefills: list[Span], decodes: list[Span], pull: list[int]) -> None:
+        bs, n = self.pool.block_size, self.pool.num_blocks
+        for table, computed, new in [*prefills, *decodes]:
+            if new < 1 or len(table) * bs < computed + new:
+                raise ValueError(f"a span of {computed} + {new} tokens does not fit its {len(table)} blocks")
+            if any(not 0 <= b < n for b in table):
+                raise ValueError(f"block ids must be in 0..{n - 1}")
+        if any(new != 1 for _, _, new in decodes):
+            raise ValueError("a decode computes exactly one new token")
+        if any(not 0 <= b < n for b in pull):
+            raise ValueError(f"block ids to pull must be in 0..{n - 1}")
+        if pull:
+            self.kv.pull_blocks(self.pool, sorted(set(pull)))
+            self.blocks_pulled += len(set(pull))
+            self._pulled.inc(len(set(pull)))
+        batch = AttentionBatch.build(
+            [(t, c, k) for t, c, k in prefills], [(t, c + 1) for t, c, _ in decodes], bs, self.device
+        )
+        positions = [p for _, c, k in prefills for p in range(c, c + k)] + [c for _, c, _ in decodes]
+        cos, sin = self.rotary(torch.tensor(positions, device=self.device))
+        self.batches[batch_id] = _OpenBatch(batch, cos, sin)
+        while len(self.batches) > MAX_OPEN_BATCHES:
+            self.batches.popitem(last=False)
+        self.tokens_computed += batch.num_tokens
+        self._tokens.inc(batch.num_tokens)
+
+    def _write_through(self, batch: AttentionBatch) -> None:
+        """Every layer's new entries of the micro-batch to the service, in one call."""
+        slots = batch.slot_mapping
+        self.kv.write_entries(slots, self.pool.pages.flatten(1, 2).index_select(1, slots))
+        self.entries_written += slots.numel()
+
+    def info(self) -> attention_pb2.WorkerInfoResponse:
+        return attention_pb2.WorkerInfoResponse(
+            worker=self.name,
+            num_layers=self.config.num_hidden_layers,
+            num_blocks=self.pool.num_blocks,
+            block_size=self.pool.block_size,
+            dtype=str(self.dtype).removeprefix("torch."),
+            kv_cache_address=self.kv_cache_address,
+            tokens_computed=self.tokens_computed,
+            blocks_pulled=self.blocks_pulled,
+            entries_written=self.entries_written,
+        )
+
+
+def _spans(msgs: Sequence[attention_pb2.SequenceSpan]) -> list[Span]:
+    return [(list(m.block_table), m.num_computed, m.num_new) for m in msgs]
+
+
+class AttentionServicer(attention_pb2_grpc.AttentionServicer):
+    def __init__(self, worker: AttentionWorker) -> None:
+        self.worker = worker
+
+    def Attend(self, request, context):  # noqa: N802
+        spec = request.batch if request.HasField("batch") else None
+        spans = None
+        if spec is not None:
+            spans = (_spans(spec.prefills), _spans(spec.decodes), list(spec.pull_block_ids))
+        try:
+            out = self.worker.attend(
+                request.batch_id, request.layer, tensor_from_proto(request.hidden), spans
+            )
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except grpc.RpcError as e:  # the KV-cache service
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"KV-cache service: {e.code().name}: {e.details()}")
+        return attention_pb2.AttendResponse(output=tensor_to_proto(out))
+
+    def WorkerInfo(self, request, context):  # noqa: N802
+        return self.worker.info()
+
+
+def serve_worker(worker: AttentionWorker, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.Server, str]:
+    servicer = AttentionServicer(worker)
+    server, bound = start_server(
+        [lambda s: attention_pb2_grpc.add_AttentionServicer_to_server(servicer, s)],
+        [SERVICE_NAME],
+        f"{host}:{port}",
+    )
+    return server, f"{host}:{bound}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m services.attention.worker", description="Serve MLA attention over gRPC."
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory, or a preset (tiny, mini)")
+    p.add_argument("--kv-cache", required=True, help="address of the KV-cache service (HOST:PORT)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50070, help="gRPC port (0: any free port)")
+    p.add_argument("--name", default="attention-0", help="the worker's name in metrics and logs")
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0: any free)"
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = AttentionWorker(str(resolve_model(args.model)), args.kv_cache, args.device, args.name)
+    server, address = serve_worker(worker, args.host, args.port)
+    ready = f"latentmoe attention ready: grpc={address}"
+    metrics_server = None
+    if args.metrics_port is not None:
+        import prometheus_client
+
+        metrics_server, _ = prometheus_client.start_http_server(args.metrics_port, addr=args.host)
+        ready += f" metrics=http://{args.host}:{metrics_server.server_port}/metrics"
+    log.info(
+        "%s: %d layers, hot copy of %d blocks x %d tokens (%s), KV cache at %s",
+        args.name,
+        worker.config.num_hidden_layers,
+        worker.pool.num_blocks,
+        worker.pool.block_size,
+        worker.dtype,
+        args.kv_cache,
+    )
+    print(ready, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down")
+    server.stop(grace=5).wait()
+    if metrics_server is not None:
+        metrics_server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

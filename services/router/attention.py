@@ -1,0 +1,196 @@
+"""Attention on attention workers: the router's backend that assigns sequences to workers and the drop-in
+module that calls them.
+
+`AttentionPool` is the ModelRunner's attention backend in the distributed router. Each sequence sticks to one
+worker (the least loaded when it first runs; forks follow their parent), whose hot copy holds its pages. The
+pool tracks which blocks each worker's hot copy holds valid: a worker that writes a block makes it valid there
+and stale everywhere else (block ids are reused after frees), and a sequence's computed blocks that its worker
+lacks (a prefix computed elsewhere, a copy on write, a sequence moved off a lost worker) are pulled from the
+KV-cache service before layer 0. `RemoteAttention` has MLA's call signature, so the decoder runs unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from torch import nn
+
+from common import metrics
+from common.engine.model_runner import Span
+from common.engine.sequence import Sequence
+from common.model.decoder import DeepseekModel
+from common.rpc.codec import tensor_from_proto, tensor_to_proto
+from common.rpc.server import OPTIONS
+from latentmoe.v1 import attention_pb2, attention_pb2_grpc
+from services.kvcache.client import RemoteBlockManager
+
+log = logging.getLogger(__name__)
+CALL_TIMEOUT_S = 120.0
+
+
+@dataclass
+class WorkerClient:
+    name: str
+    address: str
+    channel: grpc.Channel = field(init=False, repr=False)
+    stub: attention_pb2_grpc.AttentionStub = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.channel = grpc.insecure_channel(self.address, options=OPTIONS)
+        self.stub = attention_pb2_grpc.AttentionStub(self.channel)
+
+    def info(self) -> attention_pb2.WorkerInfoResponse:
+        return self.stub.WorkerInfo(attention_pb2.WorkerInfoRequest(), timeout=60, wait_for_ready=True)
+
+
+@dataclass
+class _Part:
+    """One worker's share of a micro-batch: which rows of the hidden states, and the spans to announce."""
+
+    worker: WorkerClient
+    rows: torch.Tensor | None  # None: every row
+    batch_id: str
+    spec: attention_pb2.AttentionBatchSpec
+
+
+@dataclass
+class RemoteBatch:
+    parts: list[_Part]
+
+
+class RemoteAttention(nn.Module):
+    """Drop-in for MLA: each worker attends its rows of the micro-batch, all workers in parallel."""
+
+    def __init__(self, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: RemoteBatch, cache: None
+    ) -> torch.Tensor:
+        calls = []
+        for part in batch.parts:
+            request = attention_pb2.AttendRequest(
+                batch_id=part.batch_id,
+                layer=self.layer,
+                hidden=tensor_to_proto(x if part.rows is None else x[part.rows]),
+            )
+            if self.layer == 0:  # rotary positions are derived from the spans on the worker
+                request.batch.CopyFrom(part.spec)
+            future = part.worker.stub.Attend.future(request, timeout=CALL_TIMEOUT_S)
+            calls.append((part, future, time.perf_counter()))
+        out = None if len(calls) == 1 and calls[0][0].rows is None else torch.empty_like(x)
+        for part, future, start in calls:
+            result = tensor_from_proto(future.result().output, x.device).to(x.dtype)
+            metrics.ATTENTION_WORKER_LATENCY.labels(part.worker.name).observe(time.perf_counter() - start)
+            if out is None:
+                return result
+            out[part.rows] = result
+        return out
+
+
+class AttentionPool:
+    """The router's attention backend over attention workers that share one KV-cache service."""
+
+    def __init__(self, addresses: list[str], blocks: RemoteBlockManager, micro_batches: int = 2) -> None:
+        if not addresses:
+            raise ValueError("give at least one attention worker address")
+        self.blocks = blocks
+        self.micro_batches = micro_batches
+        self.workers = [WorkerClient(f"attention-{i}", a) for i, a in enumerate(addresses)]
+        for w in self.workers:
+            info = w.info()
+            if (info.num_blocks, info.block_size) != (blocks.num_blocks, blocks.block_size):
+                raise ValueError(
+                    f"attention worker {w.address} has {info.num_blocks} blocks x {info.block_size} tokens, "
+                    f"the KV-cache service {blocks.num_blocks} x {blocks.block_size}: not the same service"
+                )
+            w.name = info.worker or w.name
+        self.valid: list[set[int]] = [set() for _ in self.workers]  # blocks each hot copy holds up to date
+        self.owner: dict[int, int] = {}  # seq_id -> worker index
+        self.live: dict[int, Sequence] = {}
+        self._batch_ids = itertools.count()
+        self._rotation = itertools.count()  # breaks ties between equally loaded workers
+
+    def attach(self, model: DeepseekModel) -> None:
+        """Run every layer's attention on the workers."""
+        for i, layer in enumerate(model.layers):
+            layer.self_attn = RemoteAttention(i)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """The service copied these pages itself; no hot copy holds the destinations yet."""
+        for _, dst in copies:
+            for valid in self.valid:
+                valid.discard(dst)
+
+    def prepare(self, parts: list[tuple[list[Span], list[Sequence]]]) -> list[tuple[RemoteBatch, None]]:
+        """One RemoteBatch per micro-batch: each worker gets its sequences' rows (prefill tokens first, then
+        decodes, as the spans list them) and the blocks it must pull before attending."""
+        self._forget_finished()
+        bs = self.blocks.block_size
+        # Compare against the hot copies as the step starts: the micro-batches reach a worker in any order.
+        valid_at_start = [set(v) for v in self.valid]
+        pulled: list[tuple[int, list[int]]] = []
+        written: list[tuple[int, list[int]]] = []
+        batches = []
+        for prefills, decodes in parts:
+            by_worker: dict[int, tuple[attention_pb2.AttentionBatchSpec, list[int]]] = {}
+            row = 0
+            for seq, n, is_prefill in [(s, n, True) for s, n in prefills] + [(s, 1, False) for s in decodes]:
+                w = self._worker_of(seq)
+                spec, rows = by_worker.setdefault(w, (attention_pb2.AttentionBatchSpec(), []))
+                table = self.blocks.block_table(seq.seq_id)
+                computed = seq.num_computed_tokens if is_prefill else seq.num_tokens - 1
+                span = attention_pb2.SequenceSpan(block_table=table, num_computed=computed, num_new=n)
+                (spec.prefills if is_prefill else spec.decodes).append(span)
+                rows.extend(range(row, row + n))
+                row += n
+                pull = [b for b in table[: -(-computed // bs)] if b not in valid_at_start[w]]
+                spec.pull_block_ids.extend(pull)
+                pulled.append((w, pull))
+                written.append((w, table[computed // bs : -(-(computed + n) // bs)]))
+            single = len(by_worker) == 1
+            batch_parts = [
+                _Part(
+                    self.workers[w], None if single else torch.tensor(rows), f"b{next(self._batch_ids)}", spec
+                )
+                for w, (spec, rows) in by_worker.items()
+            ]
+            batches.append((RemoteBatch(batch_parts), None))
+        for w, blocks in pulled:
+            self.valid[w].update(blocks)
+        for w, blocks in written:  # the writer's copy is now the only one that matches the service
+            for other, valid in enumerate(self.valid):
+                (valid.update if other == w else valid.difference_update)(blocks)
+        return batches
+
+    def _worker_of(self, seq: Sequence) -> int:
+        """Sticky: a sequence's worker, chosen when it first runs (a fork joins its parent's worker)."""
+        w = self.owner.get(seq.seq_id)
+        if w is None:
+            siblings = [self.owner[s.seq_id] for s in seq.request.seqs if s.seq_id in self.owner]
+            if siblings:
+                w = siblings[0]
+            else:
+                load, n, start = Counter(self.owner.values()), len(self.workers), next(self._rotation)
+                w = min(range(n), key=lambda i: (load[i], (i - start) % n))
+            self.owner[seq.seq_id] = w
+            self.live[seq.seq_id] = seq
+        return w
+
+    def _forget_finished(self) -> None:
+        for seq_id in [i for i, s in self.live.items() if s.finished]:
+            del self.live[seq_id], self.owner[seq_id]
+
+    def worker_info(self) -> list[attention_pb2.WorkerInfoResponse]:
+        return [w.info() for w in self.workers]
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.channel.close()

@@ -1,0 +1,148 @@
+"""Attention workers + the KV-cache service behind the engine: the in-process engine's tokens under chunked
+prefill, prefix hits and preemption; prefixes computed on one worker reused by another; bad input rejected."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from common.config import EngineConfig
+from common.engine.engine import LLMEngine
+from common.engine.sampling_params import SamplingParams
+from common.rpc.codec import tensor_to_proto
+from latentmoe.v1 import attention_pb2, attention_pb2_grpc
+from services.attention.worker import AttentionWorker, serve_worker
+from services.kvcache.client import RemoteBlockManager
+from services.kvcache.service import KVCacheService, serve_kvcache
+from services.router.attention import AttentionPool
+
+BS = 4
+SHARED = list(range(40, 56))  # 4 full blocks that later requests find cached
+PROMPTS = [
+    [3, 4, 5],
+    SHARED + [7, 8],
+    list(range(100, 141)),
+    [9],
+    SHARED + [60, 61, 62, 63, 64],
+    [(11 * i) % 380 + 2 for i in range(23)],
+]
+ARRIVAL_STEP = [0, 0, 0, 2, 5, 9]
+PARAMS = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+
+def config(num_blocks: int, layers: int, entry_dim: int) -> EngineConfig:
+    return EngineConfig(
+        dtype="float32",
+        device="cpu",
+        block_size=BS,
+        kv_cache_memory=num_blocks * BS * layers * entry_dim * 4,
+        max_num_batched_tokens=16,  # long prompts are prefilled in chunks
+        max_num_seqs=8,
+    )
+
+
+@pytest.fixture
+def topology(checkpoint_dir):
+    """topology(num_blocks) -> (engine over 2 attention workers, the pool, the KV service); stops it all."""
+    started = []
+
+    def make(name: str, num_blocks: int):
+        path = checkpoint_dir(name)
+        service = KVCacheService.from_model(path, block_size=BS, num_blocks=num_blocks, dtype="float32")
+        kv_server, kv_address = serve_kvcache(service)
+        started.append(kv_server)
+        addresses = []
+        for i in range(2):
+            server, address = serve_worker(AttentionWorker(path, kv_address, name=f"attention-{i}"))
+            started.append(server)
+            addresses.append(address)
+        pool = AttentionPool(addresses, RemoteBlockManager(kv_address, namespace="router/"))
+        cfg = config(num_blocks, service.pool.num_layers, service.pool.entry_dim)
+        engine = LLMEngine.from_checkpoint(path, cfg, attention=pool)
+        pool.attach(engine.runner.model)
+        return engine, pool, service, LLMEngine.from_checkpoint(path, cfg)
+
+    yield make
+    for server in started:
+        server.stop(grace=None)
+
+
+def run_staggered(engine: LLMEngine) -> dict[str, tuple[list[int], int]]:
+    results: dict[str, tuple[list[int], int]] = {}
+    step = 0
+    while len(results) < len(PROMPTS):
+        for i, arrival in enumerate(ARRIVAL_STEP):
+            if arrival == step:
+                engine.add_request(PROMPTS[i], PARAMS, request_id=str(i))
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = (out.outputs[0].token_ids, out.num_cached_tokens)
+        step += 1
+        assert step < 1000
+    return results
+
+
+@pytest.mark.parametrize("name", ["v2_lite", "v3"])
+def test_attention_workers_give_the_in_process_tokens(topology, name):
+    engine, pool, service, local = topology(name, num_blocks=40)  # ~120 tokens for ~180 needed: preempts
+    remote = run_staggered(engine)
+    assert remote == run_staggered(local)
+    assert engine.scheduler.num_preemptions > 0
+    assert any(cached > 0 for _, cached in remote.values())
+    infos = pool.worker_info()
+    assert all(i.tokens_computed > 0 for i in infos)  # both workers carried sequences
+    assert sum(i.entries_written for i in infos) == sum(i.tokens_computed for i in infos)
+    stats = service.stats()
+    assert (stats.used, stats.num_seqs) == (0, 0)  # every page freed or cached
+    service.blocks.check_invariants()
+
+
+def test_a_prefix_computed_on_one_worker_is_a_hit_on_the_other(topology):
+    engine, pool, service, local = topology("v2_lite", num_blocks=64)
+    first = engine.generate([SHARED + [1, 2]], PARAMS)[0]
+    assert first.num_cached_tokens == 0
+    before = [i.blocks_pulled for i in pool.worker_info()]
+    second = engine.generate([SHARED + [3]], PARAMS)[0]
+    after = [i.blocks_pulled for i in pool.worker_info()]
+    assert second.num_cached_tokens == len(SHARED)  # no recompute of the shared blocks...
+    assert after[1] - before[1] == len(SHARED) // BS  # ...the other worker pulled them from the service
+    expected = local.generate([SHARED + [1, 2], SHARED + [3]], PARAMS)
+    assert [first.outputs[0].token_ids, second.outputs[0].token_ids] == [
+        o.outputs[0].token_ids for o in expected
+    ]
+
+
+def test_bad_attend_requests_are_invalid_argument(topology):
+    engine, pool, _, _ = topology("v2_lite", num_blocks=16)
+    stub = pool.workers[0].stub
+    hidden = tensor_to_proto(torch.zeros(2, engine.model_config.hidden_size))
+    spec = attention_pb2.AttentionBatchSpec(
+        prefills=[attention_pb2.SequenceSpan(block_table=[0], num_computed=0, num_new=2)]
+    )
+    bad = [
+        attention_pb2.AttendRequest(batch_id="x", layer=0, hidden=hidden),  # never announced
+        attention_pb2.AttendRequest(batch_id="x", layer=99, hidden=hidden, batch=spec),
+        attention_pb2.AttendRequest(
+            batch_id="x",
+            layer=0,
+            hidden=tensor_to_proto(torch.zeros(3, engine.model_config.hidden_size)),  # 3 rows for 2 tokens
+            batch=spec,
+        ),
+        attention_pb2.AttendRequest(
+            batch_id="x",
+            layer=0,
+            hidden=hidden,
+            batch=attention_pb2.AttentionBatchSpec(
+                prefills=[attention_pb2.SequenceSpan(block_table=[999], num_computed=0, num_new=2)]
+            ),
+        ),
+    ]
+    for request in bad:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Attend(request, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    # The worker still serves.
+    out = engine.generate([[5, 6, 7]], PARAMS)[0]
+    assert len(out.outputs[0].token_ids) == PARAMS.max_tokens
+    assert isinstance(stub, attention_pb2_grpc.AttentionStub)
