@@ -161,8 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     from services.client import add_parser as add_client_parser
     from services.health import add_parser as add_health_parser
     from services.router.main import add_parser as add_serve_parser
+    from services.up import add_parser as add_up_parser
 
     add_serve_parser(sub)
+    add_up_parser(sub)
     add_client_parser(sub)
     add_bench_parser(sub)
     add_health_parser(sub)

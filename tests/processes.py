@@ -18,7 +18,8 @@ READY = re.compile(
 
 def start_until_ready(argv: list[str], timeout: float = READY_TIMEOUT_S) -> tuple[subprocess.Popen, re.Match]:
     """Start argv in its own session; return it and its ready line's match (group 1: gRPC address,
-    group 2: metrics URL when it prints one). A process that dies or stays silent fails the test."""
+    group 2: metrics URL when it prints one); the lines before it are kept in `proc.startup_output`.
+    A process that dies or stays silent fails the test."""
     proc = subprocess.Popen(
         argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -35,6 +36,7 @@ def start_until_ready(argv: list[str], timeout: float = READY_TIMEOUT_S) -> tupl
     except BaseException:
         stop(proc)
         raise
+    proc.startup_output = "".join(seen)  # type: ignore[attr-defined]
     return proc, ready
 
 

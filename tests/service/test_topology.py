@@ -1,0 +1,107 @@
+"""`latentmoe up` on loopback: KV-cache service, 2 attention workers, a router with 2 expert actors on a local
+Ray, each a separate process. Greedy tokens equal the in-process engine's and transformers'; expert load is
+spread over both actors; a prefix computed on one attention worker is a cache hit on the other."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+
+from common.config import EngineConfig
+from common.engine.engine import LLMEngine
+from common.engine.sampling_params import SamplingParams
+from latentmoe.v1 import router_pb2, router_pb2_grpc
+from tests.processes import start_until_ready, stop
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = [[3, 4, 5], list(range(20, 61)), [7], [(7 * i) % 250 + 2 for i in range(19)], list(range(90, 99))]
+SHARED = list(range(100, 132))  # two full blocks of 16
+MAX_TOKENS = 12
+SUMMARY = re.compile(r"^(\S+): grpc=(\S+)(?:\s+metrics=(\S+))?\s+pid=(\d+)", re.M)
+
+
+@pytest.fixture(scope="module")
+def topology(checkpoint_dir):
+    path = checkpoint_dir("v3")
+    argv = [sys.executable, "-m", "services.cli", "up", "--model", path, "--dtype", "float32"]
+    argv += ["--expert-workers", "2", "--attention-workers", "2", "--block-size", "16"]
+    argv += ["--kv-cache-memory", "8000000", "--port", "0", "--metrics-port", "0"]
+    argv += ["--kv-cache-port", "0", "--attention-port", "0"]
+    proc, ready = start_until_ready(argv)
+    # `up` prints one line per service before its ready line: name, gRPC address, /metrics URL, pid.
+    services = {
+        m[1]: {"grpc": m[2], "metrics": m[3], "pid": int(m[4])} for m in SUMMARY.finditer(proc.startup_output)
+    }
+    assert set(services) == {"kvcache", "attention-0", "attention-1", "router"}, proc.startup_output
+    channel = grpc.insecure_channel(ready.group(1))
+    yield {"channel": channel, "path": path, "metrics": ready.group(2), "services": services}
+    channel.close()
+    assert stop(proc) == 0, "latentmoe up did not stop cleanly"
+    alive = [name for name, s in services.items() if os.path.exists(f"/proc/{s['pid']}")]
+    assert not alive, f"still running after latentmoe up stopped: {alive}"
+
+
+def generate(channel, ids) -> tuple[list[int], int]:
+    stub = router_pb2_grpc.RouterStub(channel)
+    params = router_pb2.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    request = router_pb2.GenerateRequest(token_ids=router_pb2.TokenIds(ids=ids), params=params)
+    tokens, cached = [], 0
+    for response in stub.Generate(request, timeout=120):
+        tokens += [t for c in response.completions for t in c.delta_token_ids]
+        cached = response.usage.cached_prompt_tokens
+    return tokens, cached
+
+
+def scrape(url: str, name: str) -> dict[str, float]:
+    """{worker label: value} of one metric family."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {m[1]: float(m[2]) for m in re.finditer(rf'^{name}\{{worker="([^"]+)"\}} (\S+)', text, re.M)}
+
+
+def test_topology_gives_the_in_process_and_transformers_tokens(topology):
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:  # concurrent: they share steps and micro-batches
+        got = list(pool.map(lambda p: generate(topology["channel"], p)[0], PROMPTS))
+
+    engine = LLMEngine.from_checkpoint(topology["path"], EngineConfig(dtype="float32", kv_cache_memory=8e6))
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    assert got == [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params)]
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(topology["path"], dtype=torch.float32).eval()
+    ref.generation_config.eos_token_id = None
+    for prompt, tokens in zip(PROMPTS, got, strict=True):
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
+        assert tokens == out[0, len(prompt) :].tolist()
+
+    experts = scrape(topology["metrics"], "latentmoe_expert_worker_tokens_total")
+    assert set(experts) == {"expert-0", "expert-1"} and min(experts.values()) > 0, experts
+    attention = scrape(topology["metrics"], "latentmoe_attention_worker_latency_seconds_count")
+    assert set(attention) == {"attention-0", "attention-1"} and min(attention.values()) > 0, attention
+
+
+def test_a_prefix_computed_on_one_attention_worker_is_a_hit_on_the_other(topology):
+    workers = {name: s["metrics"] for name, s in topology["services"].items() if name.startswith("attention")}
+    first, cached = generate(topology["channel"], SHARED + [1, 2])
+    assert cached == 0
+    before = {
+        w: scrape(url, "latentmoe_attention_blocks_pulled_total").get(w, 0) for w, url in workers.items()
+    }
+    second, cached = generate(topology["channel"], SHARED + [3])
+    after = {
+        w: scrape(url, "latentmoe_attention_blocks_pulled_total").get(w, 0) for w, url in workers.items()
+    }
+    assert cached == len(SHARED)  # served from the cache, not recomputed...
+    pulled = {w: after[w] - before[w] for w in workers}
+    assert sorted(pulled.values()) == [0, len(SHARED) // 16], pulled  # ...by the worker that lacked it
+
+    engine = LLMEngine.from_checkpoint(topology["path"], EngineConfig(dtype="float32", kv_cache_memory=8e6))
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    want = engine.generate([SHARED + [1, 2], SHARED + [3]], params)
+    assert [first, second] == [o.outputs[0].token_ids for o in want]
