@@ -34,6 +34,11 @@ EXPERT_WORKER_LATENCY = Histogram(
     ["worker"],
     buckets=_LATENCY_BUCKETS,
 )
+EXPERT_WORKER_COMPUTE = Counter(
+    "latentmoe_expert_worker_compute_seconds_total",
+    "Time expert workers spent on RunExperts calls (the rest of their latency is transport and queueing)",
+    ["worker"],
+)
 EXPERT_WORKER_RESTARTS = Counter(
     "latentmoe_expert_worker_restarts_total", "Expert actor restarts seen by the router", ["worker"]
 )
@@ -47,6 +52,11 @@ ATTENTION_TOKENS = Counter(
 ATTENTION_BLOCKS_PULLED = Counter(
     "latentmoe_attention_blocks_pulled_total",
     "KV blocks an attention worker copied from the KV-cache service (hot-copy misses)",
+    ["worker"],
+)
+ATTENTION_WORKER_COMPUTE = Counter(
+    "latentmoe_attention_worker_compute_seconds_total",
+    "Time attention workers spent on Attend calls (the rest of their latency is transport and queueing)",
     ["worker"],
 )
 ATTENTION_WORKER_LATENCY = Histogram(

@@ -12,7 +12,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from common.engine.engine import LLMEngine, RequestOutput
@@ -31,14 +31,22 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
+        """engine, or a function that builds it: then it is built on the engine thread, so loading the weights
+        and every step share one thread (why that matters: common/torch_thread.py)."""
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        built: queue.SimpleQueue = queue.SimpleQueue()
+        build = engine if callable(engine) and not isinstance(engine, LLMEngine) else lambda: engine
+        self._thread = threading.Thread(target=self._run, args=(build, built), name="engine", daemon=True)
         self._thread.start()
+        result = built.get()
+        if isinstance(result, BaseException):
+            self._thread.join()
+            raise result
+        self.engine: LLMEngine = result
 
     async def generate(
         self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
@@ -73,7 +81,13 @@ class AsyncEngine:
         self._thread.join(timeout=30)
 
     # ------------------------------------------------------------------ engine thread
-    def _run(self) -> None:
+    def _run(self, build: Callable[[], LLMEngine], built: queue.SimpleQueue) -> None:
+        try:
+            self.engine = build()
+        except BaseException as e:  # reported to the constructor's caller
+            built.put(e)
+            return
+        built.put(self.engine)
         while not self._stopped.is_set():
             block = not self.engine.has_unfinished_requests()
             try:

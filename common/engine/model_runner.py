@@ -65,7 +65,11 @@ class ModelRunner:
     def __init__(self, model: DeepseekModel, attention: AttentionBackend, device: torch.device) -> None:
         self.model, self.attention, self.device = model, attention, device
         parts = attention.micro_batches
-        self._threads = ThreadPoolExecutor(parts, "micro-batch") if parts > 1 else None
+        self._threads = None
+        if parts > 1:
+            # One OpenMP thread each: the micro-batches run side by side, and extra OpenMP teams would make
+            # every team's idle workers sleep between ops (common/torch_thread.py).
+            self._threads = ThreadPoolExecutor(parts, "micro-batch", torch.set_num_threads, (1,))
 
     def run(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
         """Returns logits [S, V] (float32) for the S sequences that sample a token this step, in order."""

@@ -15,6 +15,7 @@ import collections
 import logging
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from common.model.mla import AttentionBatch
 from common.model.rope import RotaryEmbedding
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
 from common.rpc.server import start_server
+from common.torch_thread import TorchThread
 from latentmoe.v1 import attention_pb2, attention_pb2_grpc
 from services.kvcache.client import RemoteBlockManager
 
@@ -74,7 +76,7 @@ class AttentionWorker:
         )
         self.batches: collections.OrderedDict[str, _OpenBatch] = collections.OrderedDict()
         self.tokens_computed = self.blocks_pulled = self.entries_written = 0
-        self._lock = threading.Lock()  # one computation at a time: torch already uses every core
+        self.busy_seconds = 0.0
         self._tokens = metrics.ATTENTION_TOKENS.labels(name)
         self._pulled = metrics.ATTENTION_BLOCKS_PULLED.labels(name)
 
@@ -90,7 +92,8 @@ class AttentionWorker:
             raise ValueError(f"layer {layer} outside 0..{self.config.num_hidden_layers - 1}")
         if hidden.dim() != 2 or hidden.shape[1] != self.config.hidden_size:
             raise ValueError(f"hidden must be [T, {self.config.hidden_size}], got {list(hidden.shape)}")
-        with self._lock, torch.inference_mode():
+        start = time.perf_counter()
+        with torch.inference_mode():
             if spans is not None:
                 self._open(batch_id, *spans)
             open_batch = self.batches.get(batch_id)
@@ -107,6 +110,7 @@ class AttentionWorker:
             if layer == self.config.num_hidden_layers - 1:
                 self._write_through(batch)
                 del self.batches[batch_id]
+        self.busy_seconds += time.perf_counter() - start
         return out
 
     def _open(self, batch_id: str, prefills: list[Span], decodes: list[Span], pull: list[int]) -> None:
@@ -152,6 +156,7 @@ class AttentionWorker:
             tokens_computed=self.tokens_computed,
             blocks_pulled=self.blocks_pulled,
             entries_written=self.entries_written,
+            busy_seconds=self.busy_seconds,
         )
 
 
@@ -160,8 +165,10 @@ def _spans(msgs: Sequence[attention_pb2.SequenceSpan]) -> list[Span]:
 
 
 class AttentionServicer(attention_pb2_grpc.AttentionServicer):
-    def __init__(self, worker: AttentionWorker) -> None:
-        self.worker = worker
+    """Handler threads decode and encode; the worker computes on its torch thread, one call at a time."""
+
+    def __init__(self, worker: AttentionWorker, torch_thread: TorchThread) -> None:
+        self.worker, self.torch_thread = worker, torch_thread
 
     def Attend(self, request, context):  # noqa: N802
         spec = request.batch if request.HasField("batch") else None
@@ -169,21 +176,25 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
         if spec is not None:
             spans = (_spans(spec.prefills), _spans(spec.decodes), list(spec.pull_block_ids))
         try:
-            out = self.worker.attend(
-                request.batch_id, request.layer, tensor_from_proto(request.hidden), spans
-            )
+            hidden = tensor_from_proto(request.hidden)
+            start = time.perf_counter()
+            out = self.torch_thread.call(self.worker.attend, request.batch_id, request.layer, hidden, spans)
+            elapsed = time.perf_counter() - start
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except grpc.RpcError as e:  # the KV-cache service
             context.abort(grpc.StatusCode.UNAVAILABLE, f"KV-cache service: {e.code().name}: {e.details()}")
-        return attention_pb2.AttendResponse(output=tensor_to_proto(out))
+        return attention_pb2.AttendResponse(output=tensor_to_proto(out), compute_seconds=elapsed)
 
     def WorkerInfo(self, request, context):  # noqa: N802
         return self.worker.info()
 
 
-def serve_worker(worker: AttentionWorker, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.Server, str]:
-    servicer = AttentionServicer(worker)
+def serve_worker(
+    worker: AttentionWorker, torch_thread: TorchThread, host: str = "127.0.0.1", port: int = 0
+) -> tuple[grpc.Server, str]:
+    """Serve `worker` (built on `torch_thread`, which then runs all its computations)."""
+    servicer = AttentionServicer(worker, torch_thread)
     server, bound = start_server(
         [lambda s: attention_pb2_grpc.add_AttentionServicer_to_server(servicer, s)],
         [SERVICE_NAME],
@@ -211,8 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    worker = AttentionWorker(str(resolve_model(args.model)), args.kv_cache, args.device, args.name)
-    server, address = serve_worker(worker, args.host, args.port)
+    torch_thread = TorchThread()
+    worker = torch_thread.call(
+        lambda: AttentionWorker(str(resolve_model(args.model)), args.kv_cache, args.device, args.name)
+    )
+    server, address = serve_worker(worker, torch_thread, args.host, args.port)
     ready = f"latentmoe attention ready: grpc={address}"
     metrics_server = None
     if args.metrics_port is not None:
@@ -236,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop.wait()
     log.info("shutting down")
     server.stop(grace=5).wait()
+    torch_thread.shutdown()
     if metrics_server is not None:
         metrics_server.shutdown()
     return 0

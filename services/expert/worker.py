@@ -4,7 +4,6 @@ its gRPC servicer (a thin adapter), and the Ray actor that hosts both and report
 from __future__ import annotations
 
 import collections
-import threading
 import time
 from collections.abc import Sequence
 
@@ -15,6 +14,7 @@ import torch
 from common.checkpoint import load_expert_shard
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
 from common.rpc.server import start_server
+from common.torch_thread import TorchThread
 from latentmoe.v1 import expert_pb2, expert_pb2_grpc
 
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertShard"].full_name
@@ -41,7 +41,6 @@ class ExpertWorker:
         self.calls = 0
         self.pairs_per_expert: collections.Counter[int] = collections.Counter()
         self.busy_seconds = 0.0
-        self._lock = threading.Lock()  # one computation at a time: torch already uses every core
 
     def run(
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
@@ -65,7 +64,7 @@ class ExpertWorker:
         ids = expert_ids.to(self.device, torch.int64)
         if ids.numel() and not -1 <= int(ids.min()) <= int(ids.max()) < self.config.n_routed_experts:
             raise ValueError(f"expert ids must be in -1..{self.config.n_routed_experts - 1} (-1: skip)")
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             start = time.perf_counter()
             out = experts(hidden.to(self.device, self.dtype), weights.to(self.device, torch.float32), ids)
             self.busy_seconds += time.perf_counter() - start
@@ -75,20 +74,20 @@ class ExpertWorker:
 
 
 class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
-    def __init__(self, worker: ExpertWorker) -> None:
-        self.worker = worker
+    """Handler threads decode and encode; the worker computes on its torch thread, one call at a time."""
+
+    def __init__(self, worker: ExpertWorker, torch_thread: TorchThread) -> None:
+        self.worker, self.torch_thread = worker, torch_thread
 
     def RunExperts(self, request, context):  # noqa: N802
         try:
-            out = self.worker.run(
-                request.layer,
-                tensor_from_proto(request.hidden),
-                tensor_from_proto(request.expert_ids),
-                tensor_from_proto(request.weights),
-            )
+            args = [tensor_from_proto(t) for t in (request.hidden, request.expert_ids, request.weights)]
+            start = time.perf_counter()
+            out = self.torch_thread.call(self.worker.run, request.layer, *args)
+            elapsed = time.perf_counter() - start
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return expert_pb2.RunExpertsResponse(output=tensor_to_proto(out))
+        return expert_pb2.RunExpertsResponse(output=tensor_to_proto(out), compute_seconds=elapsed)
 
     def ShardInfo(self, request, context):  # noqa: N802
         w = self.worker
@@ -110,8 +109,11 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
         )
 
 
-def serve_worker(worker: ExpertWorker, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.Server, str]:
-    servicer = ExpertShardServicer(worker)
+def serve_worker(
+    worker: ExpertWorker, torch_thread: TorchThread, host: str = "127.0.0.1", port: int = 0
+) -> tuple[grpc.Server, str]:
+    """Serve `worker` (built on `torch_thread`, which then runs all its computations)."""
+    servicer = ExpertShardServicer(worker, torch_thread)
     server, bound = start_server(
         [lambda s: expert_pb2_grpc.add_ExpertShardServicer_to_server(servicer, s)],
         [SERVICE_NAME],
@@ -128,9 +130,11 @@ class ExpertActor:
         self, model_dir: str, expert_ids: list[int], dtype: str, name: str, host: str | None = None
     ) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.worker = ExpertWorker(model_dir, expert_ids, dtype, device, name)
+        self.torch_thread = TorchThread(name)
+        self.worker = self.torch_thread.call(ExpertWorker, model_dir, expert_ids, dtype, device, name)
         # Reachable from the router on another node: the node's own address unless told otherwise.
-        self.server, self._address = serve_worker(self.worker, host or ray.util.get_node_ip_address())
+        host = host or ray.util.get_node_ip_address()
+        self.server, self._address = serve_worker(self.worker, self.torch_thread, host)
 
     def address(self) -> str:
         return self._address

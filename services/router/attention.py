@@ -87,8 +87,10 @@ class RemoteAttention(nn.Module):
             calls.append((part, future, time.perf_counter()))
         out = None if len(calls) == 1 and calls[0][0].rows is None else torch.empty_like(x)
         for part, future, start in calls:
-            result = tensor_from_proto(future.result().output, x.device).to(x.dtype)
+            response = future.result()
+            result = tensor_from_proto(response.output, x.device).to(x.dtype)
             metrics.ATTENTION_WORKER_LATENCY.labels(part.worker.name).observe(time.perf_counter() - start)
+            metrics.ATTENTION_WORKER_COMPUTE.labels(part.worker.name).inc(response.compute_seconds)
             if out is None:
                 return result
             out[part.rows] = result

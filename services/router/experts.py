@@ -97,6 +97,7 @@ class RemoteExperts(torch.nn.Module):
             out.index_add_(0, rows, tensor_from_proto(response.output, x.device).float())
             metrics.EXPERT_WORKER_TOKENS.labels(shard.name).inc(pairs)
             metrics.EXPERT_WORKER_LATENCY.labels(shard.name).observe(time.perf_counter() - start)
+            metrics.EXPERT_WORKER_COMPUTE.labels(shard.name).inc(response.compute_seconds)
         return out.to(x.dtype)
 
 

@@ -11,6 +11,7 @@ import signal
 import prometheus_client
 
 from common.checkpoint import resolve_model
+from common.config import EngineConfig
 from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine
 from common.rpc.server import start_aio_server
@@ -26,11 +27,20 @@ async def serve(args: argparse.Namespace) -> None:
     model_dir = resolve_model(args.model)
     config = engine_config(args)
     attention = connect_attention_workers(args) if args.attention_workers else None
-    engine = LLMEngine.from_checkpoint(
-        model_dir, config, local_experts=not args.expert_workers, attention=attention
-    )
+    experts = start_expert_actors(args, str(model_dir), config) if args.expert_workers else None
+
+    def build() -> LLMEngine:  # on the engine thread: loading and stepping share one OpenMP team
+        engine = LLMEngine.from_checkpoint(
+            model_dir, config, local_experts=experts is None, attention=attention
+        )
+        for pool in (attention, experts):
+            if pool is not None:
+                pool.attach(engine.runner.model)
+        return engine
+
+    front = AsyncEngine(build)
+    engine = front.engine
     if attention is not None:
-        attention.attach(engine.runner.model)
         log.info(
             "attention on %d workers (%s), KV cache at %s: %d blocks of %d tokens",
             len(attention.workers),
@@ -39,8 +49,6 @@ async def serve(args: argparse.Namespace) -> None:
             attention.blocks.num_blocks,
             attention.blocks.block_size,
         )
-    pool = start_expert_actors(args, str(model_dir), engine) if args.expert_workers else None
-    front = AsyncEngine(engine)
     servicer = RouterServicer(front, model_name=str(args.model), max_pending=args.max_pending)
     server, port = await start_aio_server(
         [lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s)],
@@ -67,10 +75,12 @@ async def serve(args: argparse.Namespace) -> None:
     await server.stop(grace=5)
     front.shutdown()
     metrics_server.shutdown()
-    if pool is not None:
+    if attention is not None:
+        attention.close()
+    if experts is not None:
         import ray
 
-        pool.shutdown()
+        experts.shutdown()
         ray.shutdown()
 
 
@@ -88,7 +98,7 @@ def connect_attention_workers(args: argparse.Namespace):  # type: ignore[no-unty
     return AttentionPool(addresses, blocks, micro_batches=args.micro_batches)
 
 
-def start_expert_actors(args: argparse.Namespace, model_dir: str, engine: LLMEngine):  # type: ignore[no-untyped-def]
+def start_expert_actors(args: argparse.Namespace, model_dir: str, config: EngineConfig):  # type: ignore[no-untyped-def]
     """Routed experts on Ray actors: joins --ray-address, or starts a local Ray sized for the actors (whose
     servers then bind --host, like the rest of this process)."""
     import ray
@@ -101,9 +111,8 @@ def start_expert_actors(args: argparse.Namespace, model_dir: str, engine: LLMEng
     else:
         ray.init(num_cpus=args.expert_workers, include_dashboard=False)
         host = args.host
-    dtype = str(engine.config.torch_dtype).removeprefix("torch.")
+    dtype = str(config.torch_dtype).removeprefix("torch.")
     pool = ExpertPool(model_dir, args.expert_workers, dtype, host=host)
-    pool.attach(engine.runner.model)
     log.info(
         "routed experts on %d Ray actors: %s", len(pool.shards), ", ".join(s.address for s in pool.shards)
     )

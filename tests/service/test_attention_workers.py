@@ -11,6 +11,7 @@ from common.config import EngineConfig
 from common.engine.engine import LLMEngine
 from common.engine.sampling_params import SamplingParams
 from common.rpc.codec import tensor_to_proto
+from common.torch_thread import TorchThread
 from latentmoe.v1 import attention_pb2, attention_pb2_grpc
 from services.attention.worker import AttentionWorker, serve_worker
 from services.kvcache.client import RemoteBlockManager
@@ -54,7 +55,9 @@ def topology(checkpoint_dir):
         started.append(kv_server)
         addresses = []
         for i in range(2):
-            server, address = serve_worker(AttentionWorker(path, kv_address, name=f"attention-{i}"))
+            torch_thread = TorchThread()
+            worker = torch_thread.call(AttentionWorker, path, kv_address, "cpu", f"attention-{i}")
+            server, address = serve_worker(worker, torch_thread)
             started.append(server)
             addresses.append(address)
         pool = AttentionPool(addresses, RemoteBlockManager(kv_address, namespace="router/"))
