@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import subprocess
@@ -27,9 +28,9 @@ STOP_TIMEOUT_S = 30
 class Child:
     """One service process: started in its own session (Ctrl-C reaches `up`, which stops it in order)."""
 
-    def __init__(self, name: str, argv: list[str]) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self.name = name
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True, env=env)
         self.grpc = self.metrics = ""
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
@@ -78,6 +79,9 @@ def up(args: argparse.Namespace) -> int:
     dtype = str(config.torch_dtype).removeprefix("torch.")  # one concrete dtype for every process
     python = [sys.executable, "-m"]
     host = args.host
+    # The processes share this machine's cores: OpenMP teams larger than their share spin against each other.
+    share = max(1, (os.cpu_count() or 1) // (1 + args.attention_workers + args.expert_workers))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(share))}
     children: list[Child] = []
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -98,6 +102,7 @@ def up(args: argparse.Namespace) -> int:
                 "--kv-cache-memory", str(args.kv_cache_memory),
                 *(["--no-prefix-caching"] if args.no_prefix_caching else []),
             ],
+            env,
         )  # fmt: skip
         children.append(kv)
         kv.wait_ready()
@@ -116,6 +121,7 @@ def up(args: argparse.Namespace) -> int:
                     "--name", f"attention-{i}",
                     "--metrics-port", _metrics_port(args.metrics_port, 2 + i),
                 ],
+                env,
             )  # fmt: skip
             children.append(worker)
             workers.append(worker)
@@ -140,7 +146,7 @@ def up(args: argparse.Namespace) -> int:
         ]  # fmt: skip
         if workers:
             router_argv += ["--attention-workers", ",".join(w.grpc for w in workers), "--kv-cache", kv.grpc]
-        router = Child("router", router_argv)
+        router = Child("router", router_argv, env)
         children.append(router)
         router.wait_ready()
 

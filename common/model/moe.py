@@ -10,7 +10,7 @@ Gate variants (all scored in float32):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,10 +96,15 @@ class RoutedExperts(nn.Module):
         """Weighted sum of this shard's experts over the (token, expert) pairs routed to it: [T, h]."""
         return grouped_swiglu(x, self.global_to_local[ids], weights, self.w13, self.w2)
 
+    def submit(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """forward() as a deferred result (remote experts compute while the caller goes on)."""
+        out = self(x, weights, ids)
+        return lambda: out
+
 
 class MoE(nn.Module):
-    """Gate + routed experts + shared experts. `experts` is any callable with RoutedExperts' signature, so
-    the same layer runs with local experts or with remote expert shards."""
+    """Gate + routed experts + shared experts. `experts` is anything with RoutedExperts' forward and submit,
+    so the same layer runs with local experts or with remote expert shards."""
 
     def __init__(self, config: ModelConfig, expert_ids: Sequence[int] | None = None) -> None:
         super().__init__()
@@ -113,7 +118,8 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
-        out = self.experts(x, weights, ids)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        routed = self.experts.submit(x, weights, ids)  # remote shards compute while the shared experts run
+        if self.shared_experts is None:
+            return routed()
+        shared = self.shared_experts(x)
+        return routed() + shared

@@ -16,6 +16,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 
 import grpc
 import torch
@@ -25,6 +26,7 @@ from common import metrics
 from common.engine.model_runner import Span
 from common.engine.sequence import Sequence
 from common.model.decoder import DeepseekModel
+from common.rpc.client import call_all
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
 from common.rpc.server import OPTIONS
 from latentmoe.v1 import attention_pb2, attention_pb2_grpc
@@ -74,7 +76,7 @@ class RemoteAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: RemoteBatch, cache: None
     ) -> torch.Tensor:
-        calls = []
+        requests = []
         for part in batch.parts:
             request = attention_pb2.AttendRequest(
                 batch_id=part.batch_id,
@@ -83,18 +85,22 @@ class RemoteAttention(nn.Module):
             )
             if self.layer == 0:  # rotary positions are derived from the spans on the worker
                 request.batch.CopyFrom(part.spec)
-            future = part.worker.stub.Attend.future(request, timeout=CALL_TIMEOUT_S)
-            calls.append((part, future, time.perf_counter()))
-        out = None if len(calls) == 1 and calls[0][0].rows is None else torch.empty_like(x)
-        for part, future, start in calls:
-            response = future.result()
-            result = tensor_from_proto(response.output, x.device).to(x.dtype)
-            metrics.ATTENTION_WORKER_LATENCY.labels(part.worker.name).observe(time.perf_counter() - start)
-            metrics.ATTENTION_WORKER_COMPUTE.labels(part.worker.name).inc(response.compute_seconds)
-            if out is None:
-                return result
-            out[part.rows] = result
+            requests.append(request)
+        responses = call_all([partial(_attend, part.worker, r) for part, r in zip(batch.parts, requests)])
+        if len(batch.parts) == 1 and batch.parts[0].rows is None:
+            return tensor_from_proto(responses[0].output, x.device).to(x.dtype)
+        out = torch.empty_like(x)
+        for part, response in zip(batch.parts, responses, strict=True):
+            out[part.rows] = tensor_from_proto(response.output, x.device).to(x.dtype)
         return out
+
+
+def _attend(worker: WorkerClient, request: attention_pb2.AttendRequest) -> attention_pb2.AttendResponse:
+    start = time.perf_counter()
+    response = worker.stub.Attend(request, timeout=CALL_TIMEOUT_S)
+    metrics.ATTENTION_WORKER_LATENCY.labels(worker.name).observe(time.perf_counter() - start)
+    metrics.ATTENTION_WORKER_COMPUTE.labels(worker.name).inc(response.compute_seconds)
+    return response
 
 
 class AttentionPool:

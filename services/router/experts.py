@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import grpc
 import ray
@@ -21,6 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from common import metrics
 from common.config import ModelConfig
 from common.model.moe import MoE
+from common.rpc.client import start_all
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
 from common.rpc.server import OPTIONS
 from latentmoe.v1 import expert_pb2, expert_pb2_grpc
@@ -68,6 +71,10 @@ class RemoteExperts(torch.nn.Module):
         self.replicas = (owners >= 0).sum(dim=1)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.submit(x, weights, ids)()
+
+    def submit(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Send every shard its pairs now; the returned function waits for them and adds up the outputs."""
         # Replicated experts: pairs alternate over the replicas by token index.
         token = torch.arange(ids.shape[0], device=ids.device)[:, None]
         shard_of_pair = self.owners[ids, token % self.replicas[ids]]
@@ -83,22 +90,33 @@ class RemoteExperts(torch.nn.Module):
                 expert_ids=tensor_to_proto(torch.where(mine[rows], ids[rows], -1).int()),
                 weights=tensor_to_proto(weights[rows].float()),
             )
-            future = shard.stub.RunExperts.future(request, timeout=CALL_TIMEOUT_S)
-            calls.append((shard, rows, request, future, int(mine.sum()), time.perf_counter()))
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for shard, rows, request, future, pairs, start in calls:
-            try:
-                response = future.result()
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                shard.reconnect()
-                response = shard.stub.RunExperts(request, timeout=CALL_TIMEOUT_S)
-            out.index_add_(0, rows, tensor_from_proto(response.output, x.device).float())
-            metrics.EXPERT_WORKER_TOKENS.labels(shard.name).inc(pairs)
-            metrics.EXPERT_WORKER_LATENCY.labels(shard.name).observe(time.perf_counter() - start)
-            metrics.EXPERT_WORKER_COMPUTE.labels(shard.name).inc(response.compute_seconds)
-        return out.to(x.dtype)
+            calls.append((shard, rows, request, int(mine.sum())))
+        wait = start_all([partial(_run_experts, shard, request, pairs) for shard, _, request, pairs in calls])
+
+        def combine() -> torch.Tensor:
+            out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            for (_, rows, _, _), response in zip(calls, wait(), strict=True):
+                out.index_add_(0, rows, tensor_from_proto(response.output, x.device).float())
+            return out.to(x.dtype)
+
+        return combine
+
+
+def _run_experts(
+    shard: ShardClient, request: expert_pb2.RunExpertsRequest, pairs: int
+) -> expert_pb2.RunExpertsResponse:
+    start = time.perf_counter()
+    try:
+        response = shard.stub.RunExperts(request, timeout=CALL_TIMEOUT_S)
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        shard.reconnect()
+        response = shard.stub.RunExperts(request, timeout=CALL_TIMEOUT_S)
+    metrics.EXPERT_WORKER_TOKENS.labels(shard.name).inc(pairs)
+    metrics.EXPERT_WORKER_LATENCY.labels(shard.name).observe(time.perf_counter() - start)
+    metrics.EXPERT_WORKER_COMPUTE.labels(shard.name).inc(response.compute_seconds)
+    return response
 
 
 def contiguous_shards(num_experts: int, num_workers: int) -> list[list[int]]:
