@@ -3,8 +3,8 @@
     .venv/bin/python -m tests.deploy.render_dashboard --out docs/dashboard.png
     .venv/bin/python -m tests.deploy.render_dashboard --prometheus http://127.0.0.1:9090 --minutes 30
 
-Without --prometheus it runs the stack of tests/deploy/test_dashboard.py: `latentmoe serve` (the `mini` preset
-by default) and, in this process, a router whose routed experts are two Ray expert actors, both scraped every
+Without --prometheus it runs the stack of tests/deploy/test_dashboard.py: `latentmoe up` (the `mini` preset
+by default: KV-cache service, two attention workers, a router with two Ray expert actors), scraped every
 second by a Prometheus on loopback, under a seeded load that rises and falls for --duration seconds. With
 --prometheus it draws the last --minutes of an existing one (e.g. the compose deployment's). Layout (gridPos),
 titles, queries, legends and units all come from deploy/grafana/dashboards/latentmoe.json.
@@ -26,20 +26,18 @@ from datetime import datetime
 from pathlib import Path
 
 from tests.deploy.prometheus import Prometheus, PrometheusAPI
-from tests.deploy.test_dashboard import dashboard, generate, panels, start_serve, stop_serve, wait_ready
+from tests.deploy.test_dashboard import dashboard, generate, panels, prometheus_jobs, start_up, stop_up
 
 SCRAPE_S = 1.0
 
 
 # ------------------------------------------------------------------------------------------- own stack
-def drive_load(model_dir: str, grpc_address: str, engine, duration: float, seed: int) -> None:  # noqa: ANN001
-    """Seeded traffic for `duration` s: up to 8 concurrent clients of `serve` (a sine-shaped ramp up and down;
-    half the prompts share one of three 64-token system prompts, some carry a stop token), and a trickle of
-    requests on the expert-actor engine."""
+def drive_load(model_dir: str, grpc_address: str, duration: float, seed: int) -> None:
+    """Seeded traffic for `duration` s: up to 8 concurrent clients of the router (a sine-shaped ramp up and
+    down; half the prompts share one of three 64-token system prompts, some carry a stop token)."""
     import grpc
 
     from common.config import ModelConfig
-    from common.engine.sampling_params import SamplingParams
     from latentmoe.v1 import router_pb2_grpc
 
     vocab = ModelConfig.from_file(model_dir).vocab_size
@@ -65,17 +63,7 @@ def drive_load(model_dir: str, grpc_address: str, engine, duration: float, seed:
                 params["stop_token_ids"] = [r.randrange(2, vocab) for _ in range(200)]
             generate(stub, prompt, **params)
 
-    def actor_router() -> None:
-        r = random.Random(seed - 1)
-        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-        while time.monotonic() - start < duration:
-            engine.generate(
-                [[r.randrange(2, vocab) for _ in range(r.randint(4, 64))] for _ in range(2)], params
-            )
-            time.sleep(1.0)
-
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    threads.append(threading.Thread(target=actor_router, daemon=True))
     for t in threads:
         t.start()
     for t in threads:
@@ -87,46 +75,23 @@ def drive_load(model_dir: str, grpc_address: str, engine, duration: float, seed:
 def own_stack(model: str, duration: float, seed: int):
     """Yields (Prometheus, start, end) after the load has run; stops everything on exit. A small KV cache
     (600 tokens) and --max-num-seqs 4 make requests wait and get preempted at the load's peaks."""
-    import prometheus_client
-    import ray
-
     from common.checkpoint import resolve_model
-    from common.config import EngineConfig, ModelConfig
-    from common.engine.engine import LLMEngine
-    from services.router.experts import ExpertPool
+    from common.config import ModelConfig
 
     model_dir = str(resolve_model(model))
     config = ModelConfig.from_file(model_dir)
     kv_bytes = 600 * (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers * 4
     work = Path(tempfile.mkdtemp(prefix="latentmoe-dashboard-"))
-    serve_args = ["--max-num-seqs", "4", "--kv-cache-memory", str(kv_bytes)]
     with contextlib.ExitStack() as cleanup:
-        proc = start_serve(model_dir, work / "serve.log", serve_args)
-        cleanup.callback(stop_serve, proc)
-        ray.init(
-            num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False, configure_logging=False
+        proc, services = start_up(
+            model_dir, work / "up.log", ["--max-num-seqs", "4", "--kv-cache-memory", str(kv_bytes)]
         )
-        cleanup.callback(ray.shutdown)
-        pool = ExpertPool(model_dir, 2, "float32", host="127.0.0.1")
-        cleanup.callback(pool.shutdown)
-        engine = LLMEngine.from_checkpoint(
-            model_dir,
-            EngineConfig(dtype="float32", device="cpu", block_size=16, kv_cache_memory=kv_bytes),
-            local_experts=False,
-        )
-        pool.attach(engine.runner.model)
-        metrics_server, _ = prometheus_client.start_http_server(0, addr="127.0.0.1")
-        cleanup.callback(metrics_server.server_close)
-        cleanup.callback(metrics_server.shutdown)
-        grpc_address, serve_metrics = wait_ready(proc, work / "serve.log")
-        prom = Prometheus(
-            work / "prometheus",
-            {"router": [serve_metrics], "router-expert-actors": [f"127.0.0.1:{metrics_server.server_port}"]},
-        ).start()
+        cleanup.callback(stop_up, proc)
+        prom = Prometheus(work / "prometheus", prometheus_jobs(services)).start()
         cleanup.callback(prom.stop)
         start = time.time()
         print(f"driving {duration:.0f} s of load ...", file=sys.stderr)
-        drive_load(model_dir, grpc_address, engine, duration, seed)
+        drive_load(model_dir, services["router"]["grpc"], duration, seed)
         end = min(time.time(), start + duration)  # not the drained tail of the last requests
         time.sleep(3 * SCRAPE_S)  # the last samples of the load
         yield prom, start, end

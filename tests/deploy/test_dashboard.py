@@ -1,22 +1,18 @@
 """The monitoring deployment against the real thing: every query of the Grafana dashboard is evaluated by a
 real Prometheus scraping real latentmoe processes after real traffic, and the numbers must add up.
 
-Two scrape targets:
-- job `router`: `latentmoe serve` as a subprocess (tiny V3 checkpoint, float32) that gets gRPC traffic:
-  requests sharing a prefix (prefix-cache hits), some finished by a stop token, the rest by length, some
-  concurrent.
-- job `router-expert-actors`: the expert-worker panels (latentmoe_expert_worker_*) only have data when routed
-  experts run on expert actors, which `serve` does not expose yet. So this test process plays that router: an
-  engine whose MoE layers call two real Ray expert actors over gRPC (`ExpertPool.attach`) generates a few
-  requests, and the process's own metric registry is served on /metrics (as `serve` serves its own).
-So every dashboard query must evaluate without error AND return at least one series with a finite value, the
-expert-worker ones included. The one series that exists only after a fault (expert worker restarts) is queried
-with `or vector(0)` by the dashboard, so it has data too.
+The stack is `latentmoe up` on loopback (tiny V3 checkpoint, float32): the KV-cache service, two attention
+workers, and the router with its routed experts on two Ray expert actors, each a process, scraped as the
+compose deployment's Prometheus scrapes them (jobs `router`, `kvcache`, `attention`). The router gets gRPC
+traffic: requests sharing a prefix (prefix-cache hits), some finished by a stop token, the rest by length,
+some concurrent. Every dashboard query must evaluate without error AND return at least one series with a
+finite value. The one series that exists only after a fault (expert worker restarts) is queried with
+`or vector(0)` by the dashboard, so it has data too.
 
-Then the counts are checked exactly: on the `serve` target, sum(latentmoe_expert_tokens_total) ==
-latentmoe_routed_tokens_total == the (token, expert) pairs computed independently from the config and the
-responses' usage; token, prefix-hit and finished-request counters equal what the responses say; on the actor
-target, the pairs the expert workers computed equal the pairs of that engine's requests.
+Then the counts are checked exactly on the router: sum(latentmoe_expert_tokens_total) ==
+latentmoe_routed_tokens_total == the (token, expert) pairs the expert workers computed == the pairs computed
+independently from the config and the responses' usage; token, prefix-hit and finished-request counters equal
+what the responses say; the attention workers attended every computed token.
 """
 
 from __future__ import annotations
@@ -28,20 +24,17 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-import prometheus_client
 import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from common import metrics
-from common.config import EngineConfig
-from common.engine.engine import LLMEngine
-from common.engine.sampling_params import SamplingParams
 from latentmoe.v1 import router_pb2, router_pb2_grpc
 from tests.deploy.prometheus import Prometheus, find_or_install
 from tests.model_configs import CONFIGS
@@ -52,7 +45,7 @@ PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "latentmoe.yml"
 
-SERVE_JOB, ACTORS_JOB = "router", "router-expert-actors"
+ROUTER_JOB = "router"
 # Grafana's built-in variables, as Grafana would expand them for a short time range at a 1 s scrape interval.
 GRAFANA_VARIABLES = {
     "__rate_interval": "1m",
@@ -72,7 +65,6 @@ MOE_LAYERS = sum(
 TOP_K = V3["num_experts_per_tok"]
 BLOCK_SIZE = 16
 PREFIX = list(range(10, 50))  # 40 tokens: 2 full blocks of 16, reusable by a later prompt that extends it
-ENGINE_CONFIG = EngineConfig(dtype="float32", device="cpu", block_size=BLOCK_SIZE, kv_cache_memory=8e6)
 DEADLINE_S = 30
 
 
@@ -207,42 +199,77 @@ def test_grafana_provisioning_and_dashboard_are_consistent():
 
 
 # ------------------------------------------------------------------------------------------- the live stack
-def start_serve(model: str, log: Path, extra: list[str] | None = None) -> subprocess.Popen:
-    args = ["--model", model, "--port", "0", "--metrics-port", "0", "--dtype", "float32"]
-    args += ["--block-size", str(BLOCK_SIZE), "--kv-cache-memory", "8000000", *(extra or [])]
-    with open(log, "w") as stderr:  # a file, not a pipe nobody drains
-        return subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "serve", *args],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            cwd=ROOT,
-        )
+SUMMARY = re.compile(r"^(\S+): grpc=(\S+)\s+metrics=http://([^/\s]+)/metrics\s+pid=\d+")
 
 
-def wait_ready(proc: subprocess.Popen, log: Path) -> tuple[str, str]:
-    """(gRPC address, metrics host:port) from serve's ready line."""
-    deadline = time.monotonic() + 120
+def start_up(
+    model: str, log: Path, extra: list[str] | None = None
+) -> tuple[subprocess.Popen, dict[str, dict]]:
+    """`latentmoe up` with 2 expert actors and 2 attention workers on loopback; returns the process and
+    {service: {"grpc": address, "metrics": host:port}} from the endpoints it prints before its ready line.
+    Its output goes on to `log` (a drained pipe: a full one would block the services)."""
+    args = ["--model", model, "--dtype", "float32", "--block-size", str(BLOCK_SIZE)]
+    args += ["--kv-cache-memory", "8000000", "--expert-workers", "2", "--attention-workers", "2"]
+    args += [
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--kv-cache-port",
+        "0",
+        "--attention-port",
+        "0",
+        *(extra or []),
+    ]
+    out = open(log, "w")  # noqa: SIM115 (closed by the drain thread)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "up", *args],
+        stdout=subprocess.PIPE,
+        stderr=out,
+        text=True,
+        cwd=ROOT,
+    )
+    services: dict[str, dict] = {}
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line and proc.poll() is not None:
-            raise RuntimeError(f"serve exited: {log.read_text()[-2000:]}")
-        ready = re.match(r"latentmoe ready: grpc=(\S+) metrics=http://([^/\s]+)/metrics", line)
-        if ready:
-            return ready.group(1), ready.group(2)
-    raise RuntimeError("serve printed no ready line")
+            raise RuntimeError(f"latentmoe up exited: {log.read_text()[-3000:]}")
+        out.write(line)
+        if m := SUMMARY.match(line):
+            services[m.group(1)] = {"grpc": m.group(2), "metrics": m.group(3)}
+        if line.startswith("latentmoe up ready:"):
+            break
+    else:
+        raise RuntimeError("latentmoe up printed no ready line")
+
+    def drain() -> None:
+        with out:
+            for rest in proc.stdout:
+                out.write(rest)
+
+    threading.Thread(target=drain, daemon=True).start()
+    return proc, services
 
 
-def stop_serve(proc: subprocess.Popen) -> int:
+def prometheus_jobs(services: dict[str, dict]) -> dict[str, list[str]]:
+    """The compose deployment's scrape jobs (deploy/prometheus/prometheus.yml), on the local endpoints."""
+    attention = sorted(s["metrics"] for name, s in services.items() if name.startswith("attention-"))
+    return {
+        ROUTER_JOB: [services["router"]["metrics"]],
+        "kvcache": [services["kvcache"]["metrics"]],
+        "attention": attention,
+    }
+
+
+def stop_up(proc: subprocess.Popen) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
-    if not proc.stdout.closed:
-        proc.stdout.close()
     return proc.returncode
 
 
@@ -296,70 +323,31 @@ def wait_for_scrapes_after(prom: Prometheus, wall_time: float, scrapes: int = 2)
     raise AssertionError(f"no {scrapes} scrapes after the traffic in {DEADLINE_S} s: {prom.targets_up()}")
 
 
-def worker_pairs() -> float:
-    """(token, expert) pairs the expert workers computed, as this process' registry has them now."""
-    return sum(
-        s.value
-        for family in metrics.EXPERT_WORKER_TOKENS.collect()
-        for s in family.samples
-        if s.name == "latentmoe_expert_worker_tokens_total"
-    )
-
-
 @pytest.fixture(scope="module")
-def stack(checkpoint_dir, ray_session, tmp_path_factory):
-    from services.router.experts import ExpertPool
-
+def stack(checkpoint_dir, tmp_path_factory):
     find_or_install("prometheus")  # skip before starting anything if it cannot be had
     model = checkpoint_dir("v3")
-    serve_log = tmp_path_factory.mktemp("serve") / "serve.log"
+    log = tmp_path_factory.mktemp("up") / "up.log"
     with contextlib.ExitStack() as cleanup:
-        proc = start_serve(model, serve_log)
-        cleanup.callback(stop_serve, proc)
-        # While serve loads: the expert-actor router in this process, its registry served on /metrics.
-        pool = ExpertPool(model, 2, "float32", host="127.0.0.1")
-        cleanup.callback(pool.shutdown)
-        engine = LLMEngine.from_checkpoint(model, ENGINE_CONFIG, local_experts=False)
-        pool.attach(engine.runner.model)
-        metrics_server, _ = prometheus_client.start_http_server(0, addr="127.0.0.1")
-        cleanup.callback(metrics_server.server_close)
-        cleanup.callback(metrics_server.shutdown)
-        grpc_address, serve_metrics = wait_ready(proc, serve_log)
-        channel = grpc.insecure_channel(grpc_address)
+        proc, services = start_up(model, log)
+        cleanup.callback(stop_up, proc)
+        channel = grpc.insecure_channel(services["router"]["grpc"])
         cleanup.callback(channel.close)
-
-        prom = Prometheus(
-            tmp_path_factory.mktemp("prometheus"),
-            {SERVE_JOB: [serve_metrics], ACTORS_JOB: [f"127.0.0.1:{metrics_server.server_port}"]},
-        ).start()
+        prom = Prometheus(tmp_path_factory.mktemp("prometheus"), prometheus_jobs(services)).start()
         cleanup.callback(prom.stop)
         start = time.monotonic()
 
         # Two rounds of traffic with scrapes in between: series born in the first round (labelled ones appear
         # at their first increment) see increases in the second, as they would under steady traffic.
         stub = router_pb2_grpc.RouterStub(channel)
-        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-        responses, outs = [], []
-        pairs_before = worker_pairs()
-        for round_, prompts in enumerate([[[3, 4, 5, 6]], [list(range(50, 81)), [9]]]):
+        responses = []
+        for round_ in range(2):
             responses += serve_traffic(stub, round_)
-            outs += engine.generate(prompts, params)
             wait_for_scrapes_after(prom, time.time(), scrapes=1 + round_)
-        actor_pairs = sum(
-            routed_pairs(len(o.prompt_token_ids), o.num_cached_tokens, len(o.outputs[0].token_ids))
-            for o in outs
-        )
-        assert worker_pairs() - pairs_before == actor_pairs  # sanity: the workers really computed them
-        yield {
-            "prom": prom,
-            "responses": responses,
-            "actor_pairs": actor_pairs,
-            "actor_pairs_before": pairs_before,
-            "traffic_s": time.monotonic() - start,
-        }
+        yield {"prom": prom, "responses": responses, "traffic_s": time.monotonic() - start}
         assert prom.stop() == 0, prom.log()
         channel.close()
-        assert stop_serve(proc) == 0, serve_log.read_text()[-2000:]
+        assert stop_up(proc) == 0, log.read_text()[-3000:]
 
 
 def test_every_dashboard_query_returns_data(stack):
@@ -390,7 +378,7 @@ def test_expert_load_sums_to_the_routed_pairs(stack):
         routed_pairs(r["usage"].prompt_tokens, r["usage"].cached_prompt_tokens, r["usage"].completion_tokens)
         for r in responses
     )
-    job = f'job="{SERVE_JOB}"'
+    job = f'job="{ROUTER_JOB}"'
     # No preemption: no recomputed tokens to account for.
     assert prom.value(f"sum(latentmoe_preemptions_total{{{job}}})") == 0
     per_expert = prom.value(f"sum(latentmoe_expert_tokens_total{{{job}}})")
@@ -402,16 +390,27 @@ def test_expert_load_sums_to_the_routed_pairs(stack):
     per_layer = prom.query(f"sum by (layer) (latentmoe_expert_tokens_total{{{job}}})")
     assert sorted(float(s["value"][1]) for s in per_layer) == [want / MOE_LAYERS] * MOE_LAYERS
 
-    # The expert-actor router: what its workers computed is what its gates routed.
-    workers = prom.query(f'latentmoe_expert_worker_tokens_total{{job="{ACTORS_JOB}"}}')
+    # Every routed pair was computed by one of the two expert actors, both of which carried load.
+    workers = prom.query(f"latentmoe_expert_worker_tokens_total{{{job}}}")
     assert {s["metric"]["worker"] for s in workers} == {"expert-0", "expert-1"}
-    got = sum(float(s["value"][1]) for s in workers) - stack["actor_pairs_before"]
-    assert got == stack["actor_pairs"] > 0
+    assert all(float(s["value"][1]) > 0 for s in workers)
+    assert sum(float(s["value"][1]) for s in workers) == want
+
+
+def test_attention_workers_attended_every_computed_token(stack):
+    prom, responses = stack["prom"], stack["responses"]
+    computed = sum(
+        r["usage"].prompt_tokens - r["usage"].cached_prompt_tokens + r["usage"].completion_tokens - 1
+        for r in responses
+    )
+    workers = prom.query('latentmoe_attention_tokens_total{job="attention"}')
+    assert {s["metric"]["worker"] for s in workers} == {"attention-0", "attention-1"}
+    assert sum(float(s["value"][1]) for s in workers) == computed
 
 
 def test_request_metrics_match_the_responses(stack):
     prom, responses = stack["prom"], stack["responses"]
-    job = f'job="{SERVE_JOB}"'
+    job = f'job="{ROUTER_JOB}"'
     usage = [r["usage"] for r in responses]
     generated, prompt = sum(u.completion_tokens for u in usage), sum(u.prompt_tokens for u in usage)
     assert prom.value(f"latentmoe_generation_tokens_total{{{job}}}") == generated
