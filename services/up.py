@@ -4,7 +4,8 @@
 
 starts the KV-cache service, the attention workers (which use it) and the router (with a local Ray and its
 expert actors, wired to both), waits for each one's ready line, prints every endpoint and a ready line, and
-tears everything down in reverse order on Ctrl-C, or when any of them exits.
+tears everything down in reverse order on Ctrl-C, or when the router, the KV-cache service or every attention
+worker has exited (the router carries on without a lost attention worker).
 """
 
 from __future__ import annotations
@@ -154,12 +155,19 @@ def up(args: argparse.Namespace) -> int:
             metrics = f"  metrics={child.metrics}" if child.metrics else ""
             print(f"{child.name}: grpc={child.grpc}{metrics}  pid={child.proc.pid}", flush=True)
         print(f"latentmoe up ready: grpc={router.grpc} metrics={router.metrics}", flush=True)
+        # The router moves a lost attention worker's sequences to the others; without the router or the KV
+        # cache nothing can be served.
+        vital = [kv, router]
+        lost: set[str] = set()
         while not stop.wait(0.5):
-            dead = [c for c in children if c.proc.poll() is not None]
-            if dead:
-                log.error(
-                    "%s exited with status %s: stopping the topology", dead[0].name, dead[0].proc.returncode
-                )
+            for child in workers:
+                if child.proc.poll() is not None and child.name not in lost:
+                    lost.add(child.name)
+                    log.error("%s exited with status %s", child.name, child.proc.returncode)
+            dead = [c for c in vital if c.proc.poll() is not None]
+            if dead or len(lost) == len(workers) > 0:
+                gone = dead[0] if dead else workers[-1]
+                log.error("%s exited with status %s: stopping the topology", gone.name, gone.proc.returncode)
                 return 1
         return 0
     finally:

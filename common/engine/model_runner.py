@@ -7,7 +7,8 @@ run in two threads so one's remote attention overlaps the other's expert calls (
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import logging
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
 import torch
@@ -18,8 +19,16 @@ from common.kvcache import BlockManager, BlockPool
 from common.model.decoder import DeepseekModel
 from common.model.mla import AttentionBatch
 
+log = logging.getLogger(__name__)
+MAX_STEP_ATTEMPTS = 3  # a step survives the loss of two remote workers
+
 Span = tuple[Sequence, int]  # a sequence and how many new tokens it computes this step
 Part = tuple[list[Span], list[Sequence]]  # a micro-batch: prefill chunks, then decodes
+
+
+class WorkerLost(RuntimeError):
+    """A remote part of the model went away mid-step. The backend has already moved its sequences elsewhere
+    (their pages are recomputed or pulled from the KV cache), so the step can run again from the start."""
 
 
 class AttentionBackend(Protocol):
@@ -75,11 +84,23 @@ class ModelRunner:
         """Returns logits [S, V] (float32) for the S sequences that sample a token this step, in order."""
         if step.copies:
             self.attention.copy_blocks(step.copies)
+        for attempt in range(MAX_STEP_ATTEMPTS):
+            try:
+                return self._run(step)
+            except WorkerLost as e:
+                if attempt == MAX_STEP_ATTEMPTS - 1:
+                    raise
+                log.warning("%s: running the step again", e)
+        raise AssertionError("unreachable")
+
+    def _run(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
         parts = self.split(step, self.attention.micro_batches)
         jobs = list(zip(parts, self.attention.prepare(parts), strict=True))
         if self._threads is None or len(jobs) == 1:
             return self.forward(*jobs[0])
-        results = list(self._threads.map(lambda job: self.forward(*job), jobs))
+        futures = [self._threads.submit(self.forward, *job) for job in jobs]
+        wait(futures)  # all of them, even when one failed: a rerun must not overlap a straggler
+        results = [f.result() for f in futures]
         return torch.cat([logits for logits, _ in results]), [s for _, seqs in results for s in seqs]
 
     @staticmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from common import metrics
-from common.engine.model_runner import Span
+from common.engine.model_runner import Span, WorkerLost
 from common.engine.sequence import Sequence
 from common.model.decoder import DeepseekModel
 from common.rpc.client import call_all
@@ -69,9 +70,9 @@ class RemoteBatch:
 class RemoteAttention(nn.Module):
     """Drop-in for MLA: each worker attends its rows of the micro-batch, all workers in parallel."""
 
-    def __init__(self, layer: int) -> None:
+    def __init__(self, layer: int, pool: AttentionPool) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer, self.pool = layer, pool
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: RemoteBatch, cache: None
@@ -86,21 +87,15 @@ class RemoteAttention(nn.Module):
             if self.layer == 0:  # rotary positions are derived from the spans on the worker
                 request.batch.CopyFrom(part.spec)
             requests.append(request)
-        responses = call_all([partial(_attend, part.worker, r) for part, r in zip(batch.parts, requests)])
+        responses = call_all(
+            [partial(self.pool.attend, part.worker, r) for part, r in zip(batch.parts, requests)]
+        )
         if len(batch.parts) == 1 and batch.parts[0].rows is None:
             return tensor_from_proto(responses[0].output, x.device).to(x.dtype)
         out = torch.empty_like(x)
         for part, response in zip(batch.parts, responses, strict=True):
             out[part.rows] = tensor_from_proto(response.output, x.device).to(x.dtype)
         return out
-
-
-def _attend(worker: WorkerClient, request: attention_pb2.AttendRequest) -> attention_pb2.AttendResponse:
-    start = time.perf_counter()
-    response = worker.stub.Attend(request, timeout=CALL_TIMEOUT_S)
-    metrics.ATTENTION_WORKER_LATENCY.labels(worker.name).observe(time.perf_counter() - start)
-    metrics.ATTENTION_WORKER_COMPUTE.labels(worker.name).inc(response.compute_seconds)
-    return response
 
 
 class AttentionPool:
@@ -125,11 +120,47 @@ class AttentionPool:
         self.live: dict[int, Sequence] = {}
         self._batch_ids = itertools.count()
         self._rotation = itertools.count()  # breaks ties between equally loaded workers
+        self._lock = threading.Lock()
 
     def attach(self, model: DeepseekModel) -> None:
         """Run every layer's attention on the workers."""
         for i, layer in enumerate(model.layers):
-            layer.self_attn = RemoteAttention(i)
+            layer.self_attn = RemoteAttention(i, self)
+
+    def attend(
+        self, worker: WorkerClient, request: attention_pb2.AttendRequest
+    ) -> attention_pb2.AttendResponse:
+        """One Attend call. A worker that cannot be reached is dropped: its sequences move to the others,
+        which pull the pages they lack from the KV-cache service, and the step is run again (WorkerLost)."""
+        start = time.perf_counter()
+        try:
+            response = worker.stub.Attend(request, timeout=CALL_TIMEOUT_S)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            self.drop(worker, f"{e.code().name}: {e.details()}")
+            raise WorkerLost(f"attention worker {worker.name} at {worker.address} is gone") from e
+        metrics.ATTENTION_WORKER_LATENCY.labels(worker.name).observe(time.perf_counter() - start)
+        metrics.ATTENTION_WORKER_COMPUTE.labels(worker.name).inc(response.compute_seconds)
+        return response
+
+    def drop(self, worker: WorkerClient, reason: str) -> None:
+        with self._lock:  # both micro-batches may report the same loss
+            if worker not in self.workers:
+                return
+            i = self.workers.index(worker)
+            if len(self.workers) == 1:
+                raise RuntimeError(f"the last attention worker {worker.name} is gone ({reason})")
+            log.error(
+                "attention worker %s at %s lost (%s): moving its sequences",
+                worker.name,
+                worker.address,
+                reason,
+            )
+            del self.workers[i], self.valid[i]
+            self.owner = {s: w - (w > i) for s, w in self.owner.items() if w != i}
+            self.live = {s: seq for s, seq in self.live.items() if s in self.owner}
+            worker.channel.close()
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """The service copied these pages itself; no hot copy holds the destinations yet."""

@@ -45,7 +45,8 @@ def config(num_blocks: int, layers: int, entry_dim: int) -> EngineConfig:
 
 @pytest.fixture
 def topology(checkpoint_dir):
-    """topology(num_blocks) -> (engine over 2 attention workers, the pool, the KV service); stops it all."""
+    """topology(name, num_blocks) -> (engine over 2 attention workers, the pool, the KV service, an in-process
+    engine, the workers' servers); stops it all."""
     started = []
 
     def make(name: str, num_blocks: int):
@@ -53,18 +54,19 @@ def topology(checkpoint_dir):
         service = KVCacheService.from_model(path, block_size=BS, num_blocks=num_blocks, dtype="float32")
         kv_server, kv_address = serve_kvcache(service)
         started.append(kv_server)
-        addresses = []
+        addresses, servers = [], []
         for i in range(2):
             torch_thread = TorchThread()
             worker = torch_thread.call(AttentionWorker, path, kv_address, "cpu", f"attention-{i}")
             server, address = serve_worker(worker, torch_thread)
             started.append(server)
+            servers.append(server)
             addresses.append(address)
         pool = AttentionPool(addresses, RemoteBlockManager(kv_address, namespace="router/"))
         cfg = config(num_blocks, service.pool.num_layers, service.pool.entry_dim)
         engine = LLMEngine.from_checkpoint(path, cfg, attention=pool)
         pool.attach(engine.runner.model)
-        return engine, pool, service, LLMEngine.from_checkpoint(path, cfg)
+        return engine, pool, service, LLMEngine.from_checkpoint(path, cfg), servers
 
     yield make
     for server in started:
@@ -88,7 +90,7 @@ def run_staggered(engine: LLMEngine) -> dict[str, tuple[list[int], int]]:
 
 @pytest.mark.parametrize("name", ["v2_lite", "v3"])
 def test_attention_workers_give_the_in_process_tokens(topology, name):
-    engine, pool, service, local = topology(name, num_blocks=40)  # ~120 tokens for ~180 needed: preempts
+    engine, pool, service, local, _ = topology(name, num_blocks=40)  # ~120 tokens for ~180 needed: preempts
     remote = run_staggered(engine)
     assert remote == run_staggered(local)
     assert engine.scheduler.num_preemptions > 0
@@ -102,7 +104,7 @@ def test_attention_workers_give_the_in_process_tokens(topology, name):
 
 
 def test_a_prefix_computed_on_one_worker_is_a_hit_on_the_other(topology):
-    engine, pool, service, local = topology("v2_lite", num_blocks=64)
+    engine, pool, service, local, _ = topology("v2_lite", num_blocks=64)
     first = engine.generate([SHARED + [1, 2]], PARAMS)[0]
     assert first.num_cached_tokens == 0
     before = [i.blocks_pulled for i in pool.worker_info()]
@@ -116,8 +118,33 @@ def test_a_prefix_computed_on_one_worker_is_a_hit_on_the_other(topology):
     ]
 
 
+def test_a_lost_attention_worker_costs_time_not_requests(topology):
+    engine, pool, service, local, servers = topology("v3", num_blocks=64)
+    ids = [engine.add_request(p, PARAMS) for p in PROMPTS]
+    outputs: dict[str, list[int]] = {}
+    for _ in range(5):  # prompts prefilled on both workers, a few tokens decoded
+        for out in engine.step():
+            outputs[out.request_id] = out.outputs[0].token_ids
+    assert len(pool.workers) == 2
+    servers[1].stop(grace=None)  # attention-1 dies with sequences and their hot pages
+    pulled_before = pool.workers[0].info().blocks_pulled
+    steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] = out.outputs[0].token_ids
+        steps += 1
+        assert steps < 500
+    assert [w.name for w in pool.workers] == ["attention-0"]  # the lost worker was dropped...
+    assert (
+        pool.worker_info()[0].blocks_pulled > pulled_before
+    )  # ...its sequences' pages came from the service
+    want = local.generate(PROMPTS, PARAMS)
+    assert [outputs[i] for i in ids] == [o.outputs[0].token_ids for o in want]  # and no answer changed
+    assert service.stats().used == 0
+
+
 def test_bad_attend_requests_are_invalid_argument(topology):
-    engine, pool, _, _ = topology("v2_lite", num_blocks=16)
+    engine, pool, _, _, _ = topology("v2_lite", num_blocks=16)
     stub = pool.workers[0].stub
     hidden = tensor_to_proto(torch.zeros(2, engine.model_config.hidden_size))
     spec = attention_pb2.AttentionBatchSpec(
