@@ -10,11 +10,14 @@ Docker engine here, so every container command runs as a local process instead).
 - Every service built from our image runs programs that exist, with flags they accept: each `latentmoe ...`
   parses with the real CLI parser (the console script is installed), each `python -m M` names an importable
   module whose own parser accepts the flags, each `ray start` parses with Ray's own click command.
-- Every service that runs our code starts: its command runs as a local process on loopback, with free ports
-  and a tiny random checkpoint in place of the `mini` preset; it prints its ready line, the service's own
-  compose healthcheck (`latentmoe health ...`, pointed at the bound port) exits 0, its /metrics answers, and
-  SIGTERM stops it with exit status 0. The `ray start` commands (ray-head's first step, the Ray workers) run
-  for real in tests/deploy/test_ray_job.py.
+- The services that run our code start in their dependency order and work together: kvcache, then
+  attention-0 and attention-1, then the router (ray-head's `latentmoe serve` step), each from its compose
+  command as a local process on loopback, with free ports, the local addresses of the services it uses and a
+  tiny random checkpoint in place of the `mini` preset. Each prints its ready line, passes its own compose
+  healthcheck (`latentmoe health ...`, pointed at the bound port) and answers /metrics; a generation through
+  the router's API runs on the attention workers; SIGTERM stops each, in reverse order, with exit status 0.
+  There is no Ray cluster here: the `ray start` commands (ray-head's first step, the Ray workers) and expert
+  actors placed on a Ray cluster run for real in tests/deploy/test_ray_job.py.
 - The Dockerfile (not built here): base image, pins equal to pyproject.toml's and the Makefile's, sources
   that exist, a non-root user, the `latentmoe` console script as entrypoint, a default command the CLI
   accepts, RUN scripts that are valid POSIX shell.
@@ -42,6 +45,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from latentmoe.v1 import router_pb2, router_pb2_grpc
 from services.cli import build_parser
 from tests.processes import start_until_ready, stop
 
@@ -54,6 +58,7 @@ BIN = Path(sys.executable).parent
 # Published ports and what serves them (the comment block at the top of docker-compose.yml says the same).
 PUBLISHED = {50051: "ray-head", 9400: "ray-head", 8265: "ray-head", 50052: "kvcache", 9401: "kvcache"}
 PUBLISHED |= {9090: "prometheus", 3000: "grafana"}
+ATTENTION_WORKERS = ["attention-0", "attention-1"]  # inside the network only
 
 
 # ------------------------------------------------------------------------------------------ compose helpers
@@ -177,6 +182,19 @@ def replace_flags(argv: list[str], values: dict[str, str]) -> list[str]:
     return out
 
 
+def drop_flags(argv: list[str], flags: set[str]) -> list[str]:
+    """argv without the given flags and their values (both `--flag value` and `--flag=value`)."""
+    out, i = [], 0
+    while i < len(argv):
+        word = argv[i]
+        if word.split("=", 1)[0] in flags:
+            i += 1 if "=" in word else 2
+            continue
+        out.append(word)
+        i += 1
+    return out
+
+
 def check_program(step: list[str]) -> None:
     """The program of one command step exists and accepts these flags (parsed by its own parser)."""
     program, rest = step[0], step[1:]
@@ -254,8 +272,9 @@ def test_compose_file_validates_against_the_compose_specification():
 def test_compose_file_is_the_documented_topology():
     compose = load_compose()
     services = compose["services"]
-    assert set(services) == {"ray-head", "ray-worker", "ray-worker-cpu", "kvcache", "prometheus", "grafana"}
-    assert set(our_services()) == {"ray-head", "ray-worker", "ray-worker-cpu", "kvcache"}
+    ours = {"ray-head", "ray-worker", "ray-worker-cpu", "kvcache", *ATTENTION_WORKERS}
+    assert set(services) == ours | {"prometheus", "grafana"}
+    assert set(our_services()) == ours
     assert all(s["build"]["dockerfile"] == "deploy/docker/Dockerfile" for s in our_services().values())
 
     # Published ports: exactly the documented ones, on the documented services, also in the header comment.
@@ -286,7 +305,38 @@ def test_compose_file_is_the_documented_topology():
             and flag_value(probe, "--address") == f"127.0.0.1:{port}"
         )
     assert flag_value(services["kvcache"]["healthcheck"]["test"], "--service") == "latentmoe.v1.KVCache"
-    assert services["kvcache"]["depends_on"]["ray-head"]["condition"] == "service_healthy"
+
+    # Start order: kvcache first (it writes the preset into the shared volume: a long start period), then the
+    # attention workers, which use it, then the router, which uses all three.
+    healthy = {"condition": "service_healthy"}
+    assert "depends_on" not in services["kvcache"]
+    assert services["kvcache"]["healthcheck"]["start_period"] == "5m"
+    kv_address = "kvcache:" + flag_value(kv, "--port")
+    attention_ports = {}
+    for name in ATTENTION_WORKERS:
+        worker = services[name]
+        argv = service_argv(worker)
+        assert argv[:3] == ["python", "-m", "services.attention.worker"]
+        assert flag_value(argv, "--name") == name and flag_value(argv, "--host") == "0.0.0.0"
+        assert flag_value(argv, "--kv-cache") == kv_address
+        assert "ports" not in worker  # inside the network only, as the header comment says
+        attention_ports[name] = port = int(flag_value(argv, "--port"))
+        probe = worker["healthcheck"]["test"]
+        assert probe[:3] == ["CMD", "latentmoe", "health"]
+        assert flag_value(probe, "--address") == f"127.0.0.1:{port}"
+        assert flag_value(probe, "--service") == "latentmoe.v1.Attention"
+        assert worker["depends_on"] == {"kvcache": healthy}
+    assert header.count("Inside the network only") == 1
+    assert all(str(port) in header for port in attention_ports.values())
+
+    # The router: attention on exactly those workers, the KV cache on kvcache, 2 expert actors on the Ray
+    # cluster its container's `ray start --head` started.
+    assert flag_value(serve, "--attention-workers") == ",".join(
+        f"{n}:{p}" for n, p in attention_ports.items()
+    )
+    assert flag_value(serve, "--kv-cache") == kv_address
+    assert flag_value(serve, "--expert-workers") == "2" and flag_value(serve, "--ray-address") == "auto"
+    assert services["ray-head"]["depends_on"] == {name: healthy for name in ["kvcache", *ATTENTION_WORKERS]}
 
     # Ray workers: two replicas each; the GPU variant reserves a GPU per replica, the CPU variant none.
     gpu, cpu = services["ray-worker"], services["ray-worker-cpu"]
@@ -301,10 +351,12 @@ def test_compose_file_is_the_documented_topology():
         assert argv[:2] == ["ray", "start"] and "--block" in argv
         assert flag_value(argv, "--address") == "ray-head:" + flag_value(ray_start_argv("ray-head"), "--port")
 
-    # The model every latentmoe service loads by default is a preset both programs resolve.
+    # The model every latentmoe service loads by default is a preset all three programs resolve.
     from common.checkpoint import PRESETS
 
-    assert flag_value(serve, "--model") == flag_value(kv, "--model") == "mini" and "mini" in PRESETS
+    models = [flag_value(argv, "--model") for argv in (serve, kv)]
+    models += [flag_value(service_argv(services[name]), "--model") for name in ATTENTION_WORKERS]
+    assert models == ["mini"] * 4 and "mini" in PRESETS
 
     # Monitoring: the mounted files exist, Grafana lets anonymous viewers in.
     for name in ("prometheus", "grafana"):
@@ -325,7 +377,7 @@ def test_compose_file_is_the_documented_topology():
 
 def test_prometheus_targets_are_what_the_compose_services_serve():
     """Each scrape target of deploy/prometheus/prometheus.yml is a compose service (or DNS alias) on the port
-    its command serves metrics on, or a service the compose file announces as coming (attention workers)."""
+    its command serves metrics on."""
     compose = load_compose()
     services = compose["services"]
     metrics_ports = {
@@ -339,24 +391,25 @@ def test_prometheus_targets_are_what_the_compose_services_serve():
         },
         "prometheus": {9090},
     }
+    for name in ATTENTION_WORKERS:
+        metrics_ports[name] = {int(flag_value(service_argv(services[name]), "--metrics-port"))}
     config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     targets = []
     for job in config["scrape_configs"]:
         targets += [t for group in job.get("static_configs", []) for t in group["targets"]]
         targets += [f"{n}:{sd['port']}" for sd in job.get("dns_sd_configs", []) for n in sd["names"]]
-    comments = COMPOSE_FILE.read_text()
     for target in targets:
         host, port = target.rsplit(":", 1)
         if host == "localhost":  # Prometheus itself
             continue
-        if host in metrics_ports:
-            assert int(port) in metrics_ports[host], target
-        else:
-            assert host not in services and host in comments, f"{target}: neither a service nor announced"
+        assert host in metrics_ports, f"{target}: not a compose service"
+        assert int(port) in metrics_ports[host], target
+    # Every service that serves metrics is scraped.
+    assert {t.rsplit(":", 1)[0] for t in targets} == set(metrics_ports) - {"prometheus"} | {"localhost"}
 
 
 # ------------------------------------------------------------------------------------------ compose: programs
-@pytest.mark.parametrize("name", ["ray-head", "ray-worker", "ray-worker-cpu", "kvcache"])
+@pytest.mark.parametrize("name", ["ray-head", "ray-worker", "ray-worker-cpu", "kvcache", *ATTENTION_WORKERS])
 def test_compose_commands_name_programs_that_exist(name):
     service = our_services()[name]
     for step in command_steps(service_argv(service)):
@@ -379,18 +432,17 @@ def local_argv(step: list[str]) -> list[str]:
     return head + rest
 
 
-@pytest.mark.parametrize("name", ["ray-head", "kvcache"])
-def test_compose_services_start_and_pass_their_healthcheck(name, checkpoint_dir):
+def start_service(
+    name: str, substitutes: dict[str, str], drop: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, str, str]:
+    """Start the compose service's command (its step that is not `ray start`) as a local process on loopback
+    with free ports and `substitutes`; check its ready line, its own compose healthcheck (pointed at the bound
+    port) and its /metrics. Returns the process, its gRPC address and its metrics URL."""
     service = our_services()[name]
-    [step] = [s for s in command_steps(service_argv(service)) if s[0] != "ray"]  # ray start: test_ray_job.py
+    [step] = [s for s in command_steps(service_argv(service)) if s[0] != "ray"]
     assert flag_value(step, "--model") == "mini"
-    substitutes = {
-        "--model": checkpoint_dir("v3"),
-        "--host": "127.0.0.1",
-        "--port": "0",
-        "--metrics-port": "0",
-    }
-    argv = local_argv(replace_flags(step, substitutes))
+    loopback = {"--host": "127.0.0.1", "--port": "0", "--metrics-port": "0"}
+    argv = local_argv(replace_flags(drop_flags(step, set(drop)), loopback | substitutes))
     proc, ready = start_until_ready(argv)
     try:
         address, metrics_url = ready.group(1), ready.group(2)
@@ -398,11 +450,68 @@ def test_compose_services_start_and_pass_their_healthcheck(name, checkpoint_dir)
         probe = replace_flags(service["healthcheck"]["test"][1:], {"--address": address})
         done = subprocess.run(local_argv(probe), cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and "SERVING" in done.stdout, done.stdout + done.stderr
-        text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-        assert "latentmoe_kv_cache_blocks" in text
+        assert "latentmoe_" in scrape(metrics_url)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, address, metrics_url
+
+
+def scrape(metrics_url: str) -> str:
+    return urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+
+
+def metric(text: str, name: str) -> dict[str, float]:
+    """{worker label: value} of one metric family in a /metrics text."""
+    return {m[1]: float(m[2]) for m in re.finditer(rf'^{name}\{{worker="([^"]+)"\}} (\S+)', text, re.M)}
+
+
+def test_compose_services_start_in_order_and_serve_a_generation(checkpoint_dir):
+    model = checkpoint_dir("v3")
+    started: list[tuple[str, subprocess.Popen]] = []
+    try:
+        proc, kv_address, kv_metrics = start_service("kvcache", {"--model": model})
+        started.append(("kvcache", proc))
+        assert "latentmoe_kv_cache_blocks" in scrape(kv_metrics)
+
+        workers = {}
+        for name in ATTENTION_WORKERS:
+            proc, address, metrics_url = start_service(name, {"--model": model, "--kv-cache": kv_address})
+            started.append((name, proc))
+            workers[name] = (address, metrics_url)
+            assert set(metric(scrape(metrics_url), "latentmoe_attention_tokens_total")) == {name}
+
+        # No Ray cluster here, so no expert actors: the router computes the routed experts itself.
+        # `ray start` and expert actors on a Ray cluster run for real in tests/deploy/test_ray_job.py.
+        substitutes = {
+            "--model": model,
+            "--attention-workers": ",".join(address for address, _ in workers.values()),
+            "--kv-cache": kv_address,
+        }
+        proc, address, router_metrics = start_service(
+            "ray-head", substitutes, drop=("--expert-workers", "--ray-address")
+        )
+        started.append(("ray-head", proc))
+        assert "latentmoe_requests_running" in scrape(router_metrics)
+
+        prompt, max_tokens = [3, 4, 5, 6, 7], 4
+        params = router_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        request = router_pb2.GenerateRequest(token_ids=router_pb2.TokenIds(ids=prompt), params=params)
+        with grpc.insecure_channel(address) as channel:
+            responses = list(router_pb2_grpc.RouterStub(channel).Generate(request, timeout=120))
+        tokens = [t for r in responses for c in r.completions for t in c.delta_token_ids]
+        assert len(tokens) == max_tokens, responses
+        # The attention workers computed it: the prompt, then one token per decode step.
+        attended = sum(
+            metric(scrape(url), "latentmoe_attention_tokens_total")[name]
+            for name, (_, url) in workers.items()
+        )
+        assert attended == len(prompt) + max_tokens - 1
+        calls = metric(scrape(router_metrics), "latentmoe_attention_worker_latency_seconds_count")
+        assert set(calls) <= set(ATTENTION_WORKERS) and sum(calls.values()) > 0, calls
     finally:
-        code = stop(proc)
-    assert code == 0, f"{name} did not stop cleanly on SIGTERM"
+        codes = {name: stop(proc) for name, proc in reversed(started)}
+    assert codes == {name: 0 for name, _ in started}, "not every service stopped cleanly on SIGTERM"
 
 
 # ------------------------------------------------------------------------------------------ the health probe
