@@ -350,6 +350,9 @@ def test_compose_file_is_the_documented_topology():
         argv = service_argv(worker)
         assert argv[:2] == ["ray", "start"] and "--block" in argv
         assert flag_value(argv, "--address") == "ray-head:" + flag_value(ray_start_argv("ray-head"), "--port")
+        # Not "healthy": the head turns healthy once its router has placed the expert actors on the workers.
+        assert worker["depends_on"] == {"ray-head": {"condition": "service_started"}}
+    assert flag_value(ray_start_argv("ray-head"), "--num-cpus") == "0"  # actors only on the Ray workers
 
     # The model every latentmoe service loads by default is a preset all three programs resolve.
     from common.checkpoint import PRESETS

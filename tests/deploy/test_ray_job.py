@@ -160,6 +160,8 @@ def cluster():
             "--metrics-export-port": str(free_port()),
         },
     )
+    # Compose gives the head no CPU and runs two worker replicas; this cluster has one worker node, so the
+    # head offers CPUs too (the later --num-cpus wins) and the job's two actors still spread over two nodes.
     head_cmd = [RAY, "start", *head_flags, *node_flags(HEAD_IP, f"{temp_dir}/head", 2)]
     head_cmd += ["--include-dashboard=true", f"--ray-client-server-port={free_port()}"]
     worker_flags = replace_flags(

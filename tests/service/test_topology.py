@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -105,3 +107,18 @@ def test_a_prefix_computed_on_one_attention_worker_is_a_hit_on_the_other(topolog
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     want = engine.generate([SHARED + [1, 2], SHARED + [3]], params)
     assert [first, second] == [o.outputs[0].token_ids for o in want]
+
+
+def test_losing_an_attention_worker_keeps_serving(topology):
+    """Last in this module: attention-1's process is killed; the router moves its sequences to attention-0,
+    which pulls their pages from the KV-cache service, and the answers do not change."""
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        running = [pool.submit(generate, topology["channel"], p) for p in PROMPTS]
+        time.sleep(0.3)  # mid-generation
+        os.kill(topology["services"]["attention-1"]["pid"], signal.SIGKILL)
+        got = [f.result()[0] for f in running]
+    after = [generate(topology["channel"], p)[0] for p in PROMPTS]
+    engine = LLMEngine.from_checkpoint(topology["path"], EngineConfig(dtype="float32", kv_cache_memory=8e6))
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params)]
+    assert got == want and after == want
