@@ -16,12 +16,20 @@ READY = re.compile(
 )  # `latentmoe ready:` and `latentmoe kvcache ready:`
 
 
-def start_until_ready(argv: list[str], timeout: float = READY_TIMEOUT_S) -> tuple[subprocess.Popen, re.Match]:
+def start_until_ready(
+    argv: list[str], timeout: float = READY_TIMEOUT_S, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, re.Match]:
     """Start argv in its own session; return it and its ready line's match (group 1: gRPC address,
     group 2: metrics URL when it prints one); the lines before it are kept in `proc.startup_output`.
     A process that dies or stays silent fails the test."""
     proc = subprocess.Popen(
-        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        argv,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=env,
     )
     seen, ready = [], None
     deadline = time.monotonic() + timeout

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -48,10 +49,26 @@ PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11]]
 MAX_TOKENS = 4
 
 
+_GIVEN: set[int] = set()  # never hand out the same port twice
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A free port below the ephemeral range. Ray's own servers bind port 0 and may be handed a port that an
+    ephemeral probe just released, so a port picked that way can be taken before its Ray process binds it
+    (seen once as the runtime-env agent's port answering with another server's HTTP 405)."""
+    low, _high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(1000):
+        port = random.randrange(max(1024, low - 12000), low)
+        if port in _GIVEN:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            _GIVEN.add(port)
+            return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 def ray_env() -> dict[str, str]:
@@ -271,6 +288,49 @@ def test_ray_job_submit_generates_the_in_process_tokens(cluster, checkpoint_dir)
         assert record["prompt_token_ids"] == prompt
         assert record["token_ids"] == out.outputs[0].token_ids and len(record["token_ids"]) == MAX_TOKENS
         assert record["text"] == out.outputs[0].text and record["finish_reason"] == "length"
+
+
+def test_compose_router_places_its_expert_actors_on_the_cluster(cluster, checkpoint_dir):
+    """ray-head's second step, the router, joins the cluster the compose `ray start` commands started (given
+    its address, which `auto` finds inside the container) and spreads its 2 expert actors over the nodes. The
+    attention flags are dropped: the attention workers and the KV-cache service run in test_compose.py."""
+    import grpc
+
+    from latentmoe.v1 import router_pb2, router_pb2_grpc
+    from tests.deploy.test_compose import command_steps, drop_flags, local_argv, our_services, service_argv
+    from tests.processes import start_until_ready, stop
+
+    path = checkpoint_dir("v3")
+    [serve] = [s for s in command_steps(service_argv(our_services()["ray-head"])) if s[0] != "ray"]
+    assert flag_value(serve, "--ray-address") == "auto" and flag_value(serve, "--expert-workers") == "2"
+    local = {"--model": path, "--host": "127.0.0.1", "--port": "0", "--metrics-port": "0"}
+    argv = replace_flags(drop_flags(serve, {"--attention-workers", "--kv-cache"}), local)
+    argv = replace_flags(argv, {"--ray-address": cluster["gcs"]}) + ["--dtype", "float32"]
+    proc, ready = start_until_ready(local_argv(argv), env=cluster["env"])
+    try:
+        [placed] = [
+            line for line in proc.startup_output.splitlines() if "routed experts on 2 Ray actors" in line
+        ]
+        assert HEAD_IP in placed and WORKER_IP in placed, placed  # one actor per node
+        with grpc.insecure_channel(ready.group(1)) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            params = router_pb2.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+            got = []
+            for prompt in PROMPTS:
+                request = router_pb2.GenerateRequest(token_ids=router_pb2.TokenIds(ids=prompt), params=params)
+                got.append(
+                    [
+                        t
+                        for r in stub.Generate(request, timeout=120)
+                        for c in r.completions
+                        for t in c.delta_token_ids
+                    ]
+                )
+        engine = LLMEngine.from_checkpoint(path, EngineConfig(dtype="float32", kv_cache_memory=8e6))
+        want = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+        assert got == [o.outputs[0].token_ids for o in want]
+    finally:
+        assert stop(proc) == 0
 
 
 def test_job_entry_as_a_driver_rejects_bad_input_clearly(cluster, checkpoint_dir):
