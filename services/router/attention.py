@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
 import time
 from collections import Counter
@@ -35,6 +36,7 @@ from services.kvcache.client import RemoteBlockManager
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 120.0
+PROBE_INTERVAL_S = 2.0  # how often lost workers are asked whether they are back
 
 
 @dataclass
@@ -48,8 +50,9 @@ class WorkerClient:
         self.channel = grpc.insecure_channel(self.address, options=OPTIONS)
         self.stub = attention_pb2_grpc.AttentionStub(self.channel)
 
-    def info(self) -> attention_pb2.WorkerInfoResponse:
-        return self.stub.WorkerInfo(attention_pb2.WorkerInfoRequest(), timeout=60, wait_for_ready=True)
+    def info(self, timeout: float = 60, wait_for_ready: bool = True) -> attention_pb2.WorkerInfoResponse:
+        request = attention_pb2.WorkerInfoRequest()
+        return self.stub.WorkerInfo(request, timeout=timeout, wait_for_ready=wait_for_ready)
 
 
 @dataclass
@@ -101,26 +104,65 @@ class RemoteAttention(nn.Module):
 class AttentionPool:
     """The router's attention backend over attention workers that share one KV-cache service."""
 
-    def __init__(self, addresses: list[str], blocks: RemoteBlockManager, micro_batches: int = 2) -> None:
+    def __init__(
+        self,
+        addresses: list[str],
+        blocks: RemoteBlockManager,
+        micro_batches: int = 2,
+        probe_interval_s: float = PROBE_INTERVAL_S,
+    ) -> None:
         if not addresses:
             raise ValueError("give at least one attention worker address")
         self.blocks = blocks
         self.micro_batches = micro_batches
         self.workers = [WorkerClient(f"attention-{i}", a) for i, a in enumerate(addresses)]
         for w in self.workers:
-            info = w.info()
-            if (info.num_blocks, info.block_size) != (blocks.num_blocks, blocks.block_size):
-                raise ValueError(
-                    f"attention worker {w.address} has {info.num_blocks} blocks x {info.block_size} tokens, "
-                    f"the KV-cache service {blocks.num_blocks} x {blocks.block_size}: not the same service"
-                )
-            w.name = info.worker or w.name
+            self._check(w, w.info())
         self.valid: list[set[int]] = [set() for _ in self.workers]  # blocks each hot copy holds up to date
         self.owner: dict[int, int] = {}  # seq_id -> worker index
         self.live: dict[int, Sequence] = {}
         self._batch_ids = itertools.count()
         self._rotation = itertools.count()  # breaks ties between equally loaded workers
         self._lock = threading.Lock()
+        # Lost workers are probed in the background; the ones that answer again rejoin at the next step.
+        self.lost: list[WorkerClient] = []
+        self._revived: queue.SimpleQueue[WorkerClient] = queue.SimpleQueue()
+        self._closed = threading.Event()
+        self._prober = threading.Thread(
+            target=self._probe_lost, args=(probe_interval_s,), name="attention-probe", daemon=True
+        )
+        self._prober.start()
+
+    def _check(self, worker: WorkerClient, info: attention_pb2.WorkerInfoResponse) -> None:
+        if (info.num_blocks, info.block_size) != (self.blocks.num_blocks, self.blocks.block_size):
+            raise ValueError(
+                f"attention worker {worker.address} has {info.num_blocks} blocks x {info.block_size} tokens, "
+                f"the KV-cache service {self.blocks.num_blocks} x {self.blocks.block_size}: not the same one"
+            )
+        worker.name = info.worker or worker.name
+
+    def _probe_lost(self, interval: float) -> None:
+        while not self._closed.wait(interval):
+            with self._lock:
+                lost = list(self.lost)
+            for worker in lost:
+                fresh = WorkerClient(worker.name, worker.address)
+                try:
+                    self._check(fresh, fresh.info(timeout=min(interval, 5.0), wait_for_ready=False))
+                except (grpc.RpcError, ValueError):
+                    fresh.channel.close()
+                    continue
+                with self._lock:
+                    self.lost.remove(worker)
+                self._revived.put(fresh)
+
+    def _admit_revived(self) -> None:
+        """Back with an empty hot copy (a restarted process): it pulls whatever its new sequences lack."""
+        while not self._revived.empty():
+            worker = self._revived.get()
+            log.warning("attention worker %s at %s is back", worker.name, worker.address)
+            self.workers.append(worker)
+            self.valid.append(set())
 
     def attach(self, model: DeepseekModel) -> None:
         """Run every layer's attention on the workers."""
@@ -161,6 +203,7 @@ class AttentionPool:
             self.owner = {s: w - (w > i) for s, w in self.owner.items() if w != i}
             self.live = {s: seq for s, seq in self.live.items() if s in self.owner}
             worker.channel.close()
+            self.lost.append(worker)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """The service copied these pages itself; no hot copy holds the destinations yet."""
@@ -171,6 +214,7 @@ class AttentionPool:
     def prepare(self, parts: list[tuple[list[Span], list[Sequence]]]) -> list[tuple[RemoteBatch, None]]:
         """One RemoteBatch per micro-batch: each worker gets its sequences' rows (prefill tokens first, then
         decodes, as the spans list them) and the blocks it must pull before attending."""
+        self._admit_revived()
         self._forget_finished()
         bs = self.blocks.block_size
         # Compare against the hot copies as the step starts: the micro-batches reach a worker in any order.
@@ -231,5 +275,7 @@ class AttentionPool:
         return [w.info() for w in self.workers]
 
     def close(self) -> None:
+        self._closed.set()
+        self._prober.join(timeout=10)
         for w in self.workers:
             w.channel.close()

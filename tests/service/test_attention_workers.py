@@ -3,6 +3,8 @@ prefill, prefix hits and preemption; prefixes computed on one worker reused by a
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 import torch
@@ -46,31 +48,46 @@ def config(num_blocks: int, layers: int, entry_dim: int) -> EngineConfig:
 @pytest.fixture
 def topology(checkpoint_dir):
     """topology(name, num_blocks) -> (engine over 2 attention workers, the pool, the KV service, an in-process
-    engine, the workers' servers); stops it all."""
+    engine, workers) where workers.stop(i) / workers.start(i) stop and (re)start worker i on its address;
+    everything is stopped at the end."""
     started = []
+
+    class Workers:
+        def __init__(self, path: str, kv_address: str) -> None:
+            self.path, self.kv_address = path, kv_address
+            self.servers: list = [None, None]
+            self.addresses = ["127.0.0.1:0", "127.0.0.1:0"]
+
+        def start(self, i: int) -> None:
+            torch_thread = TorchThread()
+            worker = torch_thread.call(AttentionWorker, self.path, self.kv_address, "cpu", f"attention-{i}")
+            host, port = self.addresses[i].rsplit(":", 1)
+            self.servers[i], self.addresses[i] = serve_worker(worker, torch_thread, host, int(port))
+            started.append(self.servers[i])
+
+        def stop(self, i: int) -> None:
+            self.servers[i].stop(grace=None)
 
     def make(name: str, num_blocks: int):
         path = checkpoint_dir(name)
         service = KVCacheService.from_model(path, block_size=BS, num_blocks=num_blocks, dtype="float32")
         kv_server, kv_address = serve_kvcache(service)
         started.append(kv_server)
-        addresses, servers = [], []
+        workers = Workers(path, kv_address)
         for i in range(2):
-            torch_thread = TorchThread()
-            worker = torch_thread.call(AttentionWorker, path, kv_address, "cpu", f"attention-{i}")
-            server, address = serve_worker(worker, torch_thread)
-            started.append(server)
-            servers.append(server)
-            addresses.append(address)
-        pool = AttentionPool(addresses, RemoteBlockManager(kv_address, namespace="router/"))
+            workers.start(i)
+        pool = AttentionPool(
+            workers.addresses, RemoteBlockManager(kv_address, namespace="router/"), probe_interval_s=0.2
+        )
+        started.append(pool)
         cfg = config(num_blocks, service.pool.num_layers, service.pool.entry_dim)
         engine = LLMEngine.from_checkpoint(path, cfg, attention=pool)
         pool.attach(engine.runner.model)
-        return engine, pool, service, LLMEngine.from_checkpoint(path, cfg), servers
+        return engine, pool, service, LLMEngine.from_checkpoint(path, cfg), workers
 
     yield make
-    for server in started:
-        server.stop(grace=None)
+    for item in reversed(started):
+        item.close() if isinstance(item, AttentionPool) else item.stop(grace=None)
 
 
 def run_staggered(engine: LLMEngine) -> dict[str, tuple[list[int], int]]:
@@ -119,14 +136,14 @@ def test_a_prefix_computed_on_one_worker_is_a_hit_on_the_other(topology):
 
 
 def test_a_lost_attention_worker_costs_time_not_requests(topology):
-    engine, pool, service, local, servers = topology("v3", num_blocks=64)
+    engine, pool, service, local, workers = topology("v3", num_blocks=64)
     ids = [engine.add_request(p, PARAMS) for p in PROMPTS]
     outputs: dict[str, list[int]] = {}
     for _ in range(5):  # prompts prefilled on both workers, a few tokens decoded
         for out in engine.step():
             outputs[out.request_id] = out.outputs[0].token_ids
     assert len(pool.workers) == 2
-    servers[1].stop(grace=None)  # attention-1 dies with sequences and their hot pages
+    workers.stop(1)  # attention-1 dies with sequences and their hot pages
     pulled_before = pool.workers[0].info().blocks_pulled
     steps = 0
     while engine.has_unfinished_requests():
@@ -141,6 +158,17 @@ def test_a_lost_attention_worker_costs_time_not_requests(topology):
     want = local.generate(PROMPTS, PARAMS)
     assert [outputs[i] for i in ids] == [o.outputs[0].token_ids for o in want]  # and no answer changed
     assert service.stats().used == 0
+
+    # attention-1 comes back (a restarted process on the same address): it rejoins and takes new sequences.
+    workers.start(1)
+    deadline = time.monotonic() + 30
+    while len(pool.workers) < 2:
+        assert time.monotonic() < deadline, "the restarted worker was not taken back"
+        engine.generate([[5, 6, 7]], PARAMS)  # steps admit revived workers
+        time.sleep(0.1)
+    again = engine.generate(PROMPTS, PARAMS)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in want]
+    assert pool.workers[1].info().tokens_computed > 0
 
 
 def test_bad_attend_requests_are_invalid_argument(topology):
