@@ -125,12 +125,11 @@ class AttentionWorker:
         if any(not 0 <= b < n for b in pull):
             raise ValueError(f"block ids to pull must be in 0..{n - 1}")
         if pull:
-            self.kv.pull_blocks(self.pool, sorted(set(pull)))
-            self.blocks_pulled += len(set(pull))
-            self._pulled.inc(len(set(pull)))
-        batch = AttentionBatch.build(
-            [(t, c, k) for t, c, k in prefills], [(t, c + 1) for t, c, _ in decodes], bs, self.device
-        )
+            blocks = sorted(set(pull))
+            self.kv.pull_blocks(self.pool, blocks)
+            self.blocks_pulled += len(blocks)
+            self._pulled.inc(len(blocks))
+        batch = AttentionBatch.build(prefills, [(t, c + 1) for t, c, _ in decodes], bs, self.device)
         positions = [p for _, c, k in prefills for p in range(c, c + k)] + [c for _, c, _ in decodes]
         cos, sin = self.rotary(torch.tensor(positions, device=self.device))
         self.batches[batch_id] = _OpenBatch(batch, cos, sin)
