@@ -154,6 +154,7 @@ class AttentionPool:
                     continue
                 with self._lock:
                     self.lost.remove(worker)
+                worker.channel.close()  # no step has used it since it was dropped
                 self._revived.put(fresh)
 
     def _admit_revived(self) -> None:
@@ -202,8 +203,7 @@ class AttentionPool:
             del self.workers[i], self.valid[i]
             self.owner = {s: w - (w > i) for s, w in self.owner.items() if w != i}
             self.live = {s: seq for s, seq in self.live.items() if s in self.owner}
-            worker.channel.close()
-            self.lost.append(worker)
+            self.lost.append(worker)  # its channel stays open: the other micro-batch may still be calling it
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """The service copied these pages itself; no hot copy holds the destinations yet."""
@@ -277,5 +277,5 @@ class AttentionPool:
     def close(self) -> None:
         self._closed.set()
         self._prober.join(timeout=10)
-        for w in self.workers:
+        for w in self.workers + self.lost:
             w.channel.close()
