@@ -109,7 +109,12 @@ def start_expert_actors(args: argparse.Namespace, model_dir: str, config: Engine
         ray.init(address=args.ray_address)
         host = None  # each actor advertises its node's address
     else:
-        ray.init(num_cpus=args.expert_workers, include_dashboard=False)
+        try:
+            ray.init(num_cpus=args.expert_workers, include_dashboard=False)
+        except RuntimeError as e:  # e.g. its GCS was not up in time on a busy machine: one more try
+            log.warning("starting a local Ray failed (%s): trying again", e)
+            ray.shutdown()
+            ray.init(num_cpus=args.expert_workers, include_dashboard=False)
         host = args.host
     dtype = str(config.torch_dtype).removeprefix("torch.")
     pool = ExpertPool(model_dir, args.expert_workers, dtype, host=host)
