@@ -4,6 +4,7 @@ Asyncio servers front the streaming engine; thread-pool servers host blocking co
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent import futures
 
@@ -59,3 +60,30 @@ def start_server(
     for name in ["", *service_names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port
+
+
+def serve_until_signalled(
+    server: grpc.Server, what: str, address: str, host: str, metrics_port: int | None
+) -> None:
+    """The life of a thread-pool service process: optional Prometheus /metrics on `metrics_port`, the ready
+    line `latentmoe <what> ready: grpc=ADDRESS [metrics=URL]` that launchers wait for, then serve until
+    SIGINT/SIGTERM and stop gracefully."""
+    import signal
+    import threading
+
+    import prometheus_client
+
+    ready = f"latentmoe {what} ready: grpc={address}"
+    metrics_server = None
+    if metrics_port is not None:
+        metrics_server, _ = prometheus_client.start_http_server(metrics_port, addr=host)
+        ready += f" metrics=http://{host}:{metrics_server.server_port}/metrics"
+    print(ready, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    logging.getLogger(__name__).info("shutting down")
+    server.stop(grace=5).wait()
+    if metrics_server is not None:
+        metrics_server.shutdown()

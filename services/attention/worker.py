@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
-import signal
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from common.kvcache import BlockPool
 from common.model.mla import AttentionBatch
 from common.model.rope import RotaryEmbedding
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
-from common.rpc.server import start_server
+from common.rpc.server import serve_until_signalled, start_server
 from common.torch_thread import TorchThread
 from latentmoe.v1 import attention_pb2, attention_pb2_grpc
 from services.kvcache.client import RemoteBlockManager
@@ -226,13 +224,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         lambda: AttentionWorker(str(resolve_model(args.model)), args.kv_cache, args.device, args.name)
     )
     server, address = serve_worker(worker, torch_thread, args.host, args.port)
-    ready = f"latentmoe attention ready: grpc={address}"
-    metrics_server = None
-    if args.metrics_port is not None:
-        import prometheus_client
-
-        metrics_server, _ = prometheus_client.start_http_server(args.metrics_port, addr=args.host)
-        ready += f" metrics=http://{args.host}:{metrics_server.server_port}/metrics"
     log.info(
         "%s: %d layers, hot copy of %d blocks x %d tokens (%s), KV cache at %s",
         args.name,
@@ -242,16 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker.dtype,
         args.kv_cache,
     )
-    print(ready, flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    log.info("shutting down")
-    server.stop(grace=5).wait()
+    serve_until_signalled(server, "attention", address, args.host, args.metrics_port)
     torch_thread.shutdown()
-    if metrics_server is not None:
-        metrics_server.shutdown()
     return 0
 
 

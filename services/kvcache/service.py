@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import signal
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from common import metrics
 from common.config import ModelConfig
 from common.kvcache import BlockManager, BlockPool, NoFreeBlocksError
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
-from common.rpc.server import start_server
+from common.rpc.server import serve_until_signalled, start_server
 from latentmoe.v1 import kvcache_pb2, kvcache_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -520,23 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pool.nbytes / 2**20,
     )
     server, address = serve_kvcache(service, args.host, args.port, args.workers)
-    ready = f"latentmoe kvcache ready: grpc={address}"
-    metrics_server = None
-    if args.metrics_port is not None:
-        import prometheus_client
-
-        metrics_server, _ = prometheus_client.start_http_server(args.metrics_port, addr=args.host)
-        ready += f" metrics=http://{args.host}:{metrics_server.server_port}/metrics"
-    print(ready, flush=True)
-
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    log.info("shutting down")
-    server.stop(grace=5).wait()
-    if metrics_server is not None:
-        metrics_server.shutdown()
+    serve_until_signalled(server, "kvcache", address, args.host, args.metrics_port)
     return 0
 
 
