@@ -49,17 +49,19 @@ async def start_aio_server(
 def start_server(
     add_servicers: list[Callable[[grpc.Server], None]],
     service_names: list[str],
-    address: str,
+    host: str,
+    port: int = 0,
     workers: int = 8,
-) -> tuple[grpc.Server, int]:
-    """The thread-pool twin of start_aio_server."""
+) -> tuple[grpc.Server, str]:
+    """The thread-pool twin of start_aio_server, on host:port (0: a free one); returns it and its address
+    `host:bound_port`, the one clients dial and ready lines print."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
     health_servicer = health.HealthServicer()
-    port = _wire(server, add_servicers, service_names, health_servicer, address)
+    bound = _wire(server, add_servicers, service_names, health_servicer, f"{host}:{port}")
     server.start()
     for name in ["", *service_names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, port
+    return server, f"{host}:{bound}"
 
 
 def serve_until_signalled(

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 import torch
@@ -192,12 +193,9 @@ def serve_worker(
 ) -> tuple[grpc.Server, str]:
     """Serve `worker` (built on `torch_thread`, which then runs all its computations)."""
     servicer = AttentionServicer(worker, torch_thread)
-    server, bound = start_server(
-        [lambda s: attention_pb2_grpc.add_AttentionServicer_to_server(servicer, s)],
-        [SERVICE_NAME],
-        f"{host}:{port}",
+    return start_server(
+        [partial(attention_pb2_grpc.add_AttentionServicer_to_server, servicer)], [SERVICE_NAME], host, port
     )
-    return server, f"{host}:{bound}"
 
 
 def build_parser() -> argparse.ArgumentParser:

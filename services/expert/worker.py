@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Sequence
+from functools import partial
 
 import grpc
 import ray
@@ -114,12 +115,9 @@ def serve_worker(
 ) -> tuple[grpc.Server, str]:
     """Serve `worker` (built on `torch_thread`, which then runs all its computations)."""
     servicer = ExpertShardServicer(worker, torch_thread)
-    server, bound = start_server(
-        [lambda s: expert_pb2_grpc.add_ExpertShardServicer_to_server(servicer, s)],
-        [SERVICE_NAME],
-        f"{host}:{port}",
+    return start_server(
+        [partial(expert_pb2_grpc.add_ExpertShardServicer_to_server, servicer)], [SERVICE_NAME], host, port
     )
-    return server, f"{host}:{bound}"
 
 
 @ray.remote

@@ -18,6 +18,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -454,13 +455,13 @@ def serve_kvcache(
 ) -> tuple[grpc.Server, str]:
     """Serve `service` on a thread-pool gRPC server (health + reflection); returns it and its address."""
     servicer = KVCacheServicer(service)
-    server, bound = start_server(
-        [lambda s: kvcache_pb2_grpc.add_KVCacheServicer_to_server(servicer, s)],
+    return start_server(
+        [partial(kvcache_pb2_grpc.add_KVCacheServicer_to_server, servicer)],
         [SERVICE_NAME],
-        f"{host}:{port}",
+        host,
+        port,
         workers=workers,
     )
-    return server, f"{host}:{bound}"
 
 
 # ---------------------------------------------------------------------------------------------- main
