@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,8 +22,9 @@ def start_until_ready(
     argv: list[str], timeout: float = READY_TIMEOUT_S, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen, re.Match]:
     """Start argv in its own session; return it and its ready line's match (group 1: gRPC address,
-    group 2: metrics URL when it prints one); the lines before it are kept in `proc.startup_output`.
-    A process that dies or stays silent fails the test."""
+    group 2: metrics URL when it prints one); the lines before it are kept in `proc.startup_output`, the
+    later ones in `proc.output` (read as they come: a full pipe would block the server). A process that dies
+    or stays silent fails the test."""
     proc = subprocess.Popen(
         argv,
         cwd=ROOT,
@@ -45,18 +48,42 @@ def start_until_ready(
         stop(proc)
         raise
     proc.startup_output = "".join(seen)  # type: ignore[attr-defined]
+    proc.output = []  # type: ignore[attr-defined]
+    proc.drain = threading.Thread(target=proc.output.extend, args=(proc.stdout,), daemon=True)  # type: ignore[attr-defined]
+    proc.drain.start()  # type: ignore[attr-defined]
     return proc, ready
 
 
-def stop(proc: subprocess.Popen) -> int:
+def stop(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> int:
     """SIGTERM the process we started, then SIGKILL if it does not exit in time; its exit status."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT_S)
-    if proc.stdout:
+            proc.wait(timeout=timeout)
+    drain = getattr(proc, "drain", None)
+    if drain is not None:
+        drain.join(timeout=5)  # the pipe ends with the process (and any child still holding it)
+    if proc.stdout and (drain is None or not drain.is_alive()):
         proc.stdout.close()
     return proc.returncode
+
+
+# `latentmoe up` prints one line per service before its ready line: name, gRPC address, /metrics URL, pid.
+UP_SUMMARY = re.compile(r"^(\S+): grpc=(\S+)(?:\s+metrics=(\S+))?\s+pid=(\d+)", re.M)
+
+
+def start_up(model: str, *flags: str) -> tuple[subprocess.Popen, re.Match, dict[str, dict]]:
+    """`latentmoe up` on loopback with free ports, 2 expert actors, 2 attention workers (flags may change
+    any of it); returns the process, its ready line's match and {service: {"grpc", "metrics", "pid"}}."""
+    argv = [sys.executable, "-m", "services.cli", "up", "--model", model, "--dtype", "float32"]
+    argv += ["--expert-workers", "2", "--attention-workers", "2", "--port", "0", "--metrics-port", "0"]
+    argv += ["--kv-cache-port", "0", "--attention-port", "0", *flags]
+    proc, ready = start_until_ready(argv, timeout=300)
+    services = {
+        m[1]: {"grpc": m[2], "metrics": m[3], "pid": int(m[4])}
+        for m in UP_SUMMARY.finditer(proc.startup_output)  # type: ignore[attr-defined]
+    }
+    return proc, ready, services

@@ -26,7 +26,8 @@ from datetime import datetime
 from pathlib import Path
 
 from tests.deploy.prometheus import Prometheus, PrometheusAPI
-from tests.deploy.test_dashboard import dashboard, generate, panels, prometheus_jobs, start_up, stop_up
+from tests.deploy.test_dashboard import dashboard, generate, panels, prometheus_jobs
+from tests.processes import start_up, stop
 
 SCRAPE_S = 1.0
 
@@ -83,10 +84,8 @@ def own_stack(model: str, duration: float, seed: int):
     kv_bytes = 600 * (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers * 4
     work = Path(tempfile.mkdtemp(prefix="latentmoe-dashboard-"))
     with contextlib.ExitStack() as cleanup:
-        proc, services = start_up(
-            model_dir, work / "up.log", ["--max-num-seqs", "4", "--kv-cache-memory", str(kv_bytes)]
-        )
-        cleanup.callback(stop_up, proc)
+        proc, _, services = start_up(model_dir, "--max-num-seqs", "4", "--kv-cache-memory", str(kv_bytes))
+        cleanup.callback(stop, proc, 60)
         prom = Prometheus(work / "prometheus", prometheus_jobs(services)).start()
         cleanup.callback(prom.stop)
         start = time.time()

@@ -21,11 +21,9 @@ import contextlib
 import json
 import math
 import re
-import signal
 import subprocess
-import sys
-import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from common import metrics
 from latentmoe.v1 import router_pb2, router_pb2_grpc
 from tests.deploy.prometheus import Prometheus, find_or_install
 from tests.model_configs import CONFIGS
+from tests.processes import start_up, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "latentmoe.json"
@@ -199,78 +198,18 @@ def test_grafana_provisioning_and_dashboard_are_consistent():
 
 
 # ------------------------------------------------------------------------------------------- the live stack
-SUMMARY = re.compile(r"^(\S+): grpc=(\S+)\s+metrics=http://([^/\s]+)/metrics\s+pid=\d+")
-
-
-def start_up(
-    model: str, log: Path, extra: list[str] | None = None
-) -> tuple[subprocess.Popen, dict[str, dict]]:
-    """`latentmoe up` with 2 expert actors and 2 attention workers on loopback; returns the process and
-    {service: {"grpc": address, "metrics": host:port}} from the endpoints it prints before its ready line.
-    Its output goes on to `log` (a drained pipe: a full one would block the services)."""
-    args = ["--model", model, "--dtype", "float32", "--block-size", str(BLOCK_SIZE)]
-    args += ["--kv-cache-memory", "8000000", "--expert-workers", "2", "--attention-workers", "2"]
-    args += [
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--kv-cache-port",
-        "0",
-        "--attention-port",
-        "0",
-        *(extra or []),
-    ]
-    out = open(log, "w")  # noqa: SIM115 (closed by the drain thread)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", *args],
-        stdout=subprocess.PIPE,
-        stderr=out,
-        text=True,
-        cwd=ROOT,
-    )
-    services: dict[str, dict] = {}
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            raise RuntimeError(f"latentmoe up exited: {log.read_text()[-3000:]}")
-        out.write(line)
-        if m := SUMMARY.match(line):
-            services[m.group(1)] = {"grpc": m.group(2), "metrics": m.group(3)}
-        if line.startswith("latentmoe up ready:"):
-            break
-    else:
-        raise RuntimeError("latentmoe up printed no ready line")
-
-    def drain() -> None:
-        with out:
-            for rest in proc.stdout:
-                out.write(rest)
-
-    threading.Thread(target=drain, daemon=True).start()
-    return proc, services
-
-
 def prometheus_jobs(services: dict[str, dict]) -> dict[str, list[str]]:
-    """The compose deployment's scrape jobs (deploy/prometheus/prometheus.yml), on the local endpoints."""
-    attention = sorted(s["metrics"] for name, s in services.items() if name.startswith("attention-"))
+    """The compose deployment's scrape jobs (deploy/prometheus/prometheus.yml), on the endpoints `latentmoe
+    up` printed (tests.processes.start_up)."""
+
+    def target(name: str) -> str:
+        return urllib.parse.urlsplit(services[name]["metrics"]).netloc
+
     return {
-        ROUTER_JOB: [services["router"]["metrics"]],
-        "kvcache": [services["kvcache"]["metrics"]],
-        "attention": attention,
+        ROUTER_JOB: [target("router")],
+        "kvcache": [target("kvcache")],
+        "attention": sorted(target(name) for name in services if name.startswith("attention-")),
     }
-
-
-def stop_up(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-    return proc.returncode
 
 
 def generate(stub: router_pb2_grpc.RouterStub, ids: list[int], **params) -> dict:
@@ -327,10 +266,9 @@ def wait_for_scrapes_after(prom: Prometheus, wall_time: float, scrapes: int = 2)
 def stack(checkpoint_dir, tmp_path_factory):
     find_or_install("prometheus")  # skip before starting anything if it cannot be had
     model = checkpoint_dir("v3")
-    log = tmp_path_factory.mktemp("up") / "up.log"
     with contextlib.ExitStack() as cleanup:
-        proc, services = start_up(model, log)
-        cleanup.callback(stop_up, proc)
+        proc, _, services = start_up(model, "--block-size", str(BLOCK_SIZE), "--kv-cache-memory", "8000000")
+        cleanup.callback(stop, proc, 60)
         channel = grpc.insecure_channel(services["router"]["grpc"])
         cleanup.callback(channel.close)
         prom = Prometheus(tmp_path_factory.mktemp("prometheus"), prometheus_jobs(services)).start()
@@ -347,7 +285,7 @@ def stack(checkpoint_dir, tmp_path_factory):
         yield {"prom": prom, "responses": responses, "traffic_s": time.monotonic() - start}
         assert prom.stop() == 0, prom.log()
         channel.close()
-        assert stop_up(proc) == 0, log.read_text()[-3000:]
+        assert stop(proc, 60) == 0, "".join(proc.output[-50:])
 
 
 def test_every_dashboard_query_returns_data(stack):

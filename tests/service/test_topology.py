@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -20,33 +19,24 @@ from common.config import EngineConfig
 from common.engine.engine import LLMEngine
 from common.engine.sampling_params import SamplingParams
 from latentmoe.v1 import router_pb2, router_pb2_grpc
-from tests.processes import start_until_ready, stop
+from tests.processes import start_up, stop
 
 transformers = pytest.importorskip("transformers")
 
 PROMPTS = [[3, 4, 5], list(range(20, 61)), [7], [(7 * i) % 250 + 2 for i in range(19)], list(range(90, 99))]
 SHARED = list(range(100, 132))  # two full blocks of 16
 MAX_TOKENS = 12
-SUMMARY = re.compile(r"^(\S+): grpc=(\S+)(?:\s+metrics=(\S+))?\s+pid=(\d+)", re.M)
 
 
 @pytest.fixture(scope="module")
 def topology(checkpoint_dir):
     path = checkpoint_dir("v3")
-    argv = [sys.executable, "-m", "services.cli", "up", "--model", path, "--dtype", "float32"]
-    argv += ["--expert-workers", "2", "--attention-workers", "2", "--block-size", "16"]
-    argv += ["--kv-cache-memory", "8000000", "--port", "0", "--metrics-port", "0"]
-    argv += ["--kv-cache-port", "0", "--attention-port", "0"]
-    proc, ready = start_until_ready(argv)
-    # `up` prints one line per service before its ready line: name, gRPC address, /metrics URL, pid.
-    services = {
-        m[1]: {"grpc": m[2], "metrics": m[3], "pid": int(m[4])} for m in SUMMARY.finditer(proc.startup_output)
-    }
+    proc, ready, services = start_up(path, "--block-size", "16", "--kv-cache-memory", "8000000")
     assert set(services) == {"kvcache", "attention-0", "attention-1", "router"}, proc.startup_output
     channel = grpc.insecure_channel(ready.group(1))
     yield {"channel": channel, "path": path, "metrics": ready.group(2), "services": services}
     channel.close()
-    assert stop(proc) == 0, "latentmoe up did not stop cleanly"
+    assert stop(proc, timeout=60) == 0, "latentmoe up did not stop cleanly"
     alive = [name for name, s in services.items() if os.path.exists(f"/proc/{s['pid']}")]
     assert not alive, f"still running after latentmoe up stopped: {alive}"
 
