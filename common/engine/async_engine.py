@@ -39,7 +39,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._stopped = threading.Event()
         built: queue.SimpleQueue = queue.SimpleQueue()
-        build = engine if callable(engine) and not isinstance(engine, LLMEngine) else lambda: engine
+        build = engine if callable(engine) else lambda: engine
         self._thread = threading.Thread(target=self._run, args=(build, built), name="engine", daemon=True)
         self._thread.start()
         result = built.get()

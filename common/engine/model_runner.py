@@ -84,14 +84,12 @@ class ModelRunner:
         """Returns logits [S, V] (float32) for the S sequences that sample a token this step, in order."""
         if step.copies:
             self.attention.copy_blocks(step.copies)
-        for attempt in range(MAX_STEP_ATTEMPTS):
+        for _ in range(MAX_STEP_ATTEMPTS - 1):
             try:
                 return self._run(step)
             except WorkerLost as e:
-                if attempt == MAX_STEP_ATTEMPTS - 1:
-                    raise
                 log.warning("%s: running the step again", e)
-        raise AssertionError("unreachable")
+        return self._run(step)
 
     def _run(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
         parts = self.split(step, self.attention.micro_batches)
