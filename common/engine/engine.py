@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from common.model.decoder import DeepseekModel
 from common.model.moe import MoE
 
 log = logging.getLogger(__name__)
+BLOCK_STATS_INTERVAL_S = 0.25  # the KV gauges need not be fresher than this: Prometheus scrapes every few s
 
 
 @dataclass
@@ -114,10 +116,17 @@ class LLMEngine:
                 )
         metrics.KV_BLOCKS.labels("total").set(self.blocks.num_blocks)
         self._published = {"prefix_queries": 0, "prefix_hits": 0, "preemptions": 0}
+        self._block_stats_time = -math.inf
 
     def _publish_step_metrics(self) -> None:
+        """Expert load every step; the block counters (a round trip when the block manager is remote) at most
+        every BLOCK_STATS_INTERVAL_S while there is work, and always once the engine runs out of it."""
         self.expert_load.flush()
-        stats = self.blocks.stats()  # one snapshot: one round trip when the block manager is remote
+        now = time.monotonic()
+        if self.scheduler.has_work and now - self._block_stats_time < BLOCK_STATS_INTERVAL_S:
+            return
+        self._block_stats_time = now
+        stats = self.blocks.stats()
         metrics.KV_BLOCKS.labels("used").set(stats.used)
         metrics.KV_BLOCKS.labels("cached").set(stats.cached)
         metrics.KV_USAGE.set(stats.usage)

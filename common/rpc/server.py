@@ -51,10 +51,11 @@ def start_server(
     service_names: list[str],
     host: str,
     port: int = 0,
-    workers: int = 8,
+    workers: int = 32,
 ) -> tuple[grpc.Server, str]:
     """The thread-pool twin of start_aio_server, on host:port (0: a free one); returns it and its address
-    `host:bound_port`, the one clients dial and ready lines print."""
+    `host:bound_port`, the one clients dial and ready lines print. Every open stream holds one of the
+    `workers` threads (a router keeps one per calling thread), and unary calls need a free one."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
     health_servicer = health.HealthServicer()
     bound = _wire(server, add_servicers, service_names, health_servicer, f"{host}:{port}")

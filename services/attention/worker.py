@@ -184,6 +184,10 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, f"KV-cache service: {e.code().name}: {e.details()}")
         return attention_pb2.AttendResponse(output=tensor_to_proto(out), compute_seconds=elapsed)
 
+    def AttendStream(self, requests, context):  # noqa: N802
+        for request in requests:  # an abort in Attend ends the stream with its status
+            yield self.Attend(request, context)
+
     def WorkerInfo(self, request, context):  # noqa: N802
         return self.worker.info()
 

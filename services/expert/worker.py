@@ -90,6 +90,10 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return expert_pb2.RunExpertsResponse(output=tensor_to_proto(out), compute_seconds=elapsed)
 
+    def RunExpertsStream(self, requests, context):  # noqa: N802
+        for request in requests:  # an abort in RunExperts ends the stream with its status
+            yield self.RunExperts(request, context)
+
     def ShardInfo(self, request, context):  # noqa: N802
         w = self.worker
         return expert_pb2.ShardInfoResponse(

@@ -18,7 +18,6 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import partial
 
 import grpc
 import torch
@@ -28,9 +27,9 @@ from common import metrics
 from common.engine.model_runner import Span, WorkerLost
 from common.engine.sequence import Sequence
 from common.model.decoder import DeepseekModel
-from common.rpc.client import call_all
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
 from common.rpc.server import OPTIONS
+from common.rpc.stream import ThreadStreams
 from latentmoe.v1 import attention_pb2, attention_pb2_grpc
 from services.kvcache.client import RemoteBlockManager
 
@@ -46,9 +45,18 @@ class WorkerClient:
     channel: grpc.Channel = field(init=False, repr=False)
     stub: attention_pb2_grpc.AttentionStub = field(init=False, repr=False)
 
+    streams: ThreadStreams[attention_pb2.AttendRequest, attention_pb2.AttendResponse] = field(
+        init=False, repr=False
+    )
+
     def __post_init__(self) -> None:
         self.channel = grpc.insecure_channel(self.address, options=OPTIONS)
         self.stub = attention_pb2_grpc.AttentionStub(self.channel)
+        self.streams = ThreadStreams(self.stub.AttendStream)
+
+    def close(self) -> None:
+        self.streams.close()
+        self.channel.close()
 
     def info(self, timeout: float = 60, wait_for_ready: bool = True) -> attention_pb2.WorkerInfoResponse:
         request = attention_pb2.WorkerInfoRequest()
@@ -80,7 +88,7 @@ class RemoteAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: RemoteBatch, cache: None
     ) -> torch.Tensor:
-        requests = []
+        calls = []
         for part in batch.parts:
             request = attention_pb2.AttendRequest(
                 batch_id=part.batch_id,
@@ -89,10 +97,8 @@ class RemoteAttention(nn.Module):
             )
             if self.layer == 0:  # rotary positions are derived from the spans on the worker
                 request.batch.CopyFrom(part.spec)
-            requests.append(request)
-        responses = call_all(
-            [partial(self.pool.attend, part.worker, r) for part, r in zip(batch.parts, requests)]
-        )
+            calls.append((part.worker, request))
+        responses = self.pool.attend(calls)
         if len(batch.parts) == 1 and batch.parts[0].rows is None:
             return tensor_from_proto(responses[0].output, x.device).to(x.dtype)
         out = torch.empty_like(x)
@@ -150,11 +156,11 @@ class AttentionPool:
                 try:
                     self._check(fresh, fresh.info(timeout=min(interval, 5.0), wait_for_ready=False))
                 except (grpc.RpcError, ValueError):
-                    fresh.channel.close()
+                    fresh.close()
                     continue
                 with self._lock:
                     self.lost.remove(worker)
-                worker.channel.close()  # no step has used it since it was dropped
+                worker.close()  # no step has used it since it was dropped
                 self._revived.put(fresh)
 
     def _admit_revived(self) -> None:
@@ -171,21 +177,27 @@ class AttentionPool:
             layer.self_attn = RemoteAttention(i, self)
 
     def attend(
-        self, worker: WorkerClient, request: attention_pb2.AttendRequest
-    ) -> attention_pb2.AttendResponse:
-        """One Attend call. A worker that cannot be reached is dropped: its sequences move to the others,
-        which pull the pages they lack from the KV-cache service, and the step is run again (WorkerLost)."""
+        self, calls: list[tuple[WorkerClient, attention_pb2.AttendRequest]]
+    ) -> list[attention_pb2.AttendResponse]:
+        """One layer's Attend calls, all in flight at once. A worker that cannot be reached is dropped: its
+        sequences move to the others, which pull the pages they lack from the KV-cache service, and the step
+        is run again (WorkerLost)."""
         start = time.perf_counter()
-        try:
-            response = worker.stub.Attend(request, timeout=CALL_TIMEOUT_S)
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNAVAILABLE:
-                raise
-            self.drop(worker, f"{e.code().name}: {e.details()}")
-            raise WorkerLost(f"attention worker {worker.name} at {worker.address} is gone") from e
-        metrics.ATTENTION_WORKER_LATENCY.labels(worker.name).observe(time.perf_counter() - start)
-        metrics.ATTENTION_WORKER_COMPUTE.labels(worker.name).inc(response.compute_seconds)
-        return response
+        pending = [(worker, worker.streams.send(request)) for worker, request in calls]
+        responses = []
+        for worker, stream in pending:
+            try:
+                response = stream.receive()
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self.drop(worker, f"{e.code().name}: {e.details()}")
+                raise WorkerLost(f"attention worker {worker.name} at {worker.address} is gone") from e
+            # Until the router takes the response: a worker that answers first waits for the one before it.
+            metrics.ATTENTION_WORKER_LATENCY.labels(worker.name).observe(time.perf_counter() - start)
+            metrics.ATTENTION_WORKER_COMPUTE.labels(worker.name).inc(response.compute_seconds)
+            responses.append(response)
+        return responses
 
     def drop(self, worker: WorkerClient, reason: str) -> None:
         with self._lock:  # both micro-batches may report the same loss
@@ -278,4 +290,4 @@ class AttentionPool:
         self._closed.set()
         self._prober.join(timeout=10)
         for w in self.workers + self.lost:
-            w.channel.close()
+            w.close()

@@ -9,10 +9,10 @@ weighted partial outputs.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import grpc
 import ray
@@ -23,9 +23,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from common import metrics
 from common.config import ModelConfig
 from common.model.moe import MoE
-from common.rpc.client import start_all
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
 from common.rpc.server import OPTIONS
+from common.rpc.stream import CallStream, ThreadStreams
 from latentmoe.v1 import expert_pb2, expert_pb2_grpc
 from services.expert.worker import ExpertActor
 
@@ -42,20 +42,33 @@ class ShardClient:
     address: str = ""
     stub: expert_pb2_grpc.ExpertShardStub | None = field(default=None, repr=False)
     channel: grpc.Channel | None = field(default=None, repr=False)
+    streams: ThreadStreams[expert_pb2.RunExpertsRequest, expert_pb2.RunExpertsResponse] | None = field(
+        default=None, repr=False
+    )
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def connect(self) -> None:
         self.address = ray.get(self.actor.address.remote(), timeout=300)
-        if self.channel is not None:
-            self.channel.close()
+        self.close()
         self.channel = grpc.insecure_channel(self.address, options=OPTIONS)
         self.stub = expert_pb2_grpc.ExpertShardStub(self.channel)
+        self.streams = ThreadStreams(self.stub.RunExpertsStream)
 
-    def reconnect(self) -> None:
-        metrics.EXPERT_WORKER_RESTARTS.labels(self.name).inc()
-        log.warning(
-            "expert worker %s at %s unavailable: waiting for Ray to restart it", self.name, self.address
-        )
-        self.connect()
+    def close(self) -> None:
+        if self.channel is not None:
+            self.streams.close()
+            self.channel.close()
+
+    def reconnect(self, seen: ThreadStreams) -> None:
+        """After a call on `seen` failed: wait for the restarted actor, unless another thread already has."""
+        with self._lock:
+            if self.streams is not seen:
+                return
+            metrics.EXPERT_WORKER_RESTARTS.labels(self.name).inc()
+            log.warning(
+                "expert worker %s at %s unavailable: waiting for Ray to restart it", self.name, self.address
+            )
+            self.connect()
 
     def stats(self) -> expert_pb2.StatsResponse:
         return self.stub.Stats(expert_pb2.StatsRequest(), timeout=30)
@@ -79,6 +92,7 @@ class RemoteExperts(torch.nn.Module):
         token = torch.arange(ids.shape[0], device=ids.device)[:, None]
         shard_of_pair = self.owners[ids, token % self.replicas[ids]]
         calls = []
+        start = time.perf_counter()
         for s, shard in enumerate(self.shards):
             mine = shard_of_pair == s
             rows = mine.any(dim=1).nonzero().squeeze(1)
@@ -90,33 +104,37 @@ class RemoteExperts(torch.nn.Module):
                 expert_ids=tensor_to_proto(torch.where(mine[rows], ids[rows], -1).int()),
                 weights=tensor_to_proto(weights[rows].float()),
             )
-            calls.append((shard, rows, request, int(mine.sum())))
-        wait = start_all([partial(_run_experts, shard, request, pairs) for shard, _, request, pairs in calls])
+            streams = shard.streams
+            calls.append((shard, rows, request, int(mine.sum()), streams, streams.send(request)))
 
         def combine() -> torch.Tensor:
             out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-            for (_, rows, _, _), response in zip(calls, wait(), strict=True):
+            for shard, rows, request, pairs, streams, stream in calls:
+                response = _receive(shard, request, streams, stream)
+                metrics.EXPERT_WORKER_TOKENS.labels(shard.name).inc(pairs)
+                # Until the router takes the response: a shard that answers first waits for the one before it.
+                metrics.EXPERT_WORKER_LATENCY.labels(shard.name).observe(time.perf_counter() - start)
+                metrics.EXPERT_WORKER_COMPUTE.labels(shard.name).inc(response.compute_seconds)
                 out.index_add_(0, rows, tensor_from_proto(response.output, x.device).float())
             return out.to(x.dtype)
 
         return combine
 
 
-def _run_experts(
-    shard: ShardClient, request: expert_pb2.RunExpertsRequest, pairs: int
+def _receive(
+    shard: ShardClient, request: expert_pb2.RunExpertsRequest, streams: ThreadStreams, stream: CallStream
 ) -> expert_pb2.RunExpertsResponse:
-    start = time.perf_counter()
+    """The shard's response; if its actor is gone, wait for Ray to restart it and send the request again."""
     try:
-        response = shard.stub.RunExperts(request, timeout=CALL_TIMEOUT_S)
+        return stream.receive()
     except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.UNAVAILABLE:
+        # CANCELLED: another thread saw the actor go first and closed these streams as it reconnected.
+        if e.code() != grpc.StatusCode.UNAVAILABLE and not (
+            e.code() == grpc.StatusCode.CANCELLED and shard.streams is not streams
+        ):
             raise
-        shard.reconnect()
-        response = shard.stub.RunExperts(request, timeout=CALL_TIMEOUT_S)
-    metrics.EXPERT_WORKER_TOKENS.labels(shard.name).inc(pairs)
-    metrics.EXPERT_WORKER_LATENCY.labels(shard.name).observe(time.perf_counter() - start)
-    metrics.EXPERT_WORKER_COMPUTE.labels(shard.name).inc(response.compute_seconds)
-    return response
+        shard.reconnect(streams)
+        return shard.stub.RunExperts(request, timeout=CALL_TIMEOUT_S)
 
 
 def contiguous_shards(num_experts: int, num_workers: int) -> list[list[int]]:
@@ -175,7 +193,6 @@ class ExpertPool:
 
     def shutdown(self) -> None:
         for shard in self.shards:
-            if shard.channel is not None:
-                shard.channel.close()
+            shard.close()
             ray.kill(shard.actor, no_restart=True)
         remove_placement_group(self.placement_group)

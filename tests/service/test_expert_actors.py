@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import grpc
 import pytest
 import torch
@@ -10,6 +12,7 @@ from common.config import EngineConfig
 from common.engine.engine import LLMEngine
 from common.engine.sampling_params import SamplingParams
 from common.rpc.codec import tensor_to_proto
+from common.rpc.stream import ThreadStreams
 from latentmoe.v1 import expert_pb2
 from services.router.experts import ExpertPool, contiguous_shards
 
@@ -76,3 +79,40 @@ def test_bad_expert_requests_are_invalid_argument(pool):
         expert_pb2.RunExpertsRequest(layer=2, hidden=hidden, expert_ids=ids, weights=weights), timeout=30
     )
     assert list(good.output.shape) == [2, 64]
+
+
+def test_stream_calls_answer_like_unary_calls_and_survive_errors(pool):
+    """The router's hot path: calls on a long-lived stream per thread, reopened after an error or after a
+    call whose response was never read, so that responses never go to the wrong call."""
+    stub = pool.shards[0].stub
+    ids = tensor_to_proto(torch.tensor([[0, 1, 2], [1, 2, 3]], dtype=torch.int32))
+    weights = tensor_to_proto(torch.ones(2, 3))
+
+    def request(value: float, layer: int = 2) -> expert_pb2.RunExpertsRequest:
+        hidden = tensor_to_proto(torch.full((2, 64), value))
+        return expert_pb2.RunExpertsRequest(layer=layer, hidden=hidden, expert_ids=ids, weights=weights)
+
+    expected = {v: stub.RunExperts(request(v), timeout=30).output.data for v in (0.5, -1.0)}
+    streams = ThreadStreams(stub.RunExpertsStream)
+    try:
+        first = streams.send(request(0.5))
+        assert first.receive().output.data == expected[0.5]
+        assert streams.send(request(-1.0)) is first  # the same stream, one call after the other
+        assert first.receive().output.data == expected[-1.0]
+
+        with pytest.raises(grpc.RpcError) as err:
+            streams.send(request(0.5, layer=0)).receive()  # layer 0 is dense: the error ends the stream
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        again = streams.send(request(0.5))
+        assert again is not first and again.receive().output.data == expected[0.5]
+
+        abandoned = streams.send(request(0.5))  # its caller never reads the response
+        fresh = streams.send(request(-1.0))
+        assert fresh is not abandoned and fresh.receive().output.data == expected[-1.0]
+
+        with ThreadPoolExecutor(2) as threads:  # concurrent callers, each on its own stream
+            values = [0.5, -1.0] * 6
+            outputs = list(threads.map(lambda v: streams.send(request(v)).receive().output.data, values))
+        assert outputs == [expected[v] for v in values]
+    finally:
+        streams.close()
