@@ -6,7 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+import ray
 import torch
+from prometheus_client import REGISTRY
 
 from common.config import EngineConfig
 from common.engine.engine import LLMEngine
@@ -116,3 +118,19 @@ def test_stream_calls_answer_like_unary_calls_and_survive_errors(pool):
         assert outputs == [expected[v] for v in values]
     finally:
         streams.close()
+
+
+def test_a_restarted_actor_is_reconnected_and_no_answer_changes(pool, checkpoint_dir):
+    """Ray restarts a killed expert actor on a fresh port; the router's call to it fails UNAVAILABLE, waits
+    for the new address and sends the call again. Last in this module: the pool's actor is a new process."""
+    engine = LLMEngine.from_checkpoint(checkpoint_dir("v3"), CONFIG, local_experts=False)
+    pool.attach(engine.runner.model)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params)]
+    restarts = {"worker": "expert-1"}
+    before = REGISTRY.get_sample_value("latentmoe_expert_worker_restarts_total", restarts) or 0.0
+    old_address = pool.shards[1].address
+    ray.kill(pool.shards[1].actor, no_restart=False)
+    assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params)] == expected
+    assert REGISTRY.get_sample_value("latentmoe_expert_worker_restarts_total", restarts) == before + 1
+    assert pool.shards[1].address != old_address
