@@ -25,6 +25,7 @@ import grpc
 
 from latentmoe.v1 import router_pb2, router_pb2_grpc
 from services.bench import random_prompts
+from tests.bench.results import write_results
 from tests.processes import start_until_ready, stop
 
 OUT_DIR = Path("bench-results")
@@ -153,10 +154,7 @@ def main() -> None:
                 f"| {name:<44} | {component:<9} | {s['calls']:5.0f} | {s['latency_ms']:10.2f} | "
                 f"{s['compute_ms']:10.2f} | {s['transport_ms']:12.2f} | {s['transport_share']:8.0%} |"
             )
-    out = Path(args.output_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    print(f"\nwrote {out}")
+    write_results(args.output_json, args, results)
 
 
 if __name__ == "__main__":

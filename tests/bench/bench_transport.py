@@ -11,7 +11,6 @@ machine is shared and noisy; read the ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import grpc
 
 from common.rpc.server import start_server
 from common.rpc.stream import ThreadStreams
+from tests.bench.results import write_results
 
 OUT_DIR = Path("bench-results")
 SERVICE = "latentmoe.bench.Echo"
@@ -105,10 +105,7 @@ def main() -> None:
     for name, r in results.items():
         latency, client, server_cpu = r["latency_us"], r["client_cpu_us"], r["server_cpu_us"]
         print(f"| {name:<16} | {latency:10.0f} | {client:13.0f} | {server_cpu:13.0f} |")
-    out = Path(args.output_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    print(f"\nwrote {out}")
+    write_results(args.output_json, args, results)
 
 
 if __name__ == "__main__":
