@@ -32,9 +32,14 @@ class CallStream(Generic[Req, Resp]):
         self.in_flight = False
         self.failed = False
 
+    @property
+    def idle(self) -> bool:
+        """Ready for the next call: not failed, and no response left unread."""
+        return not (self.in_flight or self.failed)
+
     def send(self, request: Req) -> CallStream[Req, Resp]:
         """Start a call; returns this stream, whose receive() waits for the response."""
-        if self.in_flight or self.failed:
+        if not self.idle:
             raise RuntimeError("this stream is busy or has failed: ThreadStreams.send opens a new one")
         self._requests.put(request)
         self.in_flight = True
@@ -83,7 +88,7 @@ class ThreadStreams(Generic[Req, Resp]):
     def send(self, request: Req) -> CallStream[Req, Resp]:
         """Start a call on this thread's stream; `.receive()` on the result waits for its response."""
         stream = getattr(self._local, "stream", None)
-        if stream is None or stream.in_flight or stream.failed:
+        if stream is None or not stream.idle:
             if stream is not None:
                 self._discard(stream)
             stream = self._local.stream = CallStream(self._method)

@@ -44,7 +44,6 @@ class WorkerClient:
     address: str
     channel: grpc.Channel = field(init=False, repr=False)
     stub: attention_pb2_grpc.AttentionStub = field(init=False, repr=False)
-
     streams: ThreadStreams[attention_pb2.AttendRequest, attention_pb2.AttendResponse] = field(
         init=False, repr=False
     )
