@@ -109,9 +109,11 @@ def start_expert_actors(args: argparse.Namespace, model_dir: str, config: Engine
         ray.init(address=args.ray_address)
         host = None  # each actor advertises its node's address
     else:
+        # On a busy machine its GCS or raylet may not be up in time (Ray raises RuntimeError for the GCS and a
+        # bare Exception for the raylet): one more try.
         try:
             ray.init(num_cpus=args.expert_workers, include_dashboard=False)
-        except RuntimeError as e:  # e.g. its GCS was not up in time on a busy machine: one more try
+        except Exception as e:  # noqa: BLE001
             log.warning("starting a local Ray failed (%s): trying again", e)
             ray.shutdown()
             ray.init(num_cpus=args.expert_workers, include_dashboard=False)
