@@ -117,6 +117,11 @@ class ExpertLoad:
         with self._lock:
             self.step_counts[self.row[layer]] += counts
 
+    def discard(self) -> None:
+        """Forget what was recorded since the last flush: the step is being run again (or failed)."""
+        with self._lock:
+            self.step_counts.zero_()
+
     def flush(self) -> None:
         """After a step: publish the step's counts and the windowed imbalance."""
         with self._lock:

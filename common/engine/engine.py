@@ -97,7 +97,8 @@ class LLMEngine:
             self.blocks.num_blocks * self.blocks.block_size,
         )
         self.scheduler = Scheduler(config, self.blocks)
-        self.runner = ModelRunner(model, attention, device)
+        self.expert_load = metrics.ExpertLoad(model_config.moe_layers, model_config.n_routed_experts)
+        self.runner = ModelRunner(model, attention, device, before_attempt=self.expert_load.discard)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.device = device
@@ -106,9 +107,6 @@ class LLMEngine:
 
     def _install_metrics(self, model: DeepseekModel) -> None:
         """Expert load is read off the gate's output by forward hooks: the model math stays untouched."""
-        self.expert_load = metrics.ExpertLoad(
-            self.model_config.moe_layers, self.model_config.n_routed_experts
-        )
         for i, layer in enumerate(model.layers):
             if isinstance(layer.mlp, MoE):
                 layer.mlp.gate.register_forward_hook(

@@ -8,6 +8,7 @@ run in two threads so one's remote attention overlaps the other's expert calls (
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
@@ -71,8 +72,17 @@ class LocalAttention:
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekModel, attention: AttentionBackend, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: DeepseekModel,
+        attention: AttentionBackend,
+        device: torch.device,
+        before_attempt: Callable[[], None] = lambda: None,
+    ) -> None:
+        """before_attempt runs before every attempt at a step, so what a failed attempt recorded (the gates'
+        expert load) can be dropped instead of counted twice."""
         self.model, self.attention, self.device = model, attention, device
+        self.before_attempt = before_attempt
         parts = attention.micro_batches
         self._threads = None
         if parts > 1:
@@ -92,6 +102,7 @@ class ModelRunner:
         return self._run(step)
 
     def _run(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
+        self.before_attempt()
         parts = self.split(step, self.attention.micro_batches)
         jobs = list(zip(parts, self.attention.prepare(parts), strict=True))
         if self._threads is None or len(jobs) == 1:

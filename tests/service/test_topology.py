@@ -15,7 +15,7 @@ import grpc
 import pytest
 import torch
 
-from common.config import EngineConfig
+from common.config import EngineConfig, ModelConfig
 from common.engine.engine import LLMEngine
 from common.engine.sampling_params import SamplingParams
 from latentmoe.v1 import router_pb2, router_pb2_grpc
@@ -99,15 +99,35 @@ def test_a_prefix_computed_on_one_attention_worker_is_a_hit_on_the_other(topolog
     assert [first, second] == [o.outputs[0].token_ids for o in want]
 
 
+def counter(url: str, name: str) -> float:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return float(re.search(rf"^{name} (\S+)", text, re.M).group(1))
+
+
 def test_losing_an_attention_worker_keeps_serving(topology):
     """Last in this module: attention-1's process is killed; the router moves its sequences to attention-0,
-    which pulls their pages from the KV-cache service, and the answers do not change."""
+    which pulls their pages from the KV-cache service, and the answers do not change. The step that was run
+    again counts its expert load once."""
+    url = topology["metrics"]
+    routed = counter(url, "latentmoe_routed_tokens_total")
+    preempted = counter(url, "latentmoe_preemptions_total")
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         running = [pool.submit(generate, topology["channel"], p) for p in PROMPTS]
         time.sleep(0.3)  # mid-generation
         os.kill(topology["services"]["attention-1"]["pid"], signal.SIGKILL)
-        got = [f.result()[0] for f in running]
-    after = [generate(topology["channel"], p)[0] for p in PROMPTS]
+        results = [f.result() for f in running]
+    results += [generate(topology["channel"], p) for p in PROMPTS]
+    got, after = [r[0] for r in results[: len(PROMPTS)]], [r[0] for r in results[len(PROMPTS) :]]
+
+    # Every token computed once (prompt tokens not found in the cache, and every output token but the last)
+    # is routed to k experts in each MoE layer.
+    config = ModelConfig.from_file(topology["path"])
+    computed = sum(
+        len(p) - cached + MAX_TOKENS - 1 for p, (_, cached) in zip(PROMPTS * 2, results, strict=True)
+    )
+    assert counter(url, "latentmoe_preemptions_total") == preempted  # no recompute to account for
+    expected = computed * config.num_experts_per_tok * len(config.moe_layers)
+    assert counter(url, "latentmoe_routed_tokens_total") - routed == expected
     engine = LLMEngine.from_checkpoint(topology["path"], EngineConfig(dtype="float32", kv_cache_memory=8e6))
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params)]

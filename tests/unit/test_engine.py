@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
+from prometheus_client import REGISTRY
 
 from common.config import EngineConfig
 from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine
+from common.engine.model_runner import WorkerLost
 from common.engine.sampling_params import SamplingParams
 
 CONFIG = EngineConfig(
@@ -184,3 +187,36 @@ def test_every_block_size_gives_the_same_tokens(checkpoint_dir, block_size):
     engine = LLMEngine.from_checkpoint(path, EngineConfig(**{**vars(CONFIG), "block_size": block_size}))
     assert [o.outputs[0].token_ids for o in engine.generate(prompts, params)] == want
     assert_all_pages_released(engine)
+
+
+def test_a_step_run_again_counts_its_expert_load_once(checkpoint_dir):
+    """A remote worker lost mid-step makes the runner run the step again; the gates of the failed attempt
+    have fired already, and their counts must not reach latentmoe_routed_tokens_total."""
+    engine = LLMEngine.from_checkpoint(checkpoint_dir("v2_lite"), CONFIG)
+    moe_layers = engine.model_config.moe_layers
+    last = engine.runner.model.layers[moe_layers[-1]]
+    assert len(moe_layers) >= 2  # a gate fires before the attention that fails
+
+    class LostOnce(torch.nn.Module):
+        def __init__(self, attention: torch.nn.Module) -> None:
+            super().__init__()
+            self.attention, self.lost = attention, False
+
+        def forward(self, *args):
+            if not self.lost:
+                self.lost = True
+                raise WorkerLost("injected: the worker of the last layer went away")
+            return self.attention(*args)
+
+    last.self_attn = LostOnce(last.self_attn)
+    prompts = [list(range(40, 57)), [5, 6, 7]]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    before = REGISTRY.get_sample_value("latentmoe_routed_tokens_total")
+    outputs = engine.generate(prompts, params)
+    routed = REGISTRY.get_sample_value("latentmoe_routed_tokens_total") - before
+    assert last.self_attn.lost
+    computed = sum(len(p) + params.max_tokens - 1 for p in prompts)  # the last token is never fed back
+    assert routed == computed * engine.model_config.num_experts_per_tok * len(moe_layers)
+    clean = LLMEngine.from_checkpoint(checkpoint_dir("v2_lite"), CONFIG)
+    want = [o.outputs[0].token_ids for o in clean.generate(prompts, params)]
+    assert [o.outputs[0].token_ids for o in outputs] == want
