@@ -147,14 +147,23 @@ def load_model(
     device: str | torch.device = "cpu",
     expert_ids: Sequence[int] | None = None,
     progress: bool = True,
+    attention: bool = True,
 ) -> tuple[ModelConfig, torch.nn.Module]:
-    """Build the model for `directory` and load its weights (of the routed experts, only `expert_ids`)."""
+    """Build the model for `directory` and load its weights (of the routed experts, only `expert_ids`).
+
+    attention=False loads no MLA weight and leaves every layer's `self_attn` None, for a router whose
+    attention runs on attention workers (it attaches their stand-ins): at DeepSeek-V3's size that is about
+    11B parameters the router never reads.
+    """
     from common.model.decoder import DeepseekModel
 
     config = ModelConfig.from_file(directory)
     reader = CheckpointReader(directory)
     with torch.device("meta"):
         model = DeepseekModel(config, expert_ids=expert_ids)
+    if not attention:
+        for layer in model.layers:
+            layer.self_attn = None
     model = model.to(dtype=dtype).to_empty(device=device)
     model.reset_buffers()
     load_weights(list(_hub_targets(model, config)), reader, progress)

@@ -146,7 +146,8 @@ class LLMEngine:
         local_experts: bool = True,
         attention: AttentionBackend | None = None,
     ) -> LLMEngine:
-        """local_experts=False loads no routed expert (they run elsewhere, e.g. on expert actors)."""
+        """local_experts=False loads no routed expert (they run elsewhere, e.g. on expert actors); with an
+        `attention` backend no MLA weight is loaded either (the backend attaches what runs it)."""
         config = config or EngineConfig()
         if (
             config.torch_device.type == "cpu"
@@ -158,7 +159,11 @@ class LLMEngine:
                 "times slower than float32; --dtype auto picks float32 here"
             )
         model_config, model = load_model(
-            directory, config.torch_dtype, config.torch_device, expert_ids=None if local_experts else []
+            directory,
+            config.torch_dtype,
+            config.torch_device,
+            expert_ids=None if local_experts else [],
+            attention=attention is None,
         )
         return cls(model_config, model, load_tokenizer(directory), config, attention)
 

@@ -50,6 +50,15 @@ def test_loads_a_subset_of_experts(checkpoint_dir):
         assert torch.equal(layer_shard.mlp.experts.w2, layer_full.mlp.experts.w2[[2, 5]])
 
 
+def test_a_router_with_remote_attention_loads_no_mla_weight(checkpoint_dir):
+    _, full = load_model(checkpoint_dir("v3"), torch.float32, progress=False)
+    _, rest = load_model(checkpoint_dir("v3"), torch.float32, progress=False, attention=False)
+    assert all(layer.self_attn is None for layer in rest.layers)
+    kept = dict(rest.named_parameters())
+    assert kept.keys() == {n for n in dict(full.named_parameters()) if ".self_attn." not in n}
+    assert all(torch.equal(p, full.get_parameter(n)) for n, p in kept.items())
+
+
 def test_bfloat16_cast_on_load(checkpoint_dir):
     _, model = load_model(checkpoint_dir("v3"), torch.bfloat16, progress=False)
     assert model.embed_tokens.weight.dtype == torch.bfloat16
