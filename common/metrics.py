@@ -65,6 +65,11 @@ ATTENTION_WORKER_LATENCY = Histogram(
     ["worker"],
     buckets=_LATENCY_BUCKETS,
 )
+ATTENTION_WORKER_LOSSES = Counter(
+    "latentmoe_attention_worker_losses_total",
+    "Attention workers the router dropped (gone, or frozen past the keepalive); their sequences moved",
+    ["worker"],
+)
 
 # --- KV cache ----------------------------------------------------------------------------------------------
 KV_BLOCKS = Gauge("latentmoe_kv_cache_blocks", "KV-cache blocks by state", ["state"])  # total|used|cached

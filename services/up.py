@@ -143,6 +143,7 @@ def up(args: argparse.Namespace) -> int:
             "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             "--expert-workers", str(args.expert_workers),
             "--micro-batches", str(args.micro_batches),
+            "--worker-keepalive", str(args.worker_keepalive),
             *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
         ]  # fmt: skip
         if workers:
@@ -176,6 +177,7 @@ def up(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from common.rpc.channel import KEEPALIVE_S
     from services.cli import add_engine_args
 
     p = sub.add_parser(
@@ -190,6 +192,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--micro-batches", type=int, default=2, help="micro-batches in flight per step (2: ping-pong)"
+    )
+    p.add_argument(
+        "--worker-keepalive",
+        type=float,
+        default=KEEPALIVE_S,
+        metavar="SECONDS",
+        help="the router's pings to its workers (latentmoe serve --worker-keepalive)",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="the router's gRPC port (0: any free port)")

@@ -17,6 +17,13 @@ OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# Servers take keepalive pings as often as worker channels send them (common/rpc/channel.py). By default gRPC
+# answers a client that pings more often than every 5 minutes with GOAWAY, which ends every open stream.
+SERVER_OPTIONS = [
+    *OPTIONS,
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),  # never GOAWAY for pings
+]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
@@ -37,7 +44,7 @@ async def start_aio_server(
     add_servicers: list[Callable[[grpc.aio.Server], None]], service_names: list[str], address: str
 ) -> tuple[grpc.aio.Server, int]:
     """Start an asyncio gRPC server on `address` (port 0 picks a free one); returns it and the bound port."""
-    server = grpc.aio.server(options=OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     port = _wire(server, add_servicers, service_names, health_servicer, address)
     await server.start()
@@ -56,7 +63,7 @@ def start_server(
     """The thread-pool twin of start_aio_server, on host:port (0: a free one); returns it and its address
     `host:bound_port`, the one clients dial and ready lines print. Every open stream holds one of the
     `workers` threads (a router keeps one per calling thread), and unary calls need a free one."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
     health_servicer = health.HealthServicer()
     bound = _wire(server, add_servicers, service_names, health_servicer, f"{host}:{port}")
     server.start()

@@ -27,8 +27,8 @@ from common import metrics
 from common.engine.model_runner import Span, WorkerLost
 from common.engine.sequence import Sequence
 from common.model.decoder import DeepseekModel
+from common.rpc.channel import KEEPALIVE_S, worker_channel
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
-from common.rpc.server import OPTIONS
 from common.rpc.stream import ThreadStreams
 from latentmoe.v1 import attention_pb2, attention_pb2_grpc
 from services.kvcache.client import RemoteBlockManager
@@ -42,6 +42,7 @@ PROBE_INTERVAL_S = 2.0  # how often lost workers are asked whether they are back
 class WorkerClient:
     name: str
     address: str
+    keepalive_s: float = KEEPALIVE_S
     channel: grpc.Channel = field(init=False, repr=False)
     stub: attention_pb2_grpc.AttentionStub = field(init=False, repr=False)
     streams: ThreadStreams[attention_pb2.AttendRequest, attention_pb2.AttendResponse] = field(
@@ -49,7 +50,7 @@ class WorkerClient:
     )
 
     def __post_init__(self) -> None:
-        self.channel = grpc.insecure_channel(self.address, options=OPTIONS)
+        self.channel = worker_channel(self.address, self.keepalive_s)
         self.stub = attention_pb2_grpc.AttentionStub(self.channel)
         self.streams = ThreadStreams(self.stub.AttendStream)
 
@@ -115,12 +116,15 @@ class AttentionPool:
         blocks: RemoteBlockManager,
         micro_batches: int = 2,
         probe_interval_s: float = PROBE_INTERVAL_S,
+        keepalive_s: float = KEEPALIVE_S,
     ) -> None:
+        """keepalive_s: a worker that leaves a ping unanswered this long is lost (common/rpc/channel.py)."""
         if not addresses:
             raise ValueError("give at least one attention worker address")
         self.blocks = blocks
         self.micro_batches = micro_batches
-        self.workers = [WorkerClient(f"attention-{i}", a) for i, a in enumerate(addresses)]
+        self.keepalive_s = keepalive_s
+        self.workers = [WorkerClient(f"attention-{i}", a, keepalive_s) for i, a in enumerate(addresses)]
         for w in self.workers:
             self._check(w, w.info())
         self.valid: list[set[int]] = [set() for _ in self.workers]  # blocks each hot copy holds up to date
@@ -151,7 +155,7 @@ class AttentionPool:
             with self._lock:
                 lost = list(self.lost)
             for worker in lost:
-                fresh = WorkerClient(worker.name, worker.address)
+                fresh = WorkerClient(worker.name, worker.address, self.keepalive_s)
                 try:
                     self._check(fresh, fresh.info(timeout=min(interval, 5.0), wait_for_ready=False))
                 except (grpc.RpcError, ValueError):
@@ -211,6 +215,7 @@ class AttentionPool:
                 worker.address,
                 reason,
             )
+            metrics.ATTENTION_WORKER_LOSSES.labels(worker.name).inc()
             del self.workers[i], self.valid[i]
             self.owner = {s: w - (w > i) for s, w in self.owner.items() if w != i}
             self.live = {s: seq for s, seq in self.live.items() if s in self.owner}

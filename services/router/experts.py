@@ -23,11 +23,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from common import metrics
 from common.config import ModelConfig
 from common.model.moe import MoE
+from common.rpc.channel import KEEPALIVE_S, worker_channel
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
-from common.rpc.server import OPTIONS
 from common.rpc.stream import CallStream, ThreadStreams
 from latentmoe.v1 import expert_pb2, expert_pb2_grpc
 from services.expert.worker import ExpertActor
+from services.health import check
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 120.0
@@ -39,6 +40,7 @@ class ShardClient:
 
     name: str
     actor: ray.actor.ActorHandle
+    keepalive_s: float = KEEPALIVE_S
     address: str = ""
     stub: expert_pb2_grpc.ExpertShardStub | None = field(default=None, repr=False)
     channel: grpc.Channel | None = field(default=None, repr=False)
@@ -50,7 +52,7 @@ class ShardClient:
     def connect(self) -> None:
         self.address = ray.get(self.actor.address.remote(), timeout=300)
         self.close()
-        self.channel = grpc.insecure_channel(self.address, options=OPTIONS)
+        self.channel = worker_channel(self.address, self.keepalive_s)
         self.stub = expert_pb2_grpc.ExpertShardStub(self.channel)
         self.streams = ThreadStreams(self.stub.RunExpertsStream)
 
@@ -65,10 +67,22 @@ class ShardClient:
             if self.streams is not seen:
                 return
             metrics.EXPERT_WORKER_RESTARTS.labels(self.name).inc()
-            log.warning(
-                "expert worker %s at %s unavailable: waiting for Ray to restart it", self.name, self.address
-            )
+            where = self.name, self.address
+            if self._frozen():  # alive to Ray, so it would never be restarted
+                log.warning("expert worker %s at %s does not answer: restarting it", *where)
+                ray.kill(self.actor, no_restart=False)
+            else:
+                log.warning("expert worker %s at %s unavailable: waiting for Ray to restart it", *where)
             self.connect()
+
+    def _frozen(self) -> bool:
+        """A crashed actor's port refuses at once; a frozen process (or a host gone from the network) leaves
+        the health check unanswered."""
+        try:
+            check(self.address, timeout=self.keepalive_s)
+        except grpc.RpcError as e:
+            return e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        return False
 
     def stats(self) -> expert_pb2.StatsResponse:
         return self.stub.Stats(expert_pb2.StatsRequest(), timeout=30)
@@ -154,8 +168,10 @@ class ExpertPool:
         dtype: str = "float32",
         shards: list[list[int]] | None = None,
         host: str | None = None,
+        keepalive_s: float = KEEPALIVE_S,
     ) -> None:
-        """host: the address the actors bind and advertise (default: each node's own IP address)."""
+        """host: the address the actors bind and advertise (default: each node's own IP address); keepalive_s:
+        an actor that leaves a ping unanswered this long is restarted (common/rpc/channel.py)."""
         self.config = ModelConfig.from_file(model_dir)
         n = self.config.n_routed_experts
         self.expert_map = shards or contiguous_shards(n, num_workers)
@@ -175,7 +191,7 @@ class ExpertPool:
                 max_task_retries=-1,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
             ).remote(model_dir, experts, dtype, f"expert-{i}", host)
-            self.shards.append(ShardClient(f"expert-{i}", actor))
+            self.shards.append(ShardClient(f"expert-{i}", actor, keepalive_s))
         for shard in self.shards:
             shard.connect()
         replicas = max(sum(e in shard for shard in self.expert_map) for e in range(n))

@@ -14,6 +14,7 @@ from common.checkpoint import resolve_model
 from common.config import EngineConfig
 from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine
+from common.rpc.channel import KEEPALIVE_S
 from common.rpc.server import start_aio_server
 from latentmoe.v1 import router_pb2_grpc
 from services.router.servicer import SERVICE_NAME, RouterServicer
@@ -95,7 +96,7 @@ def connect_attention_workers(args: argparse.Namespace):  # type: ignore[no-unty
         raise SystemExit("--attention-workers needs --kv-cache HOST:PORT (the service the workers use)")
     blocks = RemoteBlockManager(args.kv_cache, namespace=f"router-{uuid.uuid4().hex[:8]}/")
     addresses = [a for a in args.attention_workers.split(",") if a]
-    return AttentionPool(addresses, blocks, micro_batches=args.micro_batches)
+    return AttentionPool(addresses, blocks, args.micro_batches, keepalive_s=args.worker_keepalive)
 
 
 def start_expert_actors(args: argparse.Namespace, model_dir: str, config: EngineConfig):  # type: ignore[no-untyped-def]
@@ -119,7 +120,7 @@ def start_expert_actors(args: argparse.Namespace, model_dir: str, config: Engine
             ray.init(num_cpus=args.expert_workers, include_dashboard=False)
         host = args.host
     dtype = str(config.torch_dtype).removeprefix("torch.")
-    pool = ExpertPool(model_dir, args.expert_workers, dtype, host=host)
+    pool = ExpertPool(model_dir, args.expert_workers, dtype, host=host, keepalive_s=args.worker_keepalive)
     log.info(
         "routed experts on %d Ray actors: %s", len(pool.shards), ", ".join(s.address for s in pool.shards)
     )
@@ -160,5 +161,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=2,
         help="with attention workers: micro-batches in flight per step (2: ping-pong)",
+    )
+    p.add_argument(
+        "--worker-keepalive",
+        type=float,
+        default=KEEPALIVE_S,
+        metavar="SECONDS",
+        help="ping attention workers and expert actors this often; one that leaves a ping unanswered as long "
+        "is lost (an attention worker: its sequences move) or restarted (an expert actor)",
     )
     p.set_defaults(func=lambda args: asyncio.run(serve(args)) or 0)

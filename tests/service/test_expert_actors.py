@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -18,6 +21,7 @@ from common.rpc.stream import ThreadStreams
 from latentmoe.v1 import expert_pb2
 from services.router.experts import ExpertPool, contiguous_shards
 
+KEEPALIVE_S = 2.0
 PROMPTS = [[3, 4, 5, 6], list(range(50, 81)), [9], [(5 * i) % 300 + 2 for i in range(17)]]
 CONFIG = EngineConfig(
     dtype="float32", device="cpu", block_size=16, kv_cache_memory=8e6, max_num_batched_tokens=32
@@ -28,7 +32,12 @@ CONFIG = EngineConfig(
 def pool(ray_session, checkpoint_dir):
     # Expert 5 lives on both workers: pairs for it alternate between the replicas.
     pool = ExpertPool(
-        checkpoint_dir("v3"), 2, "float32", shards=[[0, 1, 2, 3, 5], [4, 5, 6, 7]], host="127.0.0.1"
+        checkpoint_dir("v3"),
+        2,
+        "float32",
+        shards=[[0, 1, 2, 3, 5], [4, 5, 6, 7]],
+        host="127.0.0.1",
+        keepalive_s=KEEPALIVE_S,
     )
     yield pool
     pool.shutdown()
@@ -118,6 +127,41 @@ def test_stream_calls_answer_like_unary_calls_and_survive_errors(pool):
         assert outputs == [expected[v] for v in values]
     finally:
         streams.close()
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter in /proc/PID/stat (T: stopped, Z: zombie); None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def test_a_frozen_actor_is_restarted_and_no_answer_changes(pool, checkpoint_dir):
+    """A stopped process keeps its sockets open and stays alive to Ray: the router's keepalive pings go
+    unanswered, the health check times out, and the router has Ray restart the actor."""
+    engine = LLMEngine.from_checkpoint(checkpoint_dir("v3"), CONFIG, local_experts=False)
+    pool.attach(engine.runner.model)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params)]
+    restarts = {"worker": "expert-0"}
+    before = REGISTRY.get_sample_value("latentmoe_expert_worker_restarts_total", restarts) or 0.0
+    old_address = pool.shards[0].address
+    pid = ray.get(pool.shards[0].actor.__ray_call__.remote(lambda _actor: os.getpid()))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params)] == expected
+        elapsed = time.monotonic() - start
+        assert process_state(pid) in (None, "Z")  # Ray killed it
+    finally:
+        if process_state(pid) not in (None, "Z"):  # ours to clean up if Ray did not
+            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGCONT)
+    assert REGISTRY.get_sample_value("latentmoe_expert_worker_restarts_total", restarts) == before + 1
+    assert pool.shards[0].address != old_address
+    print(f"frozen actor replaced in {elapsed:.1f} s")
 
 
 def test_a_restarted_actor_is_reconnected_and_no_answer_changes(pool, checkpoint_dir):

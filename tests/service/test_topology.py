@@ -26,12 +26,15 @@ transformers = pytest.importorskip("transformers")
 PROMPTS = [[3, 4, 5], list(range(20, 61)), [7], [(7 * i) % 250 + 2 for i in range(19)], list(range(90, 99))]
 SHARED = list(range(100, 132))  # two full blocks of 16
 MAX_TOKENS = 12
+KEEPALIVE_S = 2.0
 
 
 @pytest.fixture(scope="module")
 def topology(checkpoint_dir):
     path = checkpoint_dir("v3")
-    proc, ready, services = start_up(path, "--block-size", "16", "--kv-cache-memory", "8000000")
+    proc, ready, services = start_up(
+        path, "--block-size", "16", "--kv-cache-memory", "8000000", "--worker-keepalive", str(KEEPALIVE_S)
+    )
     assert set(services) == {"kvcache", "attention-0", "attention-1", "router"}, proc.startup_output
     channel = grpc.insecure_channel(ready.group(1))
     yield {"channel": channel, "path": path, "metrics": ready.group(2), "services": services}
@@ -99,6 +102,39 @@ def test_a_prefix_computed_on_one_attention_worker_is_a_hit_on_the_other(topolog
     assert [first, second] == [o.outputs[0].token_ids for o in want]
 
 
+def test_a_frozen_attention_worker_is_dropped_and_rejoins_when_it_thaws(topology):
+    """A stopped process keeps its sockets open: the router's keepalive pings go unanswered, it drops the
+    worker and moves its sequences to the other one; answers do not change. Once the process runs again, it
+    answers the router's probe and new sequences reach it."""
+    engine = LLMEngine.from_checkpoint(topology["path"], EngineConfig(dtype="float32", kv_cache_memory=8e6))
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params)]
+    pid = topology["services"]["attention-0"]["pid"]
+    losses = "latentmoe_attention_worker_losses_total"
+    lost_before = scrape(topology["metrics"], losses).get("attention-0", 0.0)
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        running = [pool.submit(generate, topology["channel"], p) for p in PROMPTS]
+        time.sleep(0.3)  # mid-generation
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            assert [f.result()[0] for f in running] == want
+            waited = time.monotonic() - stopped
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert scrape(topology["metrics"], losses)["attention-0"] == lost_before + 1
+    assert waited < 4 * KEEPALIVE_S  # one unanswered ping, not a call timeout
+    calls = "latentmoe_attention_worker_latency_seconds_count"
+    before = scrape(topology["metrics"], calls).get("attention-0", 0.0)
+    for _ in range(30):  # the router probes lost workers every 2 s
+        assert generate(topology["channel"], PROMPTS[0])[0] == want[0]
+        if scrape(topology["metrics"], calls).get("attention-0", 0.0) > before:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("attention-0 got no call after it ran again")
+
+
 def counter(url: str, name: str) -> float:
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     return float(re.search(rf"^{name} (\S+)", text, re.M).group(1))
@@ -111,6 +147,7 @@ def test_losing_an_attention_worker_keeps_serving(topology):
     url = topology["metrics"]
     routed = counter(url, "latentmoe_routed_tokens_total")
     preempted = counter(url, "latentmoe_preemptions_total")
+    lost = scrape(url, "latentmoe_attention_worker_losses_total").get("attention-1", 0.0)
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         running = [pool.submit(generate, topology["channel"], p) for p in PROMPTS]
         time.sleep(0.3)  # mid-generation
@@ -118,6 +155,7 @@ def test_losing_an_attention_worker_keeps_serving(topology):
         results = [f.result() for f in running]
     results += [generate(topology["channel"], p) for p in PROMPTS]
     got, after = [r[0] for r in results[: len(PROMPTS)]], [r[0] for r in results[len(PROMPTS) :]]
+    assert scrape(url, "latentmoe_attention_worker_losses_total")["attention-1"] == lost + 1
 
     # Every token computed once (prompt tokens not found in the cache, and every output token but the last)
     # is routed to k experts in each MoE layer.
