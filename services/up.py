@@ -120,6 +120,7 @@ def up(args: argparse.Namespace) -> int:
                     "--host", host,
                     "--port", str(port),
                     "--name", f"attention-{i}",
+                    *(["--hot-copy-blocks", str(args.hot_copy_blocks)] if args.hot_copy_blocks else []),
                     "--metrics-port", _metrics_port(args.metrics_port, 2 + i),
                 ],
                 env,
@@ -192,6 +193,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--micro-batches", type=int, default=2, help="micro-batches in flight per step (2: ping-pong)"
+    )
+    p.add_argument(
+        "--hot-copy-blocks",
+        type=int,
+        default=None,
+        help="pages each attention worker caches from the KV-cache service (default: as many as it has)",
     )
     p.add_argument(
         "--worker-keepalive",

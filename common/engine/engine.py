@@ -146,8 +146,8 @@ class LLMEngine:
         local_experts: bool = True,
         attention: AttentionBackend | None = None,
     ) -> LLMEngine:
-        """local_experts=False loads no routed expert (they run elsewhere, e.g. on expert actors); with an
-        `attention` backend no MLA weight is loaded either (the backend attaches what runs it)."""
+        """local_experts=False loads no routed expert (they run elsewhere, e.g. on expert actors); nor is
+        any MLA weight loaded for an `attention` backend that runs attention elsewhere (attention workers)."""
         config = config or EngineConfig()
         if (
             config.torch_device.type == "cpu"
@@ -163,7 +163,7 @@ class LLMEngine:
             config.torch_dtype,
             config.torch_device,
             expert_ids=None if local_experts else [],
-            attention=attention is None,
+            attention=attention is None or attention.needs_mla_weights,
         )
         return cls(model_config, model, load_tokenizer(directory), config, attention)
 

@@ -35,6 +35,7 @@ class WorkerLost(RuntimeError):
 class AttentionBackend(Protocol):
     micro_batches: int  # how many parts to cut a step into (they run concurrently)
     blocks: Any  # the block manager whose tables say where each sequence's pages are
+    needs_mla_weights: bool  # False: the model's MLA layers are replaced by stand-ins that call elsewhere
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Apply the step's copy-on-write page copies before anything attends."""
@@ -48,6 +49,7 @@ class LocalAttention:
     """The paged latent pool in this process: one micro-batch per step."""
 
     micro_batches = 1
+    needs_mla_weights = True
 
     def __init__(self, pool: BlockPool, blocks: BlockManager) -> None:
         self.pool, self.blocks = pool, blocks

@@ -3,9 +3,10 @@ gRPC servicer (a thin adapter) and the `python -m services.attention.worker` ent
 
     python -m services.attention.worker --model checkpoints/mini --kv-cache 127.0.0.1:50060 --port 50070
 
-It keeps the latent pages of its sequences locally (the hot copy: a BlockPool with the KV-cache service's
-block ids), pulls the blocks the router says it lacks, and writes every new latent entry through to the
-service after the micro-batch's last layer, so any other worker can continue from the service's copy.
+It keeps the latent pages of its sequences locally (the hot copy, services/attention/hot_copy.py: a bounded
+cache of the KV-cache service's blocks), pulls the blocks it lacks or the router says are stale, and writes
+every new latent entry through to the service after the micro-batch's last layer, so any other worker can
+continue from the service's copy.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import collections
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import grpc
@@ -30,6 +31,7 @@ from common.rpc.codec import tensor_from_proto, tensor_to_proto
 from common.rpc.server import serve_until_signalled, start_server
 from common.torch_thread import TorchThread
 from latentmoe.v1 import attention_pb2, attention_pb2_grpc
+from services.attention.hot_copy import HotCopy, HotCopyFull
 from services.kvcache.client import RemoteBlockManager
 
 log = logging.getLogger(__name__)
@@ -41,18 +43,38 @@ Span = tuple[list[int], int, int]
 
 
 @dataclass
+class BatchSpec:
+    """What opens a micro-batch (AttentionBatchSpec): its spans, the blocks to pull, whose step it is."""
+
+    prefills: list[Span]
+    decodes: list[Span]
+    pull: list[int] = field(default_factory=list)
+    router: str = ""
+    step: int = 0
+
+
+@dataclass
 class _OpenBatch:
-    batch: AttentionBatch
+    batch: AttentionBatch  # over local pages
     cos: torch.Tensor
     sin: torch.Tensor
+    tables: list[list[int]]  # the service's block ids, pinned in the hot copy until the batch closes
+    router: str
+    step: int
 
 
 class AttentionWorker:
     """MLA of all layers over a local hot copy of the pages (the KV-cache service has the master)."""
 
     def __init__(
-        self, model_dir: str, kv_cache: str, device: str = "cpu", name: str = "attention-worker"
+        self,
+        model_dir: str,
+        kv_cache: str,
+        device: str = "cpu",
+        name: str = "attention-worker",
+        hot_copy_blocks: int | None = None,
     ) -> None:
+        """hot_copy_blocks: local pages (default: as many as the KV-cache service has blocks)."""
         self.name = name
         self.kv = RemoteBlockManager(kv_cache, timeout=120.0)  # used for pages only: no sequence of its own
         self.kv_cache_address = kv_cache
@@ -65,16 +87,17 @@ class AttentionWorker:
                 f"this model needs {self.config.num_hidden_layers} x {self.config.latent_dim}"
             )
         self.rotary = RotaryEmbedding(self.config).to(self.device)
-        self.pool = BlockPool(
+        pool = BlockPool(
             self.config.num_hidden_layers,
-            self.kv.num_blocks,
+            hot_copy_blocks or self.kv.num_blocks,
             self.kv.block_size,
             self.config.latent_dim,
             self.dtype,
             self.device,
         )
+        self.hot = HotCopy(pool, self.kv)
         self.batches: collections.OrderedDict[str, _OpenBatch] = collections.OrderedDict()
-        self.tokens_computed = self.blocks_pulled = self.entries_written = 0
+        self.tokens_computed = self.entries_written = 0
         self.busy_seconds = 0.0
         self._tokens = metrics.ATTENTION_TOKENS.labels(name)
         self._pulled = metrics.ATTENTION_BLOCKS_PULLED.labels(name)
@@ -84,17 +107,17 @@ class AttentionWorker:
         batch_id: str,
         layer: int,
         hidden: torch.Tensor,
-        spans: tuple[list[Span], list[Span], list[int]] | None,
+        spec: BatchSpec | None,
     ) -> torch.Tensor:
-        """MLA output [T, hidden] of one layer; `spans` (prefills, decodes, pulls) opens the batch."""
+        """MLA output [T, hidden] of one layer; `spec` opens the batch (with its first layer)."""
         if not 0 <= layer < self.config.num_hidden_layers:
             raise ValueError(f"layer {layer} outside 0..{self.config.num_hidden_layers - 1}")
         if hidden.dim() != 2 or hidden.shape[1] != self.config.hidden_size:
             raise ValueError(f"hidden must be [T, {self.config.hidden_size}], got {list(hidden.shape)}")
         start = time.perf_counter()
         with torch.inference_mode():
-            if spans is not None:
-                self._open(batch_id, *spans)
+            if spec is not None:
+                self._open(batch_id, spec)
             open_batch = self.batches.get(batch_id)
             if open_batch is None:
                 raise ValueError(f"unknown batch_id {batch_id!r}: send its spans with its first layer")
@@ -104,17 +127,19 @@ class AttentionWorker:
                     f"batch {batch_id!r} has {batch.num_tokens} tokens, hidden has {hidden.shape[0]}"
                 )
             out = self.layers[layer](
-                hidden.to(self.device, self.dtype), open_batch.cos, open_batch.sin, batch, self.pool
+                hidden.to(self.device, self.dtype), open_batch.cos, open_batch.sin, batch, self.hot.pool
             )
             if layer == self.config.num_hidden_layers - 1:
                 self._write_through(batch)
-                del self.batches[batch_id]
+                self.hot.close(self.batches.pop(batch_id).tables)
         self.busy_seconds += time.perf_counter() - start
         return out
 
-    def _open(self, batch_id: str, prefills: list[Span], decodes: list[Span], pull: list[int]) -> None:
-        bs, n = self.pool.block_size, self.pool.num_blocks
-        for table, computed, new in [*prefills, *decodes]:
+    def _open(self, batch_id: str, spec: BatchSpec) -> None:
+        bs, n = self.kv.block_size, self.kv.num_blocks
+        prefills, decodes, pull = spec.prefills, spec.decodes, spec.pull
+        spans = [*prefills, *decodes]
+        for table, computed, new in spans:
             if new < 1 or len(table) * bs < computed + new:
                 raise ValueError(f"a span of {computed} + {new} tokens does not fit its {len(table)} blocks")
             if any(not 0 <= b < n for b in table):
@@ -123,36 +148,43 @@ class AttentionWorker:
             raise ValueError("a decode computes exactly one new token")
         if any(not 0 <= b < n for b in pull):
             raise ValueError(f"block ids to pull must be in 0..{n - 1}")
-        if pull:
-            blocks = sorted(set(pull))
-            self.kv.pull_blocks(self.pool, blocks)
-            self.blocks_pulled += len(blocks)
-            self._pulled.inc(len(blocks))
-        batch = AttentionBatch.build(prefills, [(t, c + 1) for t, c, _ in decodes], bs, self.device)
+        for done in [i for i, b in self.batches.items() if b.router == spec.router and b.step < spec.step]:
+            self.hot.close(self.batches.pop(done).tables)  # finished, or abandoned by a failed step
+        tables = [table for table, _, _ in spans]
+        filled = [b for table, computed, _ in spans for b in table[: -(-computed // bs)]]
+        pulled = self.hot.pulled
+        local = self.hot.open(tables, filled, pull)
+        self._pulled.inc(self.hot.pulled - pulled)
+        local_prefills = [(t, c, k) for t, (_, c, k) in zip(local[: len(prefills)], prefills, strict=True)]
+        local_decodes = [(t, c + 1) for t, (_, c, _) in zip(local[len(prefills) :], decodes, strict=True)]
+        batch = AttentionBatch.build(local_prefills, local_decodes, bs, self.device)
         positions = [p for _, c, k in prefills for p in range(c, c + k)] + [c for _, c, _ in decodes]
         cos, sin = self.rotary(torch.tensor(positions, device=self.device))
-        self.batches[batch_id] = _OpenBatch(batch, cos, sin)
-        while len(self.batches) > MAX_OPEN_BATCHES:
-            self.batches.popitem(last=False)
+        self.batches[batch_id] = _OpenBatch(batch, cos, sin, tables, spec.router, spec.step)
+        while len(self.batches) > MAX_OPEN_BATCHES:  # abandoned by its router
+            self.hot.close(self.batches.popitem(last=False)[1].tables)
         self.tokens_computed += batch.num_tokens
         self._tokens.inc(batch.num_tokens)
 
     def _write_through(self, batch: AttentionBatch) -> None:
         """Every layer's new entries of the micro-batch to the service, in one call."""
         slots = batch.slot_mapping
-        self.kv.write_entries(slots, self.pool.pages.flatten(1, 2).index_select(1, slots))
+        entries = self.hot.pool.pages.flatten(1, 2).index_select(1, slots)
+        self.kv.write_entries(self.hot.service_slots(slots), entries)
         self.entries_written += slots.numel()
 
     def info(self) -> attention_pb2.WorkerInfoResponse:
         return attention_pb2.WorkerInfoResponse(
             worker=self.name,
             num_layers=self.config.num_hidden_layers,
-            num_blocks=self.pool.num_blocks,
-            block_size=self.pool.block_size,
+            num_blocks=self.kv.num_blocks,
+            block_size=self.kv.block_size,
+            hot_copy_blocks=self.hot.capacity,
             dtype=str(self.dtype).removeprefix("torch."),
             kv_cache_address=self.kv_cache_address,
             tokens_computed=self.tokens_computed,
-            blocks_pulled=self.blocks_pulled,
+            blocks_pulled=self.hot.pulled,
+            blocks_evicted=self.hot.evicted,
             entries_written=self.entries_written,
             busy_seconds=self.busy_seconds,
         )
@@ -162,6 +194,12 @@ def _spans(msgs: Sequence[attention_pb2.SequenceSpan]) -> list[Span]:
     return [(list(m.block_table), m.num_computed, m.num_new) for m in msgs]
 
 
+def _batch_spec(spec: attention_pb2.AttentionBatchSpec) -> BatchSpec:
+    return BatchSpec(
+        _spans(spec.prefills), _spans(spec.decodes), list(spec.pull_block_ids), spec.router, spec.step
+    )
+
+
 class AttentionServicer(attention_pb2_grpc.AttentionServicer):
     """Handler threads decode and encode; the worker computes on its torch thread, one call at a time."""
 
@@ -169,17 +207,16 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
         self.worker, self.torch_thread = worker, torch_thread
 
     def Attend(self, request, context):  # noqa: N802
-        spec = request.batch if request.HasField("batch") else None
-        spans = None
-        if spec is not None:
-            spans = (_spans(spec.prefills), _spans(spec.decodes), list(spec.pull_block_ids))
+        spec = _batch_spec(request.batch) if request.HasField("batch") else None
         try:
             hidden = tensor_from_proto(request.hidden)
             start = time.perf_counter()
-            out = self.torch_thread.call(self.worker.attend, request.batch_id, request.layer, hidden, spans)
+            out = self.torch_thread.call(self.worker.attend, request.batch_id, request.layer, hidden, spec)
             elapsed = time.perf_counter() - start
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except HotCopyFull as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except grpc.RpcError as e:  # the KV-cache service
             context.abort(grpc.StatusCode.UNAVAILABLE, f"KV-cache service: {e.code().name}: {e.details()}")
         return attention_pb2.AttendResponse(output=tensor_to_proto(out), compute_seconds=elapsed)
@@ -213,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="attention-0", help="the worker's name in metrics and logs")
     p.add_argument("--device", default="cpu")
     p.add_argument(
+        "--hot-copy-blocks",
+        type=int,
+        default=None,
+        help="local pages cached from the KV-cache service (default: as many as it has blocks); they must "
+        "hold the blocks of the sequences this worker runs in one step",
+    )
+    p.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0: any free)"
     )
     return p
@@ -223,15 +267,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch_thread = TorchThread()
     worker = torch_thread.call(
-        lambda: AttentionWorker(str(resolve_model(args.model)), args.kv_cache, args.device, args.name)
+        lambda: AttentionWorker(
+            str(resolve_model(args.model)), args.kv_cache, args.device, args.name, args.hot_copy_blocks
+        )
     )
     server, address = serve_worker(worker, torch_thread, args.host, args.port)
     log.info(
         "%s: %d layers, hot copy of %d blocks x %d tokens (%s), KV cache at %s",
         args.name,
         worker.config.num_hidden_layers,
-        worker.pool.num_blocks,
-        worker.pool.block_size,
+        worker.hot.capacity,
+        worker.kv.block_size,
         worker.dtype,
         args.kv_cache,
     )

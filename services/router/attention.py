@@ -110,6 +110,8 @@ class RemoteAttention(nn.Module):
 class AttentionPool:
     """The router's attention backend over attention workers that share one KV-cache service."""
 
+    needs_mla_weights = False  # attach() puts RemoteAttention in place of every layer's MLA
+
     def __init__(
         self,
         addresses: list[str],
@@ -131,6 +133,7 @@ class AttentionPool:
         self.owner: dict[int, int] = {}  # seq_id -> worker index
         self.live: dict[int, Sequence] = {}
         self._batch_ids = itertools.count()
+        self._steps = itertools.count()
         self._rotation = itertools.count()  # breaks ties between equally loaded workers
         self._lock = threading.Lock()
         # Lost workers are probed in the background; the ones that answer again rejoin at the next step.
@@ -238,12 +241,15 @@ class AttentionPool:
         pulled: list[tuple[int, list[int]]] = []
         written: list[tuple[int, list[int]]] = []
         batches = []
+        step = next(self._steps)
         for prefills, decodes in parts:
             by_worker: dict[int, tuple[attention_pb2.AttentionBatchSpec, list[int]]] = {}
             row = 0
             for seq, n, is_prefill in [(s, n, True) for s, n in prefills] + [(s, 1, False) for s in decodes]:
                 w = self._worker_of(seq)
-                spec, rows = by_worker.setdefault(w, (attention_pb2.AttentionBatchSpec(), []))
+                spec, rows = by_worker.setdefault(
+                    w, (attention_pb2.AttentionBatchSpec(router=self.blocks.namespace, step=step), [])
+                )
                 table = self.blocks.block_table(seq.seq_id)
                 computed = seq.num_computed_tokens if is_prefill else seq.num_tokens - 1
                 span = attention_pb2.SequenceSpan(block_table=table, num_computed=computed, num_new=n)

@@ -53,14 +53,16 @@ def topology(checkpoint_dir):
     started = []
 
     class Workers:
-        def __init__(self, path: str, kv_address: str) -> None:
-            self.path, self.kv_address = path, kv_address
+        def __init__(self, path: str, kv_address: str, hot_copy_blocks: int | None) -> None:
+            self.path, self.kv_address, self.hot_copy_blocks = path, kv_address, hot_copy_blocks
             self.servers: list = [None, None]
             self.addresses = ["127.0.0.1:0", "127.0.0.1:0"]
 
         def start(self, i: int) -> None:
             torch_thread = TorchThread()
-            worker = torch_thread.call(AttentionWorker, self.path, self.kv_address, "cpu", f"attention-{i}")
+            worker = torch_thread.call(
+                AttentionWorker, self.path, self.kv_address, "cpu", f"attention-{i}", self.hot_copy_blocks
+            )
             host, port = self.addresses[i].rsplit(":", 1)
             self.servers[i], self.addresses[i] = serve_worker(worker, torch_thread, host, int(port))
             started.append(self.servers[i])
@@ -68,12 +70,12 @@ def topology(checkpoint_dir):
         def stop(self, i: int) -> None:
             self.servers[i].stop(grace=None)
 
-    def make(name: str, num_blocks: int):
+    def make(name: str, num_blocks: int, hot_copy_blocks: int | None = None):
         path = checkpoint_dir(name)
         service = KVCacheService.from_model(path, block_size=BS, num_blocks=num_blocks, dtype="float32")
         kv_server, kv_address = serve_kvcache(service)
         started.append(kv_server)
-        workers = Workers(path, kv_address)
+        workers = Workers(path, kv_address, hot_copy_blocks)
         for i in range(2):
             workers.start(i)
         pool = AttentionPool(
@@ -118,6 +120,17 @@ def test_attention_workers_give_the_in_process_tokens(topology, name):
     stats = service.stats()
     assert (stats.used, stats.num_seqs) == (0, 0)  # every page freed or cached
     service.blocks.check_invariants()
+
+
+def test_a_hot_copy_smaller_than_the_service_gives_the_same_tokens(topology):
+    """Each worker caches 32 of the service's 64 blocks: pages are evicted, and no token changes."""
+    engine, pool, service, local, _ = topology("v3", num_blocks=64, hot_copy_blocks=30)
+    assert run_staggered(engine) == run_staggered(local)
+    infos = pool.worker_info()
+    assert all(i.hot_copy_blocks == 30 and i.num_blocks == 64 for i in infos)
+    assert all(i.tokens_computed > 0 for i in infos)
+    assert sum(i.blocks_evicted for i in infos) > 0
+    assert (service.stats().used, service.stats().num_seqs) == (0, 0)
 
 
 def test_a_prefix_computed_on_one_worker_is_a_hit_on_the_other(topology):
@@ -203,3 +216,32 @@ def test_bad_attend_requests_are_invalid_argument(topology):
     # The worker still serves.
     out = engine.generate([[5, 6, 7]], PARAMS)[0]
     assert len(out.outputs[0].token_ids) == PARAMS.max_tokens
+
+
+def test_a_batch_that_does_not_fit_the_hot_copy_is_resource_exhausted_until_its_step_is_over(topology):
+    """A batch pins its pages until its last layer; a router's later step closes its earlier batches (here
+    one abandoned after layer 0), and frees their pages for the new one. Another router's step does not."""
+    engine, pool, _, _, _ = topology("v2_lite", num_blocks=16, hot_copy_blocks=4)
+    stub = pool.workers[0].stub
+
+    def attend(batch_id: str, table: list[int], router: str, step: int) -> attention_pb2.AttendResponse:
+        span = attention_pb2.SequenceSpan(block_table=table, num_computed=0, num_new=len(table) * BS)
+        spec = attention_pb2.AttentionBatchSpec(prefills=[span], router=router, step=step)
+        hidden = tensor_to_proto(torch.zeros(len(table) * BS, engine.model_config.hidden_size))
+        return stub.Attend(attention_pb2.AttendRequest(batch_id=batch_id, layer=0, hidden=hidden, batch=spec))
+
+    attend("a", [0, 1, 2], "r1/", 0)  # never finished: its 3 pages stay pinned
+    with pytest.raises(grpc.RpcError) as e:
+        attend("b", [3, 4], "r2/", 9)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "needs 2 blocks, the hot copy has 4 (3 pinned" in e.value.details()
+    attend("c", [3, 4], "r1/", 1)  # r1's next step: batch a is over
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Attend(
+            attention_pb2.AttendRequest(
+                batch_id="a",
+                layer=1,
+                hidden=tensor_to_proto(torch.zeros(12, engine.model_config.hidden_size)),
+            )
+        )
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown batch_id" in e.value.details()
