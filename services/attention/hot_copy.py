@@ -27,6 +27,7 @@ class HotCopy:
         self.pool, self.kv = pool, kv
         self._page: collections.OrderedDict[int, int] = collections.OrderedDict()  # block -> page, LRU first
         self._free = list(range(pool.num_blocks - 1, -1, -1))
+        self._block_of_page = torch.full((pool.num_blocks,), -1, dtype=torch.int64)
         self._pins: collections.Counter[int] = collections.Counter()  # blocks of open micro-batches
         self.pulled = self.evicted = 0
 
@@ -49,14 +50,16 @@ class HotCopy:
         stale = set(stale)
         absent = [b for b in needed if b not in self._page or b in stale]
         new = [b for b in absent if b not in self._page]
-        evictable = sum(1 for b in self._page if not self._pins[b] and b not in needed)
-        if len(new) > len(self._free) + evictable:
-            raise HotCopyFull(
-                f"this micro-batch needs {len(needed)} blocks, the hot copy has {self.capacity} "
-                f"({sum(1 for b in self._pins if self._pins[b])} pinned by other micro-batches)"
-            )
+        if len(new) > len(self._free):
+            evictable = sum(1 for b in self._page if not self._pins[b] and b not in needed)
+            if len(new) > len(self._free) + evictable:
+                raise HotCopyFull(
+                    f"this micro-batch needs {len(needed)} blocks, the hot copy has {self.capacity} "
+                    f"({len(self._pins)} pinned by other micro-batches)"
+                )
         for b in new:
-            self._page[b] = self._take(needed)
+            self._page[b] = page = self._take(needed)
+            self._block_of_page[page] = b
         for b in needed:
             self._page.move_to_end(b)
             self._pins[b] += 1
@@ -76,11 +79,8 @@ class HotCopy:
 
     def service_slots(self, local_slots: torch.Tensor) -> torch.Tensor:
         """Service slots (block * block_size + offset) of local slots: where the write-through goes."""
-        block_of_page = torch.full((self.capacity,), -1, dtype=torch.int64)
-        block_of_page[list(self._page.values())] = torch.tensor(list(self._page), dtype=torch.int64)
-        bs = self.pool.block_size
-        local = local_slots.cpu()
-        return block_of_page[local // bs] * bs + local % bs
+        bs, local = self.pool.block_size, local_slots.cpu()
+        return self._block_of_page[local // bs] * bs + local % bs
 
     def _take(self, keep: dict[int, None]) -> int:
         if self._free:
