@@ -143,7 +143,7 @@ def up(args: argparse.Namespace) -> int:
             "--max-num-seqs", str(args.max_num_seqs),
             "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             "--expert-workers", str(args.expert_workers),
-            "--micro-batches", str(args.micro_batches),
+            *(["--micro-batches", str(args.micro_batches)] if args.micro_batches else []),
             "--worker-keepalive", str(args.worker_keepalive),
             *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
         ]  # fmt: skip
@@ -192,7 +192,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--attention-workers", type=int, default=2, help="attention worker processes (0: in the router)"
     )
     p.add_argument(
-        "--micro-batches", type=int, default=2, help="micro-batches in flight per step (2: ping-pong)"
+        "--micro-batches",
+        type=int,
+        default=None,
+        help="micro-batches in flight per step (2: ping-pong; default 2 on a GPU, else 1)",
     )
     p.add_argument(
         "--hot-copy-blocks",

@@ -27,6 +27,8 @@ async def serve(args: argparse.Namespace) -> None:
 
     model_dir = resolve_model(args.model)
     config = engine_config(args)
+    if args.micro_batches is None:  # ping-pong hides GPU and network hops; on CPU cores it only adds calls
+        args.micro_batches = 2 if config.torch_device.type == "cuda" else 1
     attention = connect_attention_workers(args) if args.attention_workers else None
     experts = start_expert_actors(args, str(model_dir), config) if args.expert_workers else None
 
@@ -159,8 +161,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--micro-batches",
         type=int,
-        default=2,
-        help="with attention workers: micro-batches in flight per step (2: ping-pong)",
+        default=None,
+        help="with attention workers: micro-batches in flight per step (2: ping-pong; default 2 on a GPU, "
+        "else 1)",
     )
     p.add_argument(
         "--worker-keepalive",

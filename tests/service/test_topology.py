@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ transformers = pytest.importorskip("transformers")
 PROMPTS = [[3, 4, 5], list(range(20, 61)), [7], [(7 * i) % 250 + 2 for i in range(19)], list(range(90, 99))]
 SHARED = list(range(100, 132))  # two full blocks of 16
 MAX_TOKENS = 12
+LONG = 48  # generations that a worker is stopped or killed in the middle of
 KEEPALIVE_S = 2.0
 
 
@@ -44,15 +46,29 @@ def topology(checkpoint_dir):
     assert not alive, f"still running after latentmoe up stopped: {alive}"
 
 
-def generate(channel, ids) -> tuple[list[int], int]:
+def generate(channel, ids, max_tokens=MAX_TOKENS, first_token: threading.Event | None = None):
+    """(tokens, cached prompt tokens) of a greedy generation; sets `first_token` as the first one arrives."""
     stub = router_pb2_grpc.RouterStub(channel)
-    params = router_pb2.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    params = router_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     request = router_pb2.GenerateRequest(token_ids=router_pb2.TokenIds(ids=ids), params=params)
     tokens, cached = [], 0
     for response in stub.Generate(request, timeout=120):
         tokens += [t for c in response.completions for t in c.delta_token_ids]
         cached = response.usage.cached_prompt_tokens
+        if first_token is not None and tokens:
+            first_token.set()
     return tokens, cached
+
+
+def in_flight(pool: ThreadPoolExecutor, channel, max_tokens: int) -> list:
+    """Every prompt generating at once; returns when each has its first token (the rest is still to come)."""
+    started = [threading.Event() for _ in PROMPTS]
+    running = [
+        pool.submit(generate, channel, p, max_tokens, e) for p, e in zip(PROMPTS, started, strict=True)
+    ]
+    for event in started:
+        assert event.wait(60)
+    return running
 
 
 def scrape(url: str, name: str) -> dict[str, float]:
@@ -107,14 +123,13 @@ def test_a_frozen_attention_worker_is_dropped_and_rejoins_when_it_thaws(topology
     worker and moves its sequences to the other one; answers do not change. Once the process runs again, it
     answers the router's probe and new sequences reach it."""
     engine = LLMEngine.from_checkpoint(topology["path"], EngineConfig(dtype="float32", kv_cache_memory=8e6))
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=LONG, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params)]
     pid = topology["services"]["attention-0"]["pid"]
     losses = "latentmoe_attention_worker_losses_total"
     lost_before = scrape(topology["metrics"], losses).get("attention-0", 0.0)
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        running = [pool.submit(generate, topology["channel"], p) for p in PROMPTS]
-        time.sleep(0.3)  # mid-generation
+        running = in_flight(pool, topology["channel"], LONG)
         os.kill(pid, signal.SIGSTOP)
         stopped = time.monotonic()
         try:
@@ -127,7 +142,7 @@ def test_a_frozen_attention_worker_is_dropped_and_rejoins_when_it_thaws(topology
     calls = "latentmoe_attention_worker_latency_seconds_count"
     before = scrape(topology["metrics"], calls).get("attention-0", 0.0)
     for _ in range(30):  # the router probes lost workers every 2 s
-        assert generate(topology["channel"], PROMPTS[0])[0] == want[0]
+        assert generate(topology["channel"], PROMPTS[0], LONG)[0] == want[0]
         if scrape(topology["metrics"], calls).get("attention-0", 0.0) > before:
             break
         time.sleep(0.5)
@@ -149,24 +164,21 @@ def test_losing_an_attention_worker_keeps_serving(topology):
     preempted = counter(url, "latentmoe_preemptions_total")
     lost = scrape(url, "latentmoe_attention_worker_losses_total").get("attention-1", 0.0)
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        running = [pool.submit(generate, topology["channel"], p) for p in PROMPTS]
-        time.sleep(0.3)  # mid-generation
+        running = in_flight(pool, topology["channel"], LONG)
         os.kill(topology["services"]["attention-1"]["pid"], signal.SIGKILL)
         results = [f.result() for f in running]
-    results += [generate(topology["channel"], p) for p in PROMPTS]
+    results += [generate(topology["channel"], p, LONG) for p in PROMPTS]
     got, after = [r[0] for r in results[: len(PROMPTS)]], [r[0] for r in results[len(PROMPTS) :]]
     assert scrape(url, "latentmoe_attention_worker_losses_total")["attention-1"] == lost + 1
 
     # Every token computed once (prompt tokens not found in the cache, and every output token but the last)
     # is routed to k experts in each MoE layer.
     config = ModelConfig.from_file(topology["path"])
-    computed = sum(
-        len(p) - cached + MAX_TOKENS - 1 for p, (_, cached) in zip(PROMPTS * 2, results, strict=True)
-    )
+    computed = sum(len(p) - cached + LONG - 1 for p, (_, cached) in zip(PROMPTS * 2, results, strict=True))
     assert counter(url, "latentmoe_preemptions_total") == preempted  # no recompute to account for
     expected = computed * config.num_experts_per_tok * len(config.moe_layers)
     assert counter(url, "latentmoe_routed_tokens_total") - routed == expected
     engine = LLMEngine.from_checkpoint(topology["path"], EngineConfig(dtype="float32", kv_cache_memory=8e6))
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=LONG, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params)]
     assert got == want and after == want
