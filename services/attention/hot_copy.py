@@ -44,7 +44,7 @@ class HotCopy:
 
         `filled`: the blocks holding tokens computed before this micro-batch; `stale`: blocks whose local copy
         the router knows to be out of date. Both are pulled unless resident and up to date. Raises HotCopyFull
-        (nothing changed) when the pages do not fit.
+        when the pages do not fit, or the KV-cache service's error, and then changes nothing.
         """
         needed = dict.fromkeys(b for table in tables for b in table)
         stale = set(stale)
@@ -57,16 +57,17 @@ class HotCopy:
                     f"this micro-batch needs {len(needed)} blocks, the hot copy has {self.capacity} "
                     f"({len(self._pins)} pinned by other micro-batches)"
                 )
+        filled = set(filled)
+        pull = [b for b in absent if b in filled or b in stale]
+        data = self.kv.read_blocks(pull) if pull else None  # before any change: the service may fail
         for b in new:
             self._page[b] = page = self._take(needed)
             self._block_of_page[page] = b
         for b in needed:
             self._page.move_to_end(b)
             self._pins[b] += 1
-        filled = set(filled)
-        pull = [b for b in absent if b in filled or b in stale]
         if pull:
-            self.pool.write_blocks([self._page[b] for b in pull], self.kv.read_blocks(pull))
+            self.pool.write_blocks([self._page[b] for b in pull], data)
             self.pulled += len(pull)
         return [[self._page[b] for b in table] for table in tables]
 

@@ -148,8 +148,13 @@ class AttentionWorker:
             raise ValueError("a decode computes exactly one new token")
         if any(not 0 <= b < n for b in pull):
             raise ValueError(f"block ids to pull must be in 0..{n - 1}")
-        for done in [i for i, b in self.batches.items() if b.router == spec.router and b.step < spec.step]:
-            self.hot.close(self.batches.pop(done).tables)  # finished, or abandoned by a failed step
+        over = [
+            i
+            for i, b in self.batches.items()
+            if i == batch_id or (b.router == spec.router and b.step < spec.step)
+        ]
+        for done in over:  # finished, or abandoned by a failed step (or announced again)
+            self.hot.close(self.batches.pop(done).tables)
         tables = [table for table, _, _ in spans]
         filled = [b for table, computed, _ in spans for b in table[: -(-computed // bs)]]
         pulled = self.hot.pulled

@@ -4,6 +4,7 @@ pages that pulls what it lacks, never evicts a pinned page, and refuses, changin
 
 from __future__ import annotations
 
+import grpc
 import pytest
 import torch
 
@@ -85,3 +86,19 @@ def test_local_slots_map_to_the_service_slots(service):
     [local] = hot.open([[9, 3]], filled=[], stale=[])
     slots = torch.tensor([local[0] * BS + 1, local[1] * BS + 3])
     assert hot.service_slots(slots).tolist() == [9 * BS + 1, 3 * BS + 3]
+
+
+def test_a_pull_that_fails_changes_nothing(checkpoint_dir):
+    service = KVCacheService.from_model(
+        checkpoint_dir("v2_lite"), block_size=BS, num_blocks=16, dtype="float32"
+    )
+    server, address = serve_kvcache(service)
+    kv = RemoteBlockManager(address, timeout=5)
+    hot = hot_copy(kv, 4)
+    server.stop(grace=None).wait()
+    with pytest.raises(grpc.RpcError):
+        hot.open([[1, 2]], filled=[1, 2], stale=[])
+    assert (hot.resident, hot.pulled) == (0, 0)
+    [local] = hot.open([[3]], filled=[], stale=[])  # nothing to pull: no call to the service
+    assert hot.resident == 1 and local == [0]
+    kv.close()
