@@ -24,7 +24,7 @@ num_cached_blocks / usage / num_seqs /
 prefix_queries / prefix_hits / evictions
 lookup_prefix / lookup_prefix_blocks     1 (LookupPrefix)
 read_blocks / write_blocks /             1 (ReadBlocks / WriteBlocks / WriteEntries)
-write_entries / pull_blocks / push_blocks
+write_entries
 =======================================  =====================================================================
 
 The engine runs each step's scheduling and bookkeeping inside ``blocks.deferred()``, and the Scheduler tries
@@ -49,7 +49,7 @@ from typing import Any
 import grpc
 import torch
 
-from common.kvcache import BlockPool, BlockStats, NoFreeBlocksError
+from common.kvcache import BlockStats, NoFreeBlocksError
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
 from common.rpc.server import OPTIONS
 from latentmoe.v1 import kvcache_pb2, kvcache_pb2_grpc
@@ -366,13 +366,3 @@ class RemoteBlockManager:
             layer_start=layer_start, slots=tensor_to_proto(slots_t), entries=tensor_to_proto(entries)
         )
         self._query(self.stub.WriteEntries, request)
-
-    def pull_blocks(self, pool: BlockPool, block_ids: Sequence[int]) -> None:
-        """Cache miss: copy blocks from the service into a worker's local pool (same block ids)."""
-        if block_ids:
-            pool.write_blocks(block_ids, self.read_blocks(block_ids))
-
-    def push_blocks(self, pool: BlockPool, block_ids: Sequence[int]) -> None:
-        """Copy whole blocks of a worker's local pool to the service (same block ids)."""
-        if block_ids:
-            self.write_blocks(block_ids, pool.read_blocks(block_ids).to(self.dtype))

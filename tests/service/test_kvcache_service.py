@@ -433,7 +433,7 @@ def test_pages_and_prefix_are_shared_between_clients(kv):
 
         # A worker's cache miss: pull the blocks into its own pool; write one layer range through.
         pool = BlockPool(LAYERS, 16, BS, ENTRY_DIM)
-        b.pull_blocks(pool, ids)
+        pool.write_blocks(ids, b.read_blocks(ids))
         assert torch.equal(pool.read_blocks(ids), b.read_blocks(ids))
         tail = b.slot_mapping(1, 8, 11)
         new = torch.randn(2, 3, ENTRY_DIM)
@@ -441,7 +441,7 @@ def test_pages_and_prefix_are_shared_between_clients(kv):
         got = b.read_blocks(b.block_table(1)[2:]).reshape(LAYERS, BS, ENTRY_DIM)[:, :3]
         assert torch.equal(got[1:], new) and not got[0].any()
         pool.write(0, torch.tensor(tail), torch.ones(3, ENTRY_DIM))
-        b.push_blocks(pool, b.block_table(1)[2:])
+        b.write_blocks(b.block_table(1)[2:], pool.read_blocks(b.block_table(1)[2:]))
         assert torch.equal(b.read_blocks(b.block_table(1)[2:]), pool.read_blocks(b.block_table(1)[2:]))
 
         with pytest.raises(ValueError, match="float32"):
