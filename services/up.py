@@ -121,6 +121,7 @@ def up(args: argparse.Namespace) -> int:
                     "--port", str(port),
                     "--name", f"attention-{i}",
                     *(["--hot-copy-blocks", str(args.hot_copy_blocks)] if args.hot_copy_blocks else []),
+                    "--watchdog-timeout", str(args.watchdog_timeout),
                     "--metrics-port", _metrics_port(args.metrics_port, 2 + i),
                 ],
                 env,
@@ -145,6 +146,7 @@ def up(args: argparse.Namespace) -> int:
             "--expert-workers", str(args.expert_workers),
             *(["--micro-batches", str(args.micro_batches)] if args.micro_batches else []),
             "--worker-keepalive", str(args.worker_keepalive),
+            "--watchdog-timeout", str(args.watchdog_timeout),
             *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
         ]  # fmt: skip
         if workers:
@@ -179,6 +181,7 @@ def up(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from common.rpc.channel import KEEPALIVE_S
+    from common.torch_thread import WATCHDOG_TIMEOUT_S
     from services.cli import add_engine_args
 
     p = sub.add_parser(
@@ -209,6 +212,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=KEEPALIVE_S,
         metavar="SECONDS",
         help="the router's pings to its workers (latentmoe serve --worker-keepalive)",
+    )
+    p.add_argument(
+        "--watchdog-timeout",
+        type=float,
+        default=WATCHDOG_TIMEOUT_S,
+        metavar="SECONDS",
+        help="a worker whose computation runs longer exits (latentmoe serve --watchdog-timeout)",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="the router's gRPC port (0: any free port)")

@@ -29,7 +29,7 @@ from common.model.mla import AttentionBatch
 from common.model.rope import RotaryEmbedding
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
 from common.rpc.server import serve_until_signalled, start_server
-from common.torch_thread import TorchThread
+from common.torch_thread import WATCHDOG_TIMEOUT_S, TorchThread
 from latentmoe.v1 import attention_pb2, attention_pb2_grpc
 from services.attention.hot_copy import HotCopy, HotCopyFull
 from services.kvcache.client import RemoteBlockManager
@@ -264,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (0: any free)"
     )
+    p.add_argument(
+        "--watchdog-timeout",
+        type=float,
+        default=WATCHDOG_TIMEOUT_S,
+        metavar="SECONDS",
+        help="exit if one computation runs longer (a hang; the router then moves its sequences); 0: never",
+    )
     return p
 
 
@@ -276,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             str(resolve_model(args.model)), args.kv_cache, args.device, args.name, args.hot_copy_blocks
         )
     )
+    if args.watchdog_timeout:
+        torch_thread.watch(args.watchdog_timeout)
     server, address = serve_worker(worker, torch_thread, args.host, args.port)
     log.info(
         "%s: %d layers, hot copy of %d blocks x %d tokens (%s), KV cache at %s",

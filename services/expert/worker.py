@@ -15,7 +15,7 @@ import torch
 from common.checkpoint import load_expert_shard
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
 from common.rpc.server import start_server
-from common.torch_thread import TorchThread
+from common.torch_thread import WATCHDOG_TIMEOUT_S, TorchThread
 from latentmoe.v1 import expert_pb2, expert_pb2_grpc
 
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertShard"].full_name
@@ -129,11 +129,20 @@ class ExpertActor:
     """Ray actor hosting one expert worker; on (re)start it serves its shard over gRPC on a fresh port."""
 
     def __init__(
-        self, model_dir: str, expert_ids: list[int], dtype: str, name: str, host: str | None = None
+        self,
+        model_dir: str,
+        expert_ids: list[int],
+        dtype: str,
+        name: str,
+        host: str | None = None,
+        watchdog_s: float = WATCHDOG_TIMEOUT_S,
     ) -> None:
+        """watchdog_s: a computation that runs longer ends the actor, which Ray restarts (0: never)."""
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.torch_thread = TorchThread(name)
         self.worker = self.torch_thread.call(ExpertWorker, model_dir, expert_ids, dtype, device, name)
+        if watchdog_s:
+            self.torch_thread.watch(watchdog_s)
         # Reachable from the router on another node: the node's own address unless told otherwise.
         host = host or ray.util.get_node_ip_address()
         self.server, self._address = serve_worker(self.worker, self.torch_thread, host)

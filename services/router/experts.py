@@ -26,6 +26,7 @@ from common.model.moe import MoE
 from common.rpc.channel import KEEPALIVE_S, worker_channel
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
 from common.rpc.stream import CallStream, ThreadStreams
+from common.torch_thread import WATCHDOG_TIMEOUT_S
 from latentmoe.v1 import expert_pb2, expert_pb2_grpc
 from services.expert.worker import ExpertActor
 from services.health import check
@@ -169,9 +170,11 @@ class ExpertPool:
         shards: list[list[int]] | None = None,
         host: str | None = None,
         keepalive_s: float = KEEPALIVE_S,
+        watchdog_s: float = WATCHDOG_TIMEOUT_S,
     ) -> None:
         """host: the address the actors bind and advertise (default: each node's own IP address); keepalive_s:
-        an actor that leaves a ping unanswered this long is restarted (common/rpc/channel.py)."""
+        an actor that leaves a ping unanswered this long is restarted (common/rpc/channel.py); watchdog_s: an
+        actor whose computation runs longer ends itself (common/torch_thread.py)."""
         self.config = ModelConfig.from_file(model_dir)
         n = self.config.n_routed_experts
         self.expert_map = shards or contiguous_shards(n, num_workers)
@@ -190,7 +193,7 @@ class ExpertPool:
                 max_restarts=-1,
                 max_task_retries=-1,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
-            ).remote(model_dir, experts, dtype, f"expert-{i}", host)
+            ).remote(model_dir, experts, dtype, f"expert-{i}", host, watchdog_s)
             self.shards.append(ShardClient(f"expert-{i}", actor, keepalive_s))
         for shard in self.shards:
             shard.connect()

@@ -16,6 +16,7 @@ from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine
 from common.rpc.channel import KEEPALIVE_S
 from common.rpc.server import start_aio_server
+from common.torch_thread import WATCHDOG_TIMEOUT_S
 from latentmoe.v1 import router_pb2_grpc
 from services.router.servicer import SERVICE_NAME, RouterServicer
 
@@ -122,7 +123,14 @@ def start_expert_actors(args: argparse.Namespace, model_dir: str, config: Engine
             ray.init(num_cpus=args.expert_workers, include_dashboard=False)
         host = args.host
     dtype = str(config.torch_dtype).removeprefix("torch.")
-    pool = ExpertPool(model_dir, args.expert_workers, dtype, host=host, keepalive_s=args.worker_keepalive)
+    pool = ExpertPool(
+        model_dir,
+        args.expert_workers,
+        dtype,
+        host=host,
+        keepalive_s=args.worker_keepalive,
+        watchdog_s=args.watchdog_timeout,
+    )
     log.info(
         "routed experts on %d Ray actors: %s", len(pool.shards), ", ".join(s.address for s in pool.shards)
     )
@@ -172,5 +180,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="ping attention workers and expert actors this often; one that leaves a ping unanswered as long "
         "is lost (an attention worker: its sequences move) or restarted (an expert actor)",
+    )
+    p.add_argument(
+        "--watchdog-timeout",
+        type=float,
+        default=WATCHDOG_TIMEOUT_S,
+        metavar="SECONDS",
+        help="an expert actor whose computation runs longer exits and is restarted by Ray (0: never)",
     )
     p.set_defaults(func=lambda args: asyncio.run(serve(args)) or 0)
