@@ -43,6 +43,7 @@ class WorkerClient:
     name: str
     address: str
     keepalive_s: float = KEEPALIVE_S
+    capacity: int = field(default=0, init=False)  # hot-copy pages: the blocks a step may pin there
     channel: grpc.Channel = field(init=False, repr=False)
     stub: attention_pb2_grpc.AttentionStub = field(init=False, repr=False)
     streams: ThreadStreams[attention_pb2.AttendRequest, attention_pb2.AttendResponse] = field(
@@ -152,6 +153,7 @@ class AttentionPool:
                 f"the KV-cache service {self.blocks.num_blocks} x {self.blocks.block_size}: not the same one"
             )
         worker.name = info.worker or worker.name
+        worker.capacity = info.hot_copy_blocks or info.num_blocks
 
     def _probe_lost(self, interval: float) -> None:
         while not self._closed.wait(interval):
@@ -235,6 +237,7 @@ class AttentionPool:
         decodes, as the spans list them) and the blocks it must pull before attending."""
         self._admit_revived()
         self._forget_finished()
+        self._fit([s for prefills, decodes in parts for s in [*(s for s, _ in prefills), *decodes]])
         bs = self.blocks.block_size
         # Compare against the hot copies as the step starts: the micro-batches reach a worker in any order.
         valid_at_start = [set(v) for v in self.valid]
@@ -274,6 +277,28 @@ class AttentionPool:
             for other, valid in enumerate(self.valid):
                 (valid.update if other == w else valid.difference_update)(blocks)
         return batches
+
+    def _fit(self, seqs: list[Sequence]) -> None:
+        """Move sequences off a worker whose hot copy cannot hold the pages of this step (its micro-batches
+        are open at once) to the worker with the most room; they pull their pages there, as after a loss."""
+        tables = {s.seq_id: self.blocks.block_table(s.seq_id) for s in seqs}
+        mine: list[list[Sequence]] = [[] for _ in self.workers]
+        for s in seqs:
+            mine[self._worker_of(s)].append(s)
+
+        def pages(w: int) -> int:
+            return len({b for s in mine[w] for b in tables[s.seq_id]})
+
+        for w, worker in enumerate(self.workers):
+            while pages(w) > worker.capacity and len(mine[w]) > 1:
+                seq = max(mine[w], key=lambda s: len(tables[s.seq_id]))
+                others = [o for o in range(len(self.workers)) if o != w]
+                to = max(others, key=lambda o: self.workers[o].capacity - pages(o), default=None)
+                if to is None or self.workers[to].capacity - pages(to) < len(tables[seq.seq_id]):
+                    break  # nowhere to go: the worker refuses the batch (RESOURCE_EXHAUSTED)
+                mine[w].remove(seq)
+                mine[to].append(seq)
+                self.owner[seq.seq_id] = to
 
     def _worker_of(self, seq: Sequence) -> int:
         """Sticky: a sequence's worker, chosen when it first runs (a fork joins its parent's worker)."""

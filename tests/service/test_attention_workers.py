@@ -133,6 +133,22 @@ def test_a_hot_copy_smaller_than_the_service_gives_the_same_tokens(topology):
     assert (service.stats().used, service.stats().num_seqs) == (0, 0)
 
 
+def test_sequences_move_to_the_worker_with_room_when_a_hot_copy_would_overflow(topology):
+    """Two long prompts land on one worker (placement counts sequences); as their chunked prefills grow they
+    need more pages than its hot copy has, so the router moves one to the other worker instead of failing
+    the step."""
+    engine, pool, _, local, _ = topology("v2_lite", num_blocks=64, hot_copy_blocks=16)
+    prompts = [list(range(100, 140)), [5], list(range(200, 240))]  # 10 blocks, 1, 10 (block size 4)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    got = engine.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in got] == [
+        o.outputs[0].token_ids for o in local.generate(prompts, params)
+    ]
+    infos = pool.worker_info()
+    assert infos[1].blocks_pulled > 0  # a long prompt moved, part-computed: its pages came from the service
+    assert all(i.tokens_computed > 0 for i in infos)
+
+
 def test_a_prefix_computed_on_one_worker_is_a_hit_on_the_other(topology):
     engine, pool, service, local, _ = topology("v2_lite", num_blocks=64)
     first = engine.generate([SHARED + [1, 2]], PARAMS)[0]
