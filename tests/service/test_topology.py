@@ -138,7 +138,7 @@ def test_a_frozen_attention_worker_is_dropped_and_rejoins_when_it_thaws(topology
         finally:
             os.kill(pid, signal.SIGCONT)
     assert scrape(topology["metrics"], losses)["attention-0"] == lost_before + 1
-    assert waited < 4 * KEEPALIVE_S  # one unanswered ping, not a call timeout
+    assert waited < 6 * KEEPALIVE_S  # one unanswered ping (gRPC would wait 60 s for it by default)
     calls = "latentmoe_attention_worker_latency_seconds_count"
     before = scrape(topology["metrics"], calls).get("attention-0", 0.0)
     for _ in range(30):  # the router probes lost workers every 2 s
