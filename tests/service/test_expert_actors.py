@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -138,43 +138,40 @@ def process_state(pid: int) -> str | None:
         return None
 
 
-def test_a_frozen_actor_is_restarted_and_no_answer_changes(pool, checkpoint_dir):
-    """A stopped process keeps its sockets open and stays alive to Ray: the router's keepalive pings go
-    unanswered, the health check times out, and the router has Ray restart the actor."""
-    engine = LLMEngine.from_checkpoint(checkpoint_dir("v3"), CONFIG, local_experts=False)
+def assert_replaced_without_a_changed_token(pool, path: str, shard: int, fail: Callable[[], None]) -> None:
+    """PROMPTS before and after `fail()` breaks the shard's actor: the same tokens, one restart counted, and
+    the shard served from a new address."""
+    engine = LLMEngine.from_checkpoint(path, CONFIG, local_experts=False)
     pool.attach(engine.runner.model)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     expected = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params)]
-    restarts = {"worker": "expert-0"}
+    restarts = {"worker": f"expert-{shard}"}
     before = REGISTRY.get_sample_value("latentmoe_expert_worker_restarts_total", restarts) or 0.0
-    old_address = pool.shards[0].address
+    old_address = pool.shards[shard].address
+    fail()
+    assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params)] == expected
+    assert REGISTRY.get_sample_value("latentmoe_expert_worker_restarts_total", restarts) == before + 1
+    assert pool.shards[shard].address != old_address
+
+
+def test_a_frozen_actor_is_restarted_and_no_answer_changes(pool, checkpoint_dir):
+    """A stopped process keeps its sockets open and stays alive to Ray: the router's keepalive pings go
+    unanswered, the health check times out, and the router has Ray restart the actor."""
     pid = ray.get(pool.shards[0].actor.__ray_call__.remote(lambda _actor: os.getpid()))
-    os.kill(pid, signal.SIGSTOP)
     try:
-        start = time.monotonic()
-        assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params)] == expected
-        elapsed = time.monotonic() - start
+        assert_replaced_without_a_changed_token(
+            pool, checkpoint_dir("v3"), 0, lambda: os.kill(pid, signal.SIGSTOP)
+        )
         assert process_state(pid) in (None, "Z")  # Ray killed it
     finally:
         if process_state(pid) not in (None, "Z"):  # ours to clean up if Ray did not
             os.kill(pid, signal.SIGKILL)
             os.kill(pid, signal.SIGCONT)
-    assert REGISTRY.get_sample_value("latentmoe_expert_worker_restarts_total", restarts) == before + 1
-    assert pool.shards[0].address != old_address
-    print(f"frozen actor replaced in {elapsed:.1f} s")
 
 
 def test_a_restarted_actor_is_reconnected_and_no_answer_changes(pool, checkpoint_dir):
     """Ray restarts a killed expert actor on a fresh port; the router's call to it fails UNAVAILABLE, waits
     for the new address and sends the call again. Last in this module: the pool's actor is a new process."""
-    engine = LLMEngine.from_checkpoint(checkpoint_dir("v3"), CONFIG, local_experts=False)
-    pool.attach(engine.runner.model)
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    expected = [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params)]
-    restarts = {"worker": "expert-1"}
-    before = REGISTRY.get_sample_value("latentmoe_expert_worker_restarts_total", restarts) or 0.0
-    old_address = pool.shards[1].address
-    ray.kill(pool.shards[1].actor, no_restart=False)
-    assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS, params)] == expected
-    assert REGISTRY.get_sample_value("latentmoe_expert_worker_restarts_total", restarts) == before + 1
-    assert pool.shards[1].address != old_address
+    assert_replaced_without_a_changed_token(
+        pool, checkpoint_dir("v3"), 1, lambda: ray.kill(pool.shards[1].actor, no_restart=False)
+    )
