@@ -291,11 +291,13 @@ class AttentionPool:
 
         for w, worker in enumerate(self.workers):
             while pages(w) > worker.capacity and len(mine[w]) > 1:
-                seq = max(mine[w], key=lambda s: len(tables[s.seq_id]))
                 others = [o for o in range(len(self.workers)) if o != w]
                 to = max(others, key=lambda o: self.workers[o].capacity - pages(o), default=None)
-                if to is None or self.workers[to].capacity - pages(to) < len(tables[seq.seq_id]):
+                room = 0 if to is None else self.workers[to].capacity - pages(to)
+                fitting = [s for s in mine[w] if len(tables[s.seq_id]) <= room]
+                if not fitting:
                     break  # nowhere to go: the worker refuses the batch (RESOURCE_EXHAUSTED)
+                seq = max(fitting, key=lambda s: len(tables[s.seq_id]))  # the largest that fits
                 mine[w].remove(seq)
                 mine[to].append(seq)
                 self.owner[seq.seq_id] = to

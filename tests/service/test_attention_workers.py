@@ -123,7 +123,7 @@ def test_attention_workers_give_the_in_process_tokens(topology, name):
 
 
 def test_a_hot_copy_smaller_than_the_service_gives_the_same_tokens(topology):
-    """Each worker caches 32 of the service's 64 blocks: pages are evicted, and no token changes."""
+    """Each worker caches 30 of the service's 64 blocks: pages are evicted, and no token changes."""
     engine, pool, service, local, _ = topology("v3", num_blocks=64, hot_copy_blocks=30)
     assert run_staggered(engine) == run_staggered(local)
     infos = pool.worker_info()
