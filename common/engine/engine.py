@@ -24,7 +24,7 @@ from common import metrics
 from common.checkpoint import load_model, load_tokenizer
 from common.config import EngineConfig, ModelConfig, cpu_has_native_bf16
 from common.engine.detokenizer import IncrementalDetokenizer
-from common.engine.model_runner import AttentionBackend, LocalAttention, ModelRunner
+from common.engine.model_runner import AttentionBackend, LocalAttention, ModelRunner, PagesDoNotFit
 from common.engine.sampler import SampleOutput, Sampler
 from common.engine.sampling_params import SamplingParams
 from common.engine.scheduler import Scheduler
@@ -94,7 +94,7 @@ class LLMEngine:
         self.blocks = attention.blocks
         self.max_model_len = min(
             config.max_model_len or model_config.max_position_embeddings,
-            self.blocks.num_blocks * self.blocks.block_size,
+            attention.max_blocks_per_sequence * self.blocks.block_size,
         )
         self.scheduler = Scheduler(config, self.blocks)
         self.expert_load = metrics.ExpertLoad(model_config.moe_layers, model_config.n_routed_experts)
@@ -269,7 +269,18 @@ class LLMEngine:
         for seq, _ in plan.prefills:
             if seq.request.first_scheduled_time is None:
                 seq.request.first_scheduled_time = now
-        logits, sampling = self.runner.run(plan)
+        while True:
+            try:
+                logits, sampling = self.runner.run(plan)
+                break
+            except PagesDoNotFit as e:
+                log.info("%s: preempting them", e)
+                for seq in e.seqs:
+                    self.scheduler.preempt(seq)
+                plan = plan.without(e.seqs)
+                if plan.empty:
+                    self._publish_step_metrics()
+                    return []
         self.scheduler.mark_computed(plan)
         if not sampling:  # only prefill chunks that do not finish their prompt
             self._publish_step_metrics()

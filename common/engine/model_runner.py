@@ -32,10 +32,21 @@ class WorkerLost(RuntimeError):
     (their pages are recomputed or pulled from the KV cache), so the step can run again from the start."""
 
 
+class PagesDoNotFit(RuntimeError):
+    """The step's pages do not fit where its attention runs (an attention worker's hot copy), even after
+    moving sequences between workers: these sequences wait, preempted by recompute, as when the KV cache
+    runs out of pages."""
+
+    def __init__(self, seqs: list[Sequence]) -> None:
+        super().__init__(f"{len(seqs)} sequences do not fit the attention workers' hot copies")
+        self.seqs = seqs
+
+
 class AttentionBackend(Protocol):
     micro_batches: int  # how many parts to cut a step into (they run concurrently)
     blocks: Any  # the block manager whose tables say where each sequence's pages are
     needs_mla_weights: bool  # False: the model's MLA layers are replaced by stand-ins that call elsewhere
+    max_blocks_per_sequence: int  # the most pages one sequence may hold (it bounds the context length)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Apply the step's copy-on-write page copies before anything attends."""
@@ -53,6 +64,7 @@ class LocalAttention:
 
     def __init__(self, pool: BlockPool, blocks: BlockManager) -> None:
         self.pool, self.blocks = pool, blocks
+        self.max_blocks_per_sequence = blocks.num_blocks
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         self.pool.copy_blocks(copies)

@@ -32,6 +32,15 @@ class SchedulerOutput:
     def num_tokens(self) -> int:
         return sum(n for _, n in self.prefills) + len(self.decodes)
 
+    def without(self, seqs: list[Sequence]) -> SchedulerOutput:
+        """The same step minus `seqs` (preempted after scheduling); its page copies are already done."""
+        drop = {id(s) for s in seqs}
+        return SchedulerOutput(
+            prefills=[(s, n) for s, n in self.prefills if id(s) not in drop],
+            decodes=[s for s in self.decodes if id(s) not in drop],
+            preempted=[*self.preempted, *seqs],
+        )
+
 
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
@@ -92,13 +101,15 @@ class Scheduler:
                 out.copies.extend(self.blocks.append_slots(seq.seq_id, [seq.token_ids[-1]]))
                 return True
             except NoFreeBlocksError:
-                victim = self.running.pop()
+                victim = self.running[-1]
                 self.preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     return False
 
     def preempt(self, seq: Sequence) -> None:
+        """Back to the front of the queue, its pages freed and its token ids kept (recomputed later)."""
+        self.running.remove(seq)
         self.blocks.free(seq.seq_id)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from common import metrics
-from common.engine.model_runner import Span, WorkerLost
+from common.engine.model_runner import PagesDoNotFit, Span, WorkerLost
 from common.engine.sequence import Sequence
 from common.model.decoder import DeepseekModel
 from common.rpc.channel import KEEPALIVE_S, worker_channel
@@ -278,9 +278,15 @@ class AttentionPool:
                 (valid.update if other == w else valid.difference_update)(blocks)
         return batches
 
+    @property
+    def max_blocks_per_sequence(self) -> int:
+        """A sequence runs on one worker: it may hold no more pages than the smallest hot copy."""
+        return min(self.blocks.num_blocks, *(w.capacity for w in self.workers))
+
     def _fit(self, seqs: list[Sequence]) -> None:
         """Move sequences off a worker whose hot copy cannot hold the pages of this step (its micro-batches
-        are open at once) to the worker with the most room; they pull their pages there, as after a loss."""
+        are open at once) to the worker with the most room; they pull their pages there, as after a loss.
+        What still does not fit, the newest sequences first, is preempted (PagesDoNotFit)."""
         tables = {s.seq_id: self.blocks.block_table(s.seq_id) for s in seqs}
         mine: list[list[Sequence]] = [[] for _ in self.workers]
         for s in seqs:
@@ -296,11 +302,20 @@ class AttentionPool:
                 room = 0 if to is None else self.workers[to].capacity - pages(to)
                 fitting = [s for s in mine[w] if len(tables[s.seq_id]) <= room]
                 if not fitting:
-                    break  # nowhere to go: the worker refuses the batch (RESOURCE_EXHAUSTED)
+                    break
                 seq = max(fitting, key=lambda s: len(tables[s.seq_id]))  # the largest that fits
                 mine[w].remove(seq)
                 mine[to].append(seq)
                 self.owner[seq.seq_id] = to
+        victims = []
+        for w, worker in enumerate(self.workers):
+            while pages(w) > worker.capacity and len(mine[w]) > 1:
+                victims.append(max(mine[w], key=lambda s: s.seq_id))
+                mine[w].remove(victims[-1])
+        if victims:
+            for seq in victims:  # placed afresh when they run again
+                del self.owner[seq.seq_id], self.live[seq.seq_id]
+            raise PagesDoNotFit(victims)
 
     def _worker_of(self, seq: Sequence) -> int:
         """Sticky: a sequence's worker, chosen when it first runs (a fork joins its parent's worker)."""

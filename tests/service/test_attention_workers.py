@@ -149,6 +149,21 @@ def test_sequences_move_to_the_worker_with_room_when_a_hot_copy_would_overflow(t
     assert all(i.tokens_computed > 0 for i in infos)
 
 
+def test_sequences_that_fit_no_hot_copy_wait_preempted_and_give_the_same_tokens(topology):
+    """Four prompts of 10 pages each on two workers of 12 pages: no placement holds them all, so the newest
+    are preempted (recomputed later), as when the KV cache runs out, and every answer comes out unchanged."""
+    engine, pool, service, local, _ = topology("v2_lite", num_blocks=64, hot_copy_blocks=12)
+    assert engine.max_model_len == 12 * BS  # one sequence fits one hot copy
+    prompts = [list(range(100 + 50 * i, 140 + 50 * i)) for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    got = engine.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in got] == [
+        o.outputs[0].token_ids for o in local.generate(prompts, params)
+    ]
+    assert engine.scheduler.num_preemptions > 0
+    assert (service.stats().used, service.stats().num_seqs) == (0, 0)
+
+
 def test_a_prefix_computed_on_one_worker_is_a_hit_on_the_other(topology):
     engine, pool, service, local, _ = topology("v2_lite", num_blocks=64)
     first = engine.generate([SHARED + [1, 2]], PARAMS)[0]
