@@ -52,15 +52,18 @@ class BatchSpec:
     router: str = ""
     step: int = 0
 
+    @property
+    def tables(self) -> list[list[int]]:
+        """Every span's block table (the service's ids), prefills first."""
+        return [table for table, _, _ in [*self.prefills, *self.decodes]]
+
 
 @dataclass
 class _OpenBatch:
     batch: AttentionBatch  # over local pages
     cos: torch.Tensor
     sin: torch.Tensor
-    tables: list[list[int]]  # the service's block ids, pinned in the hot copy until the batch closes
-    router: str
-    step: int
+    spec: BatchSpec  # its tables' blocks stay pinned in the hot copy until the batch closes
 
 
 class AttentionWorker:
@@ -131,7 +134,7 @@ class AttentionWorker:
             )
             if layer == self.config.num_hidden_layers - 1:
                 self._write_through(batch)
-                self.hot.close(self.batches.pop(batch_id).tables)
+                self.hot.close(self.batches.pop(batch_id).spec.tables)
         self.busy_seconds += time.perf_counter() - start
         return out
 
@@ -151,23 +154,22 @@ class AttentionWorker:
         over = [
             i
             for i, b in self.batches.items()
-            if i == batch_id or (b.router == spec.router and b.step < spec.step)
+            if i == batch_id or (b.spec.router == spec.router and b.spec.step < spec.step)
         ]
         for done in over:  # finished, or abandoned by a failed step (or announced again)
-            self.hot.close(self.batches.pop(done).tables)
-        tables = [table for table, _, _ in spans]
+            self.hot.close(self.batches.pop(done).spec.tables)
         filled = [b for table, computed, _ in spans for b in table[: -(-computed // bs)]]
         pulled = self.hot.pulled
-        local = self.hot.open(tables, filled, pull)
+        local = self.hot.open(spec.tables, filled, pull)
         self._pulled.inc(self.hot.pulled - pulled)
         local_prefills = [(t, c, k) for t, (_, c, k) in zip(local[: len(prefills)], prefills, strict=True)]
         local_decodes = [(t, c + 1) for t, (_, c, _) in zip(local[len(prefills) :], decodes, strict=True)]
         batch = AttentionBatch.build(local_prefills, local_decodes, bs, self.device)
         positions = [p for _, c, k in prefills for p in range(c, c + k)] + [c for _, c, _ in decodes]
         cos, sin = self.rotary(torch.tensor(positions, device=self.device))
-        self.batches[batch_id] = _OpenBatch(batch, cos, sin, tables, spec.router, spec.step)
+        self.batches[batch_id] = _OpenBatch(batch, cos, sin, spec)
         while len(self.batches) > MAX_OPEN_BATCHES:  # abandoned by its router
-            self.hot.close(self.batches.popitem(last=False)[1].tables)
+            self.hot.close(self.batches.popitem(last=False)[1].spec.tables)
         self.tokens_computed += batch.num_tokens
         self._tokens.inc(batch.num_tokens)
 

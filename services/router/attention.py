@@ -287,6 +287,8 @@ class AttentionPool:
         """Move sequences off a worker whose hot copy cannot hold the pages of this step (its micro-batches
         are open at once) to the worker with the most room; they pull their pages there, as after a loss.
         What still does not fit, the newest sequences first, is preempted (PagesDoNotFit)."""
+        if all(w.capacity >= self.blocks.num_blocks for w in self.workers):
+            return  # hot copies as large as the service: every page always fits
         tables = {s.seq_id: self.blocks.block_table(s.seq_id) for s in seqs}
         mine: list[list[Sequence]] = [[] for _ in self.workers]
         for s in seqs:
