@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from common.config import ConfigError
+from common.rpc.allocator import reuse_freed_memory
 
 
 class OrderedPrompts(argparse.Action):
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    reuse_freed_memory()  # before any thread starts
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("common", "services"):  # our own log lines at --log-level; libraries stay at WARNING

@@ -1,5 +1,9 @@
 """Tensors on the wire as (dtype, shape, raw little-endian bytes): any language can read them, nothing is
-pickled, and a malformed message is a ValueError naming what is wrong."""
+pickled, and a malformed message is a ValueError naming what is wrong.
+
+A prefill chunk's hidden states are megabytes, and every copy of them costs the router time in which the
+workers wait: a tensor is written straight into the request's own field (`out`), not built apart and copied
+in, and its bytes are read out of a message once."""
 
 from __future__ import annotations
 
@@ -20,12 +24,16 @@ _DTYPES = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-def tensor_to_proto(t: torch.Tensor) -> tensor_pb2.Tensor:
+def tensor_to_proto(t: torch.Tensor, out: tensor_pb2.Tensor | None = None) -> tensor_pb2.Tensor:
+    """`t` as a Tensor message, written into `out` (e.g. `request.hidden`) when given."""
     if t.dtype not in _NAMES:
         raise ValueError(f"dtype {t.dtype} cannot be sent")
     flat = t.detach().to("cpu").contiguous().reshape(-1)
-    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-    return tensor_pb2.Tensor(dtype=_NAMES[t.dtype], shape=list(t.shape), data=data)
+    msg = tensor_pb2.Tensor() if out is None else out
+    msg.dtype = _NAMES[t.dtype]
+    msg.shape[:] = t.shape
+    msg.data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return msg
 
 
 def tensor_from_proto(msg: tensor_pb2.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -39,12 +47,12 @@ def tensor_from_proto(msg: tensor_pb2.Tensor, device: str | torch.device = "cpu"
     for d in shape:
         numel *= d
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    if len(msg.data) != numel * itemsize:
+    data = msg.data  # each read of a bytes field copies it
+    if len(data) != numel * itemsize:
         raise ValueError(
-            f"tensor of shape {shape} and dtype {msg.dtype} needs {numel * itemsize} bytes, "
-            f"got {len(msg.data)}"
+            f"tensor of shape {shape} and dtype {msg.dtype} needs {numel * itemsize} bytes, got {len(data)}"
         )
     if numel == 0:
         return torch.empty(shape, dtype=dtype, device=device)
-    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return raw.view(dtype).reshape(shape).to(device)

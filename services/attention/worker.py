@@ -27,6 +27,7 @@ from common.checkpoint import load_attention_layers, resolve_model
 from common.kvcache import BlockPool
 from common.model.mla import AttentionBatch
 from common.model.rope import RotaryEmbedding
+from common.rpc.allocator import reuse_freed_memory
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
 from common.rpc.server import serve_until_signalled, start_server
 from common.torch_thread import WATCHDOG_TIMEOUT_S, TorchThread
@@ -226,7 +227,9 @@ class AttentionServicer(attention_pb2_grpc.AttentionServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except grpc.RpcError as e:  # the KV-cache service
             context.abort(grpc.StatusCode.UNAVAILABLE, f"KV-cache service: {e.code().name}: {e.details()}")
-        return attention_pb2.AttendResponse(output=tensor_to_proto(out), compute_seconds=elapsed)
+        response = attention_pb2.AttendResponse(compute_seconds=elapsed)
+        tensor_to_proto(out, response.output)
+        return response
 
     def AttendStream(self, requests, context):  # noqa: N802
         for request in requests:  # an abort in Attend ends the stream with its status
@@ -277,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    reuse_freed_memory()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch_thread = TorchThread()

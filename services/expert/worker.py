@@ -13,6 +13,7 @@ import ray
 import torch
 
 from common.checkpoint import load_expert_shard
+from common.rpc.allocator import reuse_freed_memory
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
 from common.rpc.server import start_server
 from common.torch_thread import WATCHDOG_TIMEOUT_S, TorchThread
@@ -88,7 +89,9 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServicer):
             elapsed = time.perf_counter() - start
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return expert_pb2.RunExpertsResponse(output=tensor_to_proto(out), compute_seconds=elapsed)
+        response = expert_pb2.RunExpertsResponse(compute_seconds=elapsed)
+        tensor_to_proto(out, response.output)
+        return response
 
     def RunExpertsStream(self, requests, context):  # noqa: N802
         for request in requests:  # an abort in RunExperts ends the stream with its status
@@ -138,6 +141,7 @@ class ExpertActor:
         watchdog_s: float = WATCHDOG_TIMEOUT_S,
     ) -> None:
         """watchdog_s: a computation that runs longer ends the actor, which Ray restarts (0: never)."""
+        reuse_freed_memory()  # Ray's threads already have their heaps; the torch thread's is new
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.torch_thread = TorchThread(name)
         self.worker = self.torch_thread.call(ExpertWorker, model_dir, expert_ids, dtype, device, name)

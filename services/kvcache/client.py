@@ -353,7 +353,8 @@ class RemoteBlockManager:
 
     def write_blocks(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
         """Overwrite whole pages (every layer) on the service; data in the service's dtype."""
-        request = kvcache_pb2.WriteBlocksRequest(block_ids=block_ids, data=tensor_to_proto(data))
+        request = kvcache_pb2.WriteBlocksRequest(block_ids=block_ids)
+        tensor_to_proto(data, request.data)
         self._query(self.stub.WriteBlocks, request)
 
     def write_entries(
@@ -362,7 +363,6 @@ class RemoteBlockManager:
         """Write-through of new latents: entries ``[layers, T, entry_dim]`` of layers [layer_start, ...)
         into slots ``[T]`` (block * block_size + offset, e.g. from `slot_mapping`)."""
         slots_t = torch.as_tensor(slots, dtype=torch.int64).reshape(-1)
-        request = kvcache_pb2.WriteEntriesRequest(
-            layer_start=layer_start, slots=tensor_to_proto(slots_t), entries=tensor_to_proto(entries)
-        )
+        request = kvcache_pb2.WriteEntriesRequest(layer_start=layer_start, slots=tensor_to_proto(slots_t))
+        tensor_to_proto(entries, request.entries)
         self._query(self.stub.WriteEntries, request)

@@ -28,6 +28,7 @@ import torch
 from common import metrics
 from common.config import ModelConfig
 from common.kvcache import BlockManager, BlockPool, NoFreeBlocksError
+from common.rpc.allocator import reuse_freed_memory
 from common.rpc.codec import tensor_from_proto, tensor_to_proto
 from common.rpc.server import serve_until_signalled, start_server
 from latentmoe.v1 import kvcache_pb2, kvcache_pb2_grpc
@@ -431,7 +432,9 @@ class KVCacheServicer(kvcache_pb2_grpc.KVCacheServicer):
 
     def ReadBlocks(self, request, context):  # noqa: N802
         data = self._call(context, lambda: self.service.read_blocks(list(request.block_ids)))
-        return kvcache_pb2.ReadBlocksResponse(block_ids=request.block_ids, data=tensor_to_proto(data))
+        response = kvcache_pb2.ReadBlocksResponse(block_ids=request.block_ids)
+        tensor_to_proto(data, response.data)
+        return response
 
     def WriteBlocks(self, request, context):  # noqa: N802
         self._call(
@@ -496,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from common.checkpoint import resolve_model
 
+    reuse_freed_memory()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     budget = int(args.kv_cache_memory) if args.kv_cache_memory > 1 else float(args.kv_cache_memory)

@@ -91,11 +91,8 @@ class RemoteAttention(nn.Module):
     ) -> torch.Tensor:
         calls = []
         for part in batch.parts:
-            request = attention_pb2.AttendRequest(
-                batch_id=part.batch_id,
-                layer=self.layer,
-                hidden=tensor_to_proto(x if part.rows is None else x[part.rows]),
-            )
+            request = attention_pb2.AttendRequest(batch_id=part.batch_id, layer=self.layer)
+            tensor_to_proto(x if part.rows is None else x[part.rows], request.hidden)
             if self.layer == 0:  # rotary positions are derived from the spans on the worker
                 request.batch.CopyFrom(part.spec)
             calls.append((part.worker, request))

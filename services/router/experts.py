@@ -115,10 +115,10 @@ class RemoteExperts(torch.nn.Module):
                 continue
             request = expert_pb2.RunExpertsRequest(
                 layer=self.layer,
-                hidden=tensor_to_proto(x[rows]),
                 expert_ids=tensor_to_proto(torch.where(mine[rows], ids[rows], -1).int()),
                 weights=tensor_to_proto(weights[rows].float()),
             )
+            tensor_to_proto(x[rows], request.hidden)
             streams = shard.streams
             calls.append((shard, rows, request, int(mine.sum()), streams, streams.send(request)))
 
