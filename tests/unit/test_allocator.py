@@ -1,4 +1,4 @@
-"""Freed message buffers are reused: a thread that handles megabytes per call stops faulting in fresh pages."""
+"""Freed message buffers are reused: a thread handling megabytes per call stops faulting in fresh pages."""
 
 import subprocess
 import sys
