@@ -10,8 +10,9 @@ from types import ModuleType
 from torch import Tensor
 
 from common.kernels import flash_attention
+from common.kernels.flash_attention import DecodePlan
 
-__all__ = ["flash_attn_varlen", "paged_latent_decode"]
+__all__ = ["DecodePlan", "flash_attn_varlen", "paged_latent_decode"]
 
 
 @functools.cache
@@ -58,11 +59,18 @@ def paged_latent_decode(
     scale: float,
     value_dim: int,
     num_splits: int | None = None,
+    plan: DecodePlan | None = None,
 ) -> Tensor:
     """One latent query per sequence and head against its paged latents -> [B, H, value_dim] in q.dtype.
 
     q [B, H, D]; pages [num_blocks, block_size, D]; block_tables int32 [B, max_blocks];
     context_lens int32 [B] >= 1. scores = q . entry * scale over the first context_lens entries of the
-    sequence; the output mixes entry[:value_dim].
+    sequence; the output mixes entry[:value_dim]. plan: the torch path's work items for these tables, built
+    once per step (the Triton kernel finds its blocks on the GPU and needs none).
     """
-    return _backend(q).paged_latent_decode(q, pages, block_tables, context_lens, scale, value_dim, num_splits)
+    backend = _backend(q)
+    if backend is flash_attention:
+        return backend.paged_latent_decode(
+            q, pages, block_tables, context_lens, scale, value_dim, num_splits, plan=plan
+        )
+    return backend.paged_latent_decode(q, pages, block_tables, context_lens, scale, value_dim, num_splits)

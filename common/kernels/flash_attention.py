@@ -9,7 +9,10 @@ ever exists for a whole sequence. Whatever the input dtype, the arithmetic is fl
   head reads the same latent entries), split over the context and merged with a log-sum-exp combine.
 """
 
+from __future__ import annotations
+
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -88,6 +91,52 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, causal: bool, tile_q: int, tile_k: 
     return out
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """The work items of a paged decode: which blocks each (sequence, split) reads, and which of their slots
+    lie past the context. It depends only on the block tables, the context lengths and the page size, so one
+    plan serves every layer of a step (built once: at one sequence it is most of a layer's decode work).
+
+    The context is cut into splits of whole blocks (num_splits per longest sequence; None picks one split per
+    SPLIT_TOKENS); item w covers positions split * split_len + [0, split_len) of sequence seq[w].
+    """
+
+    batch: int
+    block_size: int
+    split_len: int
+    split_blocks: int
+    seq: Tensor  # int64 [W]: the sequence of each item
+    block_ids: Tensor  # int64 [W, split_blocks]: the blocks each item gathers (0 where unused)
+    stale: Tensor  # bool [W, split_len]: slots past the sequence's context
+
+    @classmethod
+    def build(
+        cls, block_tables: Tensor, context_lens: Tensor, block_size: int, num_splits: int | None = None
+    ) -> DecodePlan:
+        """block_tables [B, max_blocks]; context_lens [B] >= 1."""
+        device = block_tables.device
+        lens = context_lens.to(device=device, dtype=torch.long)
+        batch = lens.shape[0]
+        if block_tables.dim() != 2 or block_tables.shape[0] != batch or lens.dim() != 1:
+            raise ValueError(f"block_tables [B, max_blocks] and context_lens [B] expected for B={batch}")
+        lo, hi = torch.stack(torch.aminmax(lens)).tolist() if batch else (1, 0)
+        if lo < 1 or hi > block_tables.shape[1] * block_size:
+            raise ValueError(f"context_lens must be in 1..{block_tables.shape[1] * block_size}")
+        if num_splits is None:
+            num_splits = -(-hi // SPLIT_TOKENS)
+        split_blocks = max(1, -(-hi // (max(1, num_splits) * block_size)))
+        split_len = split_blocks * block_size
+        items_per_seq = (lens + split_len - 1) // split_len
+        seq = torch.repeat_interleave(torch.arange(batch, device=device), items_per_seq)
+        split = torch.arange(seq.numel(), device=device) - (items_per_seq.cumsum(0) - items_per_seq)[seq]
+        stale = split[:, None] * split_len + torch.arange(split_len, device=device) >= lens[seq, None]
+        block_col = split[:, None] * split_blocks + torch.arange(split_blocks, device=device)
+        block_used = block_col * block_size < lens[seq, None]
+        block_col = block_col.clamp_(max=block_tables.shape[1] - 1)
+        block_ids = torch.where(block_used, block_tables.to(torch.long)[seq[:, None], block_col], 0)
+        return cls(batch, block_size, split_len, split_blocks, seq, block_ids, stale)
+
+
 def paged_latent_decode(
     q: Tensor,
     pages: Tensor,
@@ -96,37 +145,27 @@ def paged_latent_decode(
     scale: float,
     value_dim: int,
     num_splits: int | None = None,
+    *,
+    plan: DecodePlan | None = None,
 ) -> Tensor:
     """One query per sequence and head against that sequence's paged latent cache -> [B, H, value_dim].
 
     q [B, H, D]; pages [num_blocks, block_size, D]; block_tables [B, max_blocks] (entries past a sequence's
     context are never read); context_lens [B] >= 1. scores = q . entry * scale; values = entry[:value_dim].
+    plan: DecodePlan.build of these tables, when the caller keeps it for every layer of a step.
 
-    The context is cut into splits of whole blocks (num_splits per longest sequence; None picks one split
-    per SPLIT_TOKENS). Every (sequence, split) pair with tokens is one work item: all items are gathered and
-    scored with batched matmuls, each yields a partial (max, sum, out), and a log-sum-exp combine merges the
-    items of a sequence. There is no Python loop over sequences or blocks, only over memory-bounded chunks.
+    Every (sequence, split) pair with tokens is one work item: all items are gathered and scored with batched
+    matmuls, each yields a partial (max, sum, out), and a log-sum-exp combine merges the items of a sequence.
+    There is no Python loop over sequences or blocks, only over memory-bounded chunks.
     """
+    if plan is None:
+        plan = DecodePlan.build(block_tables.to(q.device), context_lens, pages.shape[1], num_splits)
+    _check_decode(q, pages, plan, value_dim)
     batch, heads, dim = q.shape
-    block_size = pages.shape[1]
-    lens = context_lens.to(device=q.device, dtype=torch.long)
-    max_len = _check_decode(q, pages, block_tables, lens, value_dim)
     if batch == 0:
         return q.new_empty(0, heads, value_dim)
-    if num_splits is None:
-        num_splits = -(-max_len // SPLIT_TOKENS)
-    split_blocks = -(-max_len // (max(1, num_splits) * block_size))
-    split_len = split_blocks * block_size
-
-    # Work items: item w covers positions split[w] * split_len + [0, split_len) of sequence seq[w].
-    items_per_seq = (lens + split_len - 1) // split_len
-    seq = torch.repeat_interleave(torch.arange(batch, device=q.device), items_per_seq)
-    split = torch.arange(seq.numel(), device=q.device) - (items_per_seq.cumsum(0) - items_per_seq)[seq]
-    stale = split[:, None] * split_len + torch.arange(split_len, device=q.device) >= lens[seq, None]
-    block_col = split[:, None] * split_blocks + torch.arange(split_blocks, device=q.device)
-    block_used = block_col * block_size < lens[seq, None]
-    block_col = block_col.clamp_(max=block_tables.shape[1] - 1)
-    block_ids = torch.where(block_used, block_tables.to(q.device, torch.long)[seq[:, None], block_col], 0)
+    seq, block_ids, stale = plan.seq, plan.block_ids, plan.stale
+    block_size, split_len, split_blocks = plan.block_size, plan.split_len, plan.split_blocks
 
     # Partial softmax of every item, a chunk of items at a time so the gathered latents stay bounded. The
     # buffers are reused across chunks: on CPU every fresh large allocation pays a page fault per 4 KiB.
@@ -175,8 +214,7 @@ def _check_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seql
         raise ValueError("cu_seqlens_q and cu_seqlens_k must both be [batch + 1]")
 
 
-def _check_decode(q: Tensor, pages: Tensor, block_tables: Tensor, lens: Tensor, value_dim: int) -> int:
-    """Validate the decode inputs; return the longest context."""
+def _check_decode(q: Tensor, pages: Tensor, plan: DecodePlan, value_dim: int) -> None:
     if q.dim() != 3 or pages.dim() != 3 or q.shape[2] != pages.shape[2]:
         raise ValueError(
             f"q [B, H, D] and pages [blocks, block_size, D] expected, got {tuple(q.shape)}, "
@@ -184,9 +222,8 @@ def _check_decode(q: Tensor, pages: Tensor, block_tables: Tensor, lens: Tensor, 
         )
     if not 0 < value_dim <= q.shape[2]:
         raise ValueError(f"value_dim {value_dim} must be in 1..{q.shape[2]}")
-    if block_tables.dim() != 2 or block_tables.shape[0] != q.shape[0] or lens.shape != (q.shape[0],):
-        raise ValueError(f"block_tables [B, max_blocks] and context_lens [B] expected for B={q.shape[0]}")
-    lo, hi = torch.stack(torch.aminmax(lens)).tolist() if lens.numel() else (1, 0)
-    if lo < 1 or hi > block_tables.shape[1] * pages.shape[1]:
-        raise ValueError(f"context_lens must be in 1..{block_tables.shape[1] * pages.shape[1]}")
-    return hi
+    if (plan.batch, plan.block_size) != (q.shape[0], pages.shape[1]):
+        raise ValueError(
+            f"the plan is for {plan.batch} sequences on pages of {plan.block_size} slots; got {q.shape[0]} "
+            f"queries and pages of {pages.shape[1]}"
+        )

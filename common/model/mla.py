@@ -16,13 +16,13 @@ cheaper absorbed); decodes always run absorbed on the pages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from common.config import ModelConfig
-from common.kernels import flash_attn_varlen, paged_latent_decode
+from common.kernels import DecodePlan, flash_attn_varlen, paged_latent_decode
 from common.kvcache import BlockPool
 from common.model.norm import RMSNorm
 from common.model.rope import apply_rotary
@@ -46,10 +46,19 @@ class AttentionBatch:
     prefill_qk: int  # sum of q_len x k_len over the prefill sequences (attention cost)
     block_tables: torch.Tensor  # int32 [Bd, max_blocks]
     context_lens: torch.Tensor  # int32 [Bd]
+    block_size: int
+    _decode_plan: DecodePlan | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
         return self.slot_mapping.numel()
+
+    @property
+    def decode_plan(self) -> DecodePlan:
+        """Where the decodes' pages are, worked out once for every layer of the step."""
+        if self._decode_plan is None:
+            self._decode_plan = DecodePlan.build(self.block_tables, self.context_lens, self.block_size)
+        return self._decode_plan
 
     @classmethod
     def build(
@@ -97,6 +106,7 @@ class AttentionBatch:
             prefill_qk=sum(q * k for q, k in zip(q_lens, k_lens)),
             block_tables=table[len(prefills) :].int().to(device),
             context_lens=torch.tensor([n for _, n in decodes], dtype=torch.int32, device=device),
+            block_size=block_size,
         )
 
 
@@ -237,6 +247,6 @@ class MLA(nn.Module):
         """Decode on the paged latents directly (W_UK folded into q, W_UV into the output): [Td, H, d_v]."""
         q = self.absorb_query(q_nope, q_pe)
         o_latent = paged_latent_decode(
-            q, pages, batch.block_tables, batch.context_lens, self.scale, self.kv_rank
+            q, pages, batch.block_tables, batch.context_lens, self.scale, self.kv_rank, plan=batch.decode_plan
         )
         return self.absorb_output(o_latent)
