@@ -145,6 +145,11 @@ def up(args: argparse.Namespace) -> int:
             "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             "--expert-workers", str(args.expert_workers),
             *(["--micro-batches", str(args.micro_batches)] if args.micro_batches else []),
+            *(
+                ["--micro-batch-min-tokens", str(args.micro_batch_min_tokens)]
+                if args.micro_batch_min_tokens is not None
+                else []
+            ),
             "--worker-keepalive", str(args.worker_keepalive),
             "--watchdog-timeout", str(args.watchdog_timeout),
             *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
@@ -183,6 +188,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from common.rpc.channel import KEEPALIVE_S
     from common.torch_thread import WATCHDOG_TIMEOUT_S
     from services.cli import add_engine_args
+    from services.router.main import CPU_MICRO_BATCH_MIN_TOKENS
 
     p = sub.add_parser(
         "up", help="start the distributed topology on this machine (KV cache, attention workers, router)"
@@ -198,7 +204,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--micro-batches",
         type=int,
         default=None,
-        help="micro-batches in flight per step (2: ping-pong; default 2 on a GPU, else 1)",
+        help="micro-batches in flight per step (2: ping-pong, the default)",
+    )
+    p.add_argument(
+        "--micro-batch-min-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="cut a step into micro-batches only of at least N tokens each (default 0 on a GPU, else "
+        f"{CPU_MICRO_BATCH_MIN_TOKENS})",
     )
     p.add_argument(
         "--hot-copy-blocks",

@@ -43,7 +43,8 @@ class PagesDoNotFit(RuntimeError):
 
 
 class AttentionBackend(Protocol):
-    micro_batches: int  # how many parts to cut a step into (they run concurrently)
+    micro_batches: int  # the most parts to cut a step into (they run concurrently)
+    micro_batch_min_tokens: int  # a step is cut only into parts of at least this many tokens (0: always)
     blocks: Any  # the block manager whose tables say where each sequence's pages are
     needs_mla_weights: bool  # False: the model's MLA layers are replaced by stand-ins that call elsewhere
     max_blocks_per_sequence: int  # the most pages one sequence may hold (it bounds the context length)
@@ -60,6 +61,7 @@ class LocalAttention:
     """The paged latent pool in this process: one micro-batch per step."""
 
     micro_batches = 1
+    micro_batch_min_tokens = 0
     needs_mla_weights = True
 
     def __init__(self, pool: BlockPool, blocks: BlockManager) -> None:
@@ -117,7 +119,7 @@ class ModelRunner:
 
     def _run(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
         self.before_attempt()
-        parts = self.split(step, self.attention.micro_batches)
+        parts = self.split(step, self.micro_batches(step.num_tokens))
         jobs = list(zip(parts, self.attention.prepare(parts), strict=True))
         if self._threads is None or len(jobs) == 1:
             return self.forward(*jobs[0])
@@ -125,6 +127,12 @@ class ModelRunner:
         wait(futures)  # all of them, even when one failed: a rerun must not overlap a straggler
         results = [f.result() for f in futures]
         return torch.cat([logits for logits, _ in results]), [s for _, seqs in results for s in seqs]
+
+    def micro_batches(self, num_tokens: int) -> int:
+        """Overlap pays only when each part computes long enough to hide the other's calls: small steps (a
+        decode of a few dozen sequences on CPU cores) run whole."""
+        most, least_tokens = self.attention.micro_batches, self.attention.micro_batch_min_tokens
+        return max(1, min(most, num_tokens // least_tokens)) if least_tokens else most
 
     @staticmethod
     def split(step: SchedulerOutput, parts: int) -> list[Part]:

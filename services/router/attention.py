@@ -115,6 +115,7 @@ class AttentionPool:
         addresses: list[str],
         blocks: RemoteBlockManager,
         micro_batches: int = 2,
+        micro_batch_min_tokens: int = 0,
         probe_interval_s: float = PROBE_INTERVAL_S,
         keepalive_s: float = KEEPALIVE_S,
     ) -> None:
@@ -122,7 +123,7 @@ class AttentionPool:
         if not addresses:
             raise ValueError("give at least one attention worker address")
         self.blocks = blocks
-        self.micro_batches = micro_batches
+        self.micro_batches, self.micro_batch_min_tokens = micro_batches, micro_batch_min_tokens
         self.keepalive_s = keepalive_s
         self.workers = [WorkerClient(f"attention-{i}", a, keepalive_s) for i, a in enumerate(addresses)]
         for w in self.workers:

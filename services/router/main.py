@@ -21,6 +21,8 @@ from latentmoe.v1 import router_pb2_grpc
 from services.router.servicer import SERVICE_NAME, RouterServicer
 
 log = logging.getLogger(__name__)
+# Per micro-batch, below which ping-pong on CPU cores loses: measured in tests/bench/bench_distributed.py.
+CPU_MICRO_BATCH_MIN_TOKENS = 512
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -28,8 +30,11 @@ async def serve(args: argparse.Namespace) -> None:
 
     model_dir = resolve_model(args.model)
     config = engine_config(args)
-    if args.micro_batches is None:  # ping-pong hides GPU and network hops; on CPU cores it only adds calls
-        args.micro_batches = 2 if config.torch_device.type == "cuda" else 1
+    if args.micro_batch_min_tokens is None:  # ping-pong hides GPU and network hops; on CPU cores, where
+        # every call costs core time, only large steps (prefill) gain from it
+        args.micro_batch_min_tokens = 0 if config.torch_device.type == "cuda" else CPU_MICRO_BATCH_MIN_TOKENS
+    if args.micro_batches < 1 or args.micro_batch_min_tokens < 0:
+        raise SystemExit("--micro-batches must be >= 1 and --micro-batch-min-tokens >= 0")
     attention = connect_attention_workers(args) if args.attention_workers else None
     experts = start_expert_actors(args, str(model_dir), config) if args.expert_workers else None
 
@@ -99,7 +104,9 @@ def connect_attention_workers(args: argparse.Namespace):  # type: ignore[no-unty
         raise SystemExit("--attention-workers needs --kv-cache HOST:PORT (the service the workers use)")
     blocks = RemoteBlockManager(args.kv_cache, namespace=f"router-{uuid.uuid4().hex[:8]}/")
     addresses = [a for a in args.attention_workers.split(",") if a]
-    return AttentionPool(addresses, blocks, args.micro_batches, keepalive_s=args.worker_keepalive)
+    return AttentionPool(
+        addresses, blocks, args.micro_batches, args.micro_batch_min_tokens, keepalive_s=args.worker_keepalive
+    )
 
 
 def start_expert_actors(args: argparse.Namespace, model_dir: str, config: EngineConfig):  # type: ignore[no-untyped-def]
@@ -169,9 +176,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--micro-batches",
         type=int,
+        default=2,
+        help="with attention workers: micro-batches in flight per step (2: ping-pong, the default)",
+    )
+    p.add_argument(
+        "--micro-batch-min-tokens",
+        type=int,
         default=None,
-        help="with attention workers: micro-batches in flight per step (2: ping-pong; default 2 on a GPU, "
-        "else 1)",
+        metavar="N",
+        help=f"cut a step into micro-batches only of at least N tokens each (default 0 on a GPU, else "
+        f"{CPU_MICRO_BATCH_MIN_TOKENS})",
     )
     p.add_argument(
         "--worker-keepalive",

@@ -3,11 +3,12 @@
     python -m tests.bench.bench_distributed --model checkpoints/mini --output-json out.json
 
 Runs `latentmoe serve` (every component in one process) and then `latentmoe up` (KV-cache service, attention
-workers, router with expert actors on a local Ray, each a process) once without and once with ping-pong
-micro-batches. It sends the same concurrent requests to each, over --rounds interleaved rounds that keep each
-setup's best, and prints output tokens per second and, for the distributed runs, how the remote calls' time
-splits between the workers' compute and the transport (gRPC, serialisation, queueing). Not a timed test: the
-machine is shared and noisy; read the ratios.
+workers, router with expert actors on a local Ray, each a process) three ways: with one micro-batch, with the
+default (ping-pong only on steps large enough for micro-batches of --micro-batch-min-tokens: prefill, on CPU
+cores), and with ping-pong on every step. It sends the same concurrent requests to each, over --rounds
+interleaved rounds that keep each setup's best, and prints output tokens per second and, for the distributed
+runs, how the remote calls' time splits between the workers' compute and the transport (gRPC, serialisation,
+queueing). Not a timed test: the machine is shared and noisy; read the ratios.
 """
 
 from __future__ import annotations
@@ -116,12 +117,13 @@ def main() -> None:
     cli = [sys.executable, "-m", "services.cli"]
     flags = ["--model", args.model, "--dtype", args.dtype, "--port", "0", "--metrics-port", "0"]
     setups = {"in-process (latentmoe serve)": [*cli, "serve", *flags]}
-    for micro in (1, 2):
-        setups[f"distributed, {micro} micro-batch{'es (ping-pong)' if micro == 2 else ''}"] = [
-            *cli, "up", *flags, "--kv-cache-port", "0", "--attention-port", "0",
-            "--expert-workers", str(args.expert_workers), "--attention-workers", str(args.attention_workers),
-            "--micro-batches", str(micro),
-        ]  # fmt: skip
+    up = [
+        *cli, "up", *flags, "--kv-cache-port", "0", "--attention-port", "0",
+        "--expert-workers", str(args.expert_workers), "--attention-workers", str(args.attention_workers),
+    ]  # fmt: skip
+    setups["distributed, 1 micro-batch"] = [*up, "--micro-batches", "1"]
+    setups["distributed, ping-pong on large steps (default)"] = up
+    setups["distributed, ping-pong on every step"] = [*up, "--micro-batch-min-tokens", "0"]
     # Rounds interleave the setups, so a slow spell of the shared machine hits all of them; each keeps its
     # best round (noise only ever slows a run down).
     runs: dict[str, list[dict]] = {name: [] for name in setups}
@@ -139,19 +141,19 @@ def main() -> None:
         f"\n{args.concurrency} concurrent requests, prompt {args.input_len} / output {args.output_len} "
         f"tokens; {args.expert_workers} expert actors + {args.attention_workers} attention workers\n"
     )
-    print(f"| {'setup':<44} | output tok/s | vs in-process | every round |")
-    print(f"|{'-' * 46}|--------------|---------------|-------------|")
+    print(f"| {'setup':<48} | output tok/s | vs in-process | every round |")
+    print(f"|{'-' * 50}|--------------|---------------|-------------|")
     for name, r in results.items():
         tps = r["output_tokens_per_s"]
         every = " / ".join(f"{t:.0f}" for t in r["rounds_tokens_per_s"])
-        print(f"| {name:<44} | {tps:12.1f} | {tps / base:12.2f}x | {every:<11} |")
+        print(f"| {name:<48} | {tps:12.1f} | {tps / base:12.2f}x | {every:<11} |")
     print("\nremote calls (distributed runs): router-side latency vs worker compute, per call\n")
-    print(f"| {'setup':<44} | component | calls | latency ms | compute ms | transport ms | transport |")
-    print(f"|{'-' * 46}|-----------|-------|------------|------------|--------------|-----------|")
+    print(f"| {'setup':<48} | component | calls | latency ms | compute ms | transport ms | transport |")
+    print(f"|{'-' * 50}|-----------|-------|------------|------------|--------------|-----------|")
     for name, r in list(results.items())[1:]:
         for component, s in r["split"].items():
             print(
-                f"| {name:<44} | {component:<9} | {s['calls']:5.0f} | {s['latency_ms']:10.2f} | "
+                f"| {name:<48} | {component:<9} | {s['calls']:5.0f} | {s['latency_ms']:10.2f} | "
                 f"{s['compute_ms']:10.2f} | {s['transport_ms']:12.2f} | {s['transport_share']:8.0%} |"
             )
     write_results(args.output_json, args, results)
