@@ -141,12 +141,12 @@ def main() -> None:
         f"\n{args.concurrency} concurrent requests, prompt {args.input_len} / output {args.output_len} "
         f"tokens; {args.expert_workers} expert actors + {args.attention_workers} attention workers\n"
     )
-    print(f"| {'setup':<48} | output tok/s | vs in-process | every round |")
-    print(f"|{'-' * 50}|--------------|---------------|-------------|")
+    print(f"| {'setup':<48} | output tok/s | vs in-process | every round     |")
+    print(f"|{'-' * 50}|--------------|---------------|-----------------|")
     for name, r in results.items():
         tps = r["output_tokens_per_s"]
         every = " / ".join(f"{t:.0f}" for t in r["rounds_tokens_per_s"])
-        print(f"| {name:<48} | {tps:12.1f} | {tps / base:12.2f}x | {every:<11} |")
+        print(f"| {name:<48} | {tps:12.1f} | {tps / base:12.2f}x | {every:<15} |")
     print("\nremote calls (distributed runs): router-side latency vs worker compute, per call\n")
     print(f"| {'setup':<48} | component | calls | latency ms | compute ms | transport ms | transport |")
     print(f"|{'-' * 50}|-----------|-------|------------|------------|--------------|-----------|")

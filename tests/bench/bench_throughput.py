@@ -69,30 +69,35 @@ def section_concurrency(engine, hf, vocab: int, levels: list[int], results: dict
             f"{row['ratio']:>5.2f}x"
         )
     results["concurrency"] = rows
+    plot_concurrency(rows, results["dtype"], OUT_DIR / f"throughput-{results['dtype']}.png")
+
+
+def plot_concurrency(rows: list[dict], dtype: str, path: Path) -> None:
+    """Output tokens/s against concurrent sequences, ours and transformers'."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        x = [r["concurrency"] for r in rows]
-        ax.plot(x, [r["latentmoe_tok_s"] for r in rows], "o-", label="latentmoe")
-        ax.plot(x, [r["transformers_tok_s"] for r in rows], "s--", label="transformers generate()")
-        ax.set(
-            xscale="log",
-            xlabel="concurrent sequences",
-            ylabel="output tokens/s",
-            title=f"mini, {results['dtype']}, prompt 64 / output 64",
-        )
-        ax.set_xticks(x, [str(v) for v in x])
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(OUT_DIR / "throughput.png", dpi=110)
-        print(f"plot: {OUT_DIR / 'throughput.png'}")
     except ImportError:
         print("matplotlib missing: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [r["concurrency"] for r in rows]
+    ax.plot(x, [r["latentmoe_tok_s"] for r in rows], "o-", label="latentmoe")
+    ax.plot(x, [r["transformers_tok_s"] for r in rows], "s--", label="transformers generate()")
+    ax.set(
+        xscale="log",
+        xlabel="concurrent sequences",
+        ylabel="output tokens/s",
+        title=f"mini, {dtype}, prompt 64 / output 64",
+    )
+    ax.set_xticks(x, [str(v) for v in x])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
 
 
 def section_mixed(engine, hf, vocab: int, num: int, results: dict) -> None:  # type: ignore[no-untyped-def]
