@@ -194,6 +194,19 @@ def test_decode_rejects_empty_context() -> None:
         fa.paged_latent_decode(q, pages, tables, torch.tensor([4, 0], dtype=torch.int32), 1.0, 8)
 
 
+def test_one_plan_serves_every_layer_of_a_step() -> None:
+    """A plan built once gives each layer what a plan of its own would; a plan of other tables is refused."""
+    q, pages, tables, context_lens, _ = paged_case([5, 40, 17], 8, heads=2, dim=16, seed=5)
+    plan = fa.DecodePlan.build(tables, context_lens, pages.shape[1], num_splits=2)
+    for layer in range(3):
+        q_layer, pages_layer = q * (layer + 1), pages.roll(layer, dims=-1)
+        expected = fa.paged_latent_decode(q_layer, pages_layer, tables, context_lens, 0.2, 8, num_splits=2)
+        got = fa.paged_latent_decode(q_layer, pages_layer, tables, context_lens, 0.2, 8, plan=plan)
+        assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="the plan is for 3 sequences"):
+        fa.paged_latent_decode(q[:2], pages, tables[:2], context_lens[:2], 0.2, 8, plan=plan)
+
+
 # ---------------------------------------------------------------------------------------------- bfloat16
 
 
