@@ -34,6 +34,17 @@ def ray_session():
     """One local Ray for the whole session, with explicit resources (never the machine's guess)."""
     import ray
 
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    options = {
+        "num_cpus": 4,
+        "num_gpus": 0,
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "configure_logging": False,
+    }
+    try:
+        ray.init(**options)
+    except RuntimeError:  # the head's GCS did not publish its port in time (seen once on a busy machine)
+        ray.shutdown()
+        ray.init(**options)
     yield ray
     ray.shutdown()
