@@ -144,7 +144,7 @@ def up(args: argparse.Namespace) -> int:
             "--max-num-seqs", str(args.max_num_seqs),
             "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             "--expert-workers", str(args.expert_workers),
-            *(["--micro-batches", str(args.micro_batches)] if args.micro_batches else []),
+            *(["--micro-batches", str(args.micro_batches)] if args.micro_batches is not None else []),
             *(
                 ["--micro-batch-min-tokens", str(args.micro_batch_min_tokens)]
                 if args.micro_batch_min_tokens is not None

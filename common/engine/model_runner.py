@@ -119,7 +119,9 @@ class ModelRunner:
 
     def _run(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
         self.before_attempt()
-        parts = self.split(step, self.micro_batches(step.num_tokens))
+        backend = self.attention
+        count = self.micro_batches(step.num_tokens, backend.micro_batches, backend.micro_batch_min_tokens)
+        parts = self.split(step, count)
         jobs = list(zip(parts, self.attention.prepare(parts), strict=True))
         if self._threads is None or len(jobs) == 1:
             return self.forward(*jobs[0])
@@ -128,11 +130,11 @@ class ModelRunner:
         results = [f.result() for f in futures]
         return torch.cat([logits for logits, _ in results]), [s for _, seqs in results for s in seqs]
 
-    def micro_batches(self, num_tokens: int) -> int:
-        """Overlap pays only when each part computes long enough to hide the other's calls: small steps (a
-        decode of a few dozen sequences on CPU cores) run whole."""
-        most, least_tokens = self.attention.micro_batches, self.attention.micro_batch_min_tokens
-        return max(1, min(most, num_tokens // least_tokens)) if least_tokens else most
+    @staticmethod
+    def micro_batches(num_tokens: int, most: int, min_tokens: int) -> int:
+        """How many parts to cut a step into: overlap pays only when each part computes long enough to hide
+        the other's calls, so small steps (a decode of a few dozen sequences on CPU cores) run whole."""
+        return max(1, min(most, num_tokens // min_tokens)) if min_tokens else most
 
     @staticmethod
     def split(step: SchedulerOutput, parts: int) -> list[Part]:
