@@ -61,15 +61,21 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            if not seq.is_prefilling and not self._reserve_decode_slot(seq, out):
-                break  # seq itself was preempted: nothing newer is left to run
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            (out.prefills.append((seq, n)) if seq.is_prefilling else out.decodes.append(seq))
+        chosen: list[tuple[Sequence, int]] = []  # running sequences in order, while the budget lasts
+        for seq in self.running:
+            if budget <= 0:
+                break
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget) if seq.is_prefilling else 1
+            chosen.append((seq, n))
             budget -= n
-            i += 1
+        self._reserve_decode_slots([seq for seq, _ in chosen if not seq.is_prefilling], out)
+        for seq, n in chosen:
+            if seq.status is not SequenceStatus.RUNNING:  # preempted: its budget is not spent
+                budget += n
+            elif seq.is_prefilling:
+                out.prefills.append((seq, n))
+            else:
+                out.decodes.append(seq)
 
         while (
             self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted
@@ -93,19 +99,19 @@ class Scheduler:
             budget -= n
         return out
 
-    def _reserve_decode_slot(self, seq: Sequence, out: SchedulerOutput) -> bool:
-        """Give seq a page slot for its newest token, preempting the newest sequences if pages run out.
-        Tries first and preempts on failure: one block-manager call per decode, not a query and a call."""
-        while True:
-            try:
-                out.copies.extend(self.blocks.append_slots(seq.seq_id, [seq.token_ids[-1]]))
-                return True
-            except NoFreeBlocksError:
-                victim = self.running[-1]
-                self.preempt(victim)
-                out.preempted.append(victim)
-                if victim is seq:
-                    return False
+    def _reserve_decode_slots(self, decodes: list[Sequence], out: SchedulerOutput) -> None:
+        """Give each decode a page slot for its newest token, in order; when pages run out, preempt the newest
+        running sequences until the one refused fits (or is itself preempted). All appends go in one
+        block-manager call, and it is tried before preempting: no query first, one round trip per refusal."""
+        while decodes:
+            copies, done = self.blocks.append_slots_in_order([(s.seq_id, [s.token_ids[-1]]) for s in decodes])
+            out.copies.extend(copies)
+            if done == len(decodes):
+                return
+            victim = self.running[-1]
+            self.preempt(victim)
+            out.preempted.append(victim)
+            decodes = [s for s in decodes[done:] if s.status is SequenceStatus.RUNNING]
 
     def preempt(self, seq: Sequence) -> None:
         """Back to the front of the queue, its pages freed and its token ids kept (recomputed later)."""

@@ -185,6 +185,20 @@ class BlockManager:
         seq.token_ids.extend(tokens)
         return copies
 
+    def append_slots_in_order(
+        self, appends: Sequence[tuple[Hashable, Sequence[int]]]
+    ) -> tuple[list[tuple[int, int]], int]:
+        """append_slots for each (seq_id, token_ids) in order, stopping at the first one that finds no room:
+        returns the copy-on-write pairs of the appends done and how many were done. A scheduler frees pages
+        (preempts) and calls again with the rest; over the KV-cache service this is one round trip."""
+        copies: list[tuple[int, int]] = []
+        for done, (seq_id, token_ids) in enumerate(appends):
+            try:
+                copies += self.append_slots(seq_id, token_ids)
+            except NoFreeBlocksError:
+                return copies, done
+        return copies, len(appends)
+
     def mark_computed(self, seq_id: Hashable, num_computed_tokens: int) -> None:
         """Record that the KV of the first `num_computed_tokens` tokens is written; index new full blocks."""
         seq = self._seq(seq_id)

@@ -13,6 +13,8 @@ can_allocate / can_append                1 (CanAllocate / CanAppend: pure querie
 allocate / append_slots / fork           1 (Allocate / AppendSlots / Fork; a Batch if deferred ops are queued)
                                          append_slots inside ``deferred()``: 0 (queued) when the tokens fit
                                          the sequence's last block and no fork may share it
+append_slots_in_order                    1 Batch for all of them; 0 inside ``deferred()`` when every one
+                                         fits its last block as above
 mark_computed / free                     1 (MarkComputed / Free); 0 inside ``deferred()``: queued, sent with
                                          the next call (one Batch) or when the outermost ``deferred()`` exits
 block_table / has_seq / num_tokens /     0: answered from the local copy kept of this client's sequences
@@ -28,9 +30,10 @@ write_entries
 =======================================  =====================================================================
 
 The engine runs each step's scheduling and bookkeeping inside ``blocks.deferred()``, and the Scheduler tries
-an allocation or append and preempts on NoFreeBlocksError instead of asking first. A step therefore costs one
-round trip per admission, one per decode that needs a new page (one step in block_size) or a copy on write,
-one Batch for everything queued, and one ``stats()`` for the metrics.
+an allocation, or all of a step's decode appends in one call, and preempts when refused instead of asking
+first. A step therefore costs one round trip per admission, one Batch for its decodes when any of them needs
+a new page (one step in block_size) or a copy on write (and one more per preemption), one Batch for
+everything queued, and one ``stats()`` for the metrics.
 
 Semantics are the BlockManager's: NoFreeBlocksError when there is no room (state unchanged), KeyError for an
 unknown sequence, ValueError for other bad input. Sequence ids travel as ``namespace + str(seq_id)``, so
@@ -128,14 +131,15 @@ class RemoteBlockManager:
         """
         if not self._pending:
             return self._rpc(unary, request)
-        result = self._send_batch(kvcache_pb2.KVOp(**{kind: request}))
+        result = self._send_batch([kvcache_pb2.KVOp(**{kind: request})])[0]
         _raise_op_error(result)
         return result
 
-    def _send_batch(self, extra: kvcache_pb2.KVOp | None = None) -> Any:
-        """Send the queued ops (and `extra`) in one Batch; raise for the first queued op that failed."""
+    def _send_batch(self, extra: Sequence[kvcache_pb2.KVOp] = ()) -> list[Any]:
+        """Send the queued ops and then `extra` in one Batch; raise for the first queued op that failed, and
+        return the results of `extra` (the service stops at the first op that fails)."""
         pending, self._pending = self._pending, []
-        ops = [op for op, _, _ in pending] + ([extra] if extra is not None else [])
+        ops = [op for op, _, _ in pending] + list(extra)
         results = self._rpc(self.stub.Batch, kvcache_pb2.BatchRequest(ops=ops)).results
         for i, ((_, _, _), result) in enumerate(zip(pending, results, strict=False)):
             if not result.ok:
@@ -147,7 +151,7 @@ class RemoteBlockManager:
                         self._seqs[seq_id] = before
                 _raise_op_error(result)
                 raise RuntimeError(f"deferred op {ops[i]} failed without an error")  # not reachable
-        return results[-1] if extra is not None else None
+        return list(results[len(pending) :])
 
     def flush(self) -> None:
         """Send the ops queued by ``deferred()`` now (one Batch round trip; nothing if none are queued)."""
@@ -222,22 +226,57 @@ class RemoteBlockManager:
 
     def append_slots(self, seq_id: Hashable, token_ids: Sequence[int]) -> list[tuple[int, int]]:
         tokens = list(token_ids)
-        request = kvcache_pb2.AppendSlotsRequest(seq_id=self._wire(seq_id), token_ids=tokens)
+        if self._queue_append(seq_id, tokens):
+            return []
+        r = self._mutate("append", self.stub.AppendSlots, self._append_request(seq_id, tokens))
+        if not r.ok:
+            raise NoFreeBlocksError(r.message or f"append to {seq_id!r}: no room for {len(tokens)} tokens")
+        return self._appended(seq_id, tokens, r)
+
+    def append_slots_in_order(
+        self, appends: Sequence[tuple[Hashable, Sequence[int]]]
+    ) -> tuple[list[tuple[int, int]], int]:
+        """BlockManager.append_slots_in_order: the leading appends that fit their last block are queued as
+        append_slots queues them; the rest travel in one Batch, which stops at the first finding no room."""
+        appends = [(seq_id, list(tokens)) for seq_id, tokens in appends]
+        start = 0
+        while start < len(appends) and self._queue_append(*appends[start]):
+            start += 1
+        rest = appends[start:]
+        if not rest:
+            return [], start
+        results = self._send_batch([kvcache_pb2.KVOp(append=self._append_request(*a)) for a in rest])
+        copies: list[tuple[int, int]] = []
+        for done, ((seq_id, tokens), r) in enumerate(zip(rest, results, strict=True)):
+            if not r.ok:
+                _raise_op_error(r)  # malformed or unknown: raised as BlockManager would
+                return copies, start + done
+            copies += self._appended(seq_id, tokens, r)
+        return copies, len(appends)
+
+    def _append_request(self, seq_id: Hashable, tokens: list[int]) -> kvcache_pb2.AppendSlotsRequest:
+        return kvcache_pb2.AppendSlotsRequest(seq_id=self._wire(seq_id), token_ids=tokens)
+
+    def _queue_append(self, seq_id: Hashable, tokens: list[int]) -> bool:
+        """Queue the append (inside ``deferred()``) if the tokens fit the last block, which this sequence owns
+        alone (a prefix hit never includes the last block; only a fork shares it): the service can neither
+        refuse nor copy it. Returns whether it was queued."""
         mirror = self._seqs.get(seq_id)
-        # Tokens that fit the last block, which this sequence owns alone (a prefix hit never includes the last
-        # block; only a fork shares it): the service can neither refuse nor copy, so queue the op.
-        if (
+        if not (
             self._defer_depth
             and mirror is not None
             and not mirror.forked
             and mirror.num_tokens + len(tokens) <= len(mirror.block_table) * self.block_size
         ):
-            self._pending.append((kvcache_pb2.KVOp(append=request), seq_id, mirror.copy()))
-            mirror.num_tokens += len(tokens)
-            return []
-        r = self._mutate("append", self.stub.AppendSlots, request)
-        if not r.ok:
-            raise NoFreeBlocksError(r.message or f"append to {seq_id!r}: no room for {len(tokens)} tokens")
+            return False
+        request = self._append_request(seq_id, tokens)
+        self._pending.append((kvcache_pb2.KVOp(append=request), seq_id, mirror.copy()))
+        mirror.num_tokens += len(tokens)
+        return True
+
+    def _appended(self, seq_id: Hashable, tokens: list[int], r: Any) -> list[tuple[int, int]]:
+        """Record an append the service did; returns its copy-on-write pairs."""
+        mirror = self._seqs.get(seq_id)
         if mirror is not None:
             mirror.block_table = list(r.block_table)
             mirror.num_tokens += len(tokens)

@@ -410,6 +410,7 @@ def test_engine_over_a_remote_block_manager_matches_the_local_engine(kv, checkpo
     assert (s.used, s.num_seqs, s.prefix_hits) == (0, 0, local.blocks.prefix_hits)
     service.blocks.check_invariants()
     assert counter.calls["MarkComputed"] == counter.calls["CanAppend"] == counter.calls["CanAllocate"] == 0
+    assert counter.calls["AppendSlots"] == 0  # a step's decode appends travel in one Batch
     assert counter.calls["Batch"] > 0
     print(f"\n{step} steps, round trips per method: {dict(counter.calls)}")
     blocks.close()
@@ -505,6 +506,54 @@ def test_deferred_ops_ride_on_the_next_call_and_fail_cleanly(kv):
     assert blocks.num_used_blocks == 0
     service.blocks.check_invariants()
     blocks.close()
+    channel.close()
+
+
+def test_a_steps_decode_appends_cost_one_round_trip_and_stop_at_the_first_refusal(kv):
+    """All sequences of aligned prompts cross into a new page at the same step: their appends travel in one
+    Batch, not one call each. The first refused append and the ones after it are left undone, on the service
+    and in the client's tables alike, as a local BlockManager leaves them."""
+    service, address, _ = kv(num_blocks=8)
+    counter = _CountCalls()
+    channel = grpc.intercept_channel(grpc.insecure_channel(address), counter)
+    remote = RemoteBlockManager(channel)
+    local = BlockManager(8, BS)
+    seqs = [0, 1, 2]
+
+    def both(fn):
+        """The same call on both; the same answer and the same tables (read locally: no round trip)."""
+        answers = [fn(bm) for bm in (local, remote)]
+        assert answers[0] == answers[1]
+        for seq in seqs:
+            assert local.block_table(seq) == remote.block_table(seq)
+            assert local.num_tokens(seq) == remote.num_tokens(seq)
+        return answers[0]
+
+    for bm in (local, remote):
+        for seq in seqs:
+            bm.allocate(seq, list(range(10 * seq, 10 * seq + BS)))  # one full page each
+    counter.calls.clear()
+    with remote.deferred():
+        assert both(lambda bm: bm.append_slots_in_order([(s, [1]) for s in seqs])) == ([], 3)
+        assert counter.calls == {"Batch": 1}  # three new pages, one round trip
+        for _ in range(BS - 1):  # fill the new pages: nothing to send
+            assert both(lambda bm: bm.append_slots_in_order([(s, [2]) for s in seqs])) == ([], 3)
+        assert counter.calls == {"Batch": 1}
+        # Two pages left for three sequences: the third is refused and stays as it was.
+        assert both(lambda bm: bm.append_slots_in_order([(s, [3]) for s in seqs])) == ([], 2)
+        assert counter.calls == {"Batch": 2}
+        assert local.num_tokens(2) == 2 * BS and local.num_free_blocks() == remote.num_free_blocks() == 0
+        seqs.remove(0)
+        both(lambda bm: bm.free(0))  # what a scheduler does next: preempt one, then try again
+        assert both(lambda bm: bm.append_slots_in_order([(2, [3])])) == ([], 1)
+    # An unknown sequence is raised after the appends before it are done.
+    for bm in (local, remote):
+        with pytest.raises(KeyError):
+            bm.append_slots_in_order([(1, [4]), ("nope", [4])])
+    both(lambda bm: None)
+    assert local.num_free_blocks() == remote.num_free_blocks()
+    service.blocks.check_invariants()
+    remote.close()
     channel.close()
 
 

@@ -455,3 +455,15 @@ def test_hash_is_stable_and_chained() -> None:
     root = hash_block_tokens(b"", [1, 2])
     assert hash_block_tokens(root, [3, 4]) != hash_block_tokens(b"", [3, 4])
     assert len(root) == 16
+
+
+def test_appends_in_order_stop_at_the_first_that_finds_no_room():
+    mgr = BlockManager(4, 4)
+    for seq in "abc":
+        mgr.allocate(seq, [1, 2, 3, 4])  # a full page each: the next token needs a new one
+    copies, done = mgr.append_slots_in_order([("a", [5]), ("b", [5]), ("c", [5])])
+    assert (copies, done) == ([], 1)  # one free page: "b" and "c" are left as they were
+    assert [mgr.num_tokens(s) for s in "abc"] == [5, 4, 4]
+    mgr.free("a")
+    assert mgr.append_slots_in_order([("b", [5]), ("c", [5])]) == ([], 2)
+    mgr.check_invariants()
