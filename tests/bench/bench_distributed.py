@@ -3,12 +3,13 @@
     python -m tests.bench.bench_distributed --model checkpoints/mini --output-json out.json
 
 Runs `latentmoe serve` (every component in one process) and then `latentmoe up` (KV-cache service, attention
-workers, router with expert actors on a local Ray, each a process) three ways: with one micro-batch, with the
-default (ping-pong only on steps large enough for micro-batches of --micro-batch-min-tokens: prefill, on CPU
-cores), and with ping-pong on every step. It sends the same concurrent requests to each, over --rounds
-interleaved rounds that keep each setup's best, and prints output tokens per second and, for the distributed
-runs, how the remote calls' time splits between the workers' compute and the transport (gRPC, serialisation,
-queueing). Not a timed test: the machine is shared and noisy; read the ratios.
+workers, router with expert actors on a local Ray, each a process; 1 attention worker and 2 expert actors
+unless told otherwise) three ways: with one micro-batch, with the default (ping-pong only on steps large
+enough for micro-batches of --micro-batch-min-tokens: prefill, on CPU cores), and with ping-pong on every
+step. It sends the same concurrent requests to each, over --rounds interleaved rounds that keep each setup's
+best, and prints output tokens per second and, for the distributed runs, how the remote calls' time splits
+between the workers' compute and the transport (gRPC, serialisation, queueing). Not a timed test: the
+machine is shared and noisy; read the ratios.
 """
 
 from __future__ import annotations
@@ -103,7 +104,13 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--expert-workers", type=int, default=2)
-    p.add_argument("--attention-workers", type=int, default=2)
+    p.add_argument(
+        "--attention-workers",
+        type=int,
+        default=1,
+        help="one suits a machine of few cores: a decode batch's attention is small, and a second worker "
+        "adds a hop per layer and a process competing for the cores (the topology tests use two)",
+    )
     p.add_argument("--rounds", type=int, default=2, help="runs of every setup; each keeps its best")
     p.add_argument("--output-json", default=str(OUT_DIR / "distributed.json"))
     args = p.parse_args()
