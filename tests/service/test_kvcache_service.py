@@ -520,13 +520,17 @@ def test_a_steps_decode_appends_cost_one_round_trip_and_stop_at_the_first_refusa
     local = BlockManager(8, BS)
     seqs = [0, 1, 2]
 
-    def both(fn):
-        """The same call on both; the same answer and the same tables (read locally: no round trip)."""
-        answers = [fn(bm) for bm in (local, remote)]
-        assert answers[0] == answers[1]
+    def same_tables():
+        """Read from the client's own tables: no round trip."""
         for seq in seqs:
             assert local.block_table(seq) == remote.block_table(seq)
             assert local.num_tokens(seq) == remote.num_tokens(seq)
+
+    def both(fn):
+        """The same call on both: the same answer, then the same tables."""
+        answers = [fn(bm) for bm in (local, remote)]
+        assert answers[0] == answers[1]
+        same_tables()
         return answers[0]
 
     for bm in (local, remote):
@@ -550,7 +554,7 @@ def test_a_steps_decode_appends_cost_one_round_trip_and_stop_at_the_first_refusa
     for bm in (local, remote):
         with pytest.raises(KeyError):
             bm.append_slots_in_order([(1, [4]), ("nope", [4])])
-    both(lambda bm: None)
+    same_tables()
     assert local.num_free_blocks() == remote.num_free_blocks()
     service.blocks.check_invariants()
     remote.close()
