@@ -86,7 +86,8 @@ def _hub_targets(model: torch.nn.Module, config: ModelConfig) -> Iterator[tuple[
     """Yield (Hub tensor name, destination view in our module) for every weight the model needs.
 
     Our module names equal the Hub's except where we fuse: gate/up projections into `gate_up_proj`, and the
-    per-expert tensors of a layer into stacked `w13` / `w2`.
+    per-expert tensors of a layer into stacked `w13` / `w2`. Matmul weights are kept input-major ([in, out],
+    common/model/linear.py), so they are written through transposed views of the Hub's [out, in] tensors.
     """
     yield "model.embed_tokens.weight", model.embed_tokens.weight
     yield "model.norm.weight", model.norm.weight
@@ -96,32 +97,40 @@ def _hub_targets(model: torch.nn.Module, config: ModelConfig) -> Iterator[tuple[
         yield from layer_targets(layer, i)
 
 
+def param_targets(module: torch.nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hub name, destination) of each parameter of `module`; a Linear's input-major `weight_t` is written
+    through its [out, in] view, under the Hub's name `weight`."""
+    for name, param in module.named_parameters():
+        if name.endswith(".weight_t"):
+            name, param = name.removesuffix("_t"), param.T
+        yield f"{prefix}.{name}", param
+
+
 def layer_targets(layer: torch.nn.Module, i: int) -> Iterator[tuple[str, torch.Tensor]]:
     prefix = f"model.layers.{i}"
-    for name, param in layer.named_parameters():
-        if name.startswith("mlp.experts.") or name.endswith(("gate_up_proj", "down_proj")):
-            continue
-        yield f"{prefix}.{name}", param
+    for name, param in param_targets(layer, prefix):
+        if not name.startswith(f"{prefix}.mlp.experts.") and not name.endswith(("gate_up_proj", "down_proj")):
+            yield name, param
     for name, buf in layer.named_buffers():
         if name.endswith("e_score_correction_bias"):
             yield f"{prefix}.{name}", buf
     for name, module in layer.named_modules():
         if hasattr(module, "gate_up_proj"):  # dense MLP or shared experts
-            half = module.gate_up_proj.shape[0] // 2
-            yield f"{prefix}.{name}.gate_proj.weight", module.gate_up_proj[:half]
-            yield f"{prefix}.{name}.up_proj.weight", module.gate_up_proj[half:]
-            yield f"{prefix}.{name}.down_proj.weight", module.down_proj
+            half = module.gate_up_proj.shape[1] // 2
+            yield f"{prefix}.{name}.gate_proj.weight", module.gate_up_proj[:, :half].T
+            yield f"{prefix}.{name}.up_proj.weight", module.gate_up_proj[:, half:].T
+            yield f"{prefix}.{name}.down_proj.weight", module.down_proj.T
         if hasattr(module, "w13"):  # routed experts of this shard
             yield from expert_targets(module, prefix)
 
 
 def expert_targets(experts: torch.nn.Module, layer_prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-    half = experts.w13.shape[1] // 2
+    half = experts.w13.shape[2] // 2
     for local, e in enumerate(experts.expert_ids):
         base = f"{layer_prefix}.mlp.experts.{e}"
-        yield f"{base}.gate_proj.weight", experts.w13[local, :half]
-        yield f"{base}.up_proj.weight", experts.w13[local, half:]
-        yield f"{base}.down_proj.weight", experts.w2[local]
+        yield f"{base}.gate_proj.weight", experts.w13[local, :, :half].T
+        yield f"{base}.up_proj.weight", experts.w13[local, :, half:].T
+        yield f"{base}.down_proj.weight", experts.w2[local].T
 
 
 def load_weights(
@@ -405,10 +414,6 @@ def load_attention_layers(
     with torch.device("meta"):
         layers = torch.nn.ModuleList(MLA(config, i) for i in range(config.num_hidden_layers))
     layers = layers.to(dtype=dtype).to_empty(device=device)
-    targets = [
-        (f"model.layers.{i}.self_attn.{name}", param)
-        for i, layer in enumerate(layers)
-        for name, param in layer.named_parameters()
-    ]
+    targets = [t for i, mla in enumerate(layers) for t in param_targets(mla, f"model.layers.{i}.self_attn")]
     load_weights(targets, reader, progress)
     return config, layers.eval().requires_grad_(False)

@@ -16,7 +16,8 @@ def grouped_swiglu(
     """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) over the experts of this shard.
 
     x [T, h]; expert_ids [T, k] local expert index or -1 (routed to another shard); weights [T, k] float32;
-    w13 [E, 2I, h] (gate rows then up rows); w2 [E, h, I]. Returns [T, h] in x.dtype, accumulated in float32.
+    w13 [E, h, 2I] (gate columns then up columns); w2 [E, I, h]: input-major, so each GEMM is a plain
+    `rows @ weight` (see common/model/linear.py). Returns [T, h] in x.dtype, accumulated in float32.
     """
     num_experts, k = w13.shape[0], expert_ids.shape[1]
     flat = expert_ids.flatten()
@@ -28,8 +29,8 @@ def grouped_swiglu(
     start = 0
     for e, n in enumerate(counts[1:]):
         if n:
-            gate, up = F.linear(xs[start : start + n], w13[e]).chunk(2, dim=-1)
-            ys[start : start + n] = F.linear(F.silu(gate) * up, w2[e])
+            gate, up = torch.mm(xs[start : start + n], w13[e]).chunk(2, dim=-1)
+            torch.mm(F.silu(gate) * up, w2[e], out=ys[start : start + n])
             start += n
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     return out.index_add_(0, tokens, ys.float() * weights.flatten()[order, None]).to(x.dtype)

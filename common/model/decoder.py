@@ -10,6 +10,7 @@ from torch import nn
 
 from common.config import ModelConfig
 from common.kvcache import BlockPool
+from common.model.linear import Linear
 from common.model.mla import MLA, AttentionBatch
 from common.model.moe import MLP, MoE
 from common.model.norm import RMSNorm
@@ -46,9 +47,11 @@ class DeepseekModel(nn.Module):
             DecoderLayer(config, i, expert_ids) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings:  # the embedding's own [vocab, hidden] table, shared
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
             self.lm_head.weight = self.embed_tokens.weight
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.rotary = RotaryEmbedding(config)
 
     def reset_buffers(self) -> None:

@@ -24,6 +24,7 @@ from torch import nn
 from common.config import ModelConfig
 from common.kernels import DecodePlan, flash_attn_varlen, paged_latent_decode
 from common.kvcache import BlockPool
+from common.model.linear import Linear
 from common.model.norm import RMSNorm
 from common.model.rope import apply_rotary
 
@@ -124,15 +125,15 @@ class MLA(nn.Module):
 
         self.q_lora_rank = config.q_lora_rank
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(h, q_out, bias=False)
+            self.q_proj = Linear(h, q_out, bias=False)
         else:
-            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(h, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, q_out, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_rank + self.rope_dim, bias=bias)
+            self.q_b_proj = Linear(self.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = Linear(h, self.kv_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.v_dim, h, bias=bias)
+        self.kv_b_proj = Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(self.num_heads * self.v_dim, h, bias=bias)
         self._absorbed: tuple | None = None  # (weight, its version, W_UK, W_UV^T): derived from kv_b_proj
 
     # ------------------------------------------------------------------ projections
@@ -156,11 +157,11 @@ class MLA(nn.Module):
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, d_nope, d_c] and W_UV^T [H, d_c, d_v], split out of kv_b_proj once and kept contiguous."""
-        w = self.kv_b_proj.weight
+        w = self.kv_b_proj.weight_t  # [d_c, H * (d_nope + d_v)]
         if self._absorbed is None or self._absorbed[0] is not w or self._absorbed[1] != w._version:
-            heads = w.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
-            w_uk = heads[:, : self.nope_dim].contiguous()
-            w_uv_t = heads[:, self.nope_dim :].transpose(1, 2).contiguous()
+            heads = w.view(self.kv_rank, self.num_heads, self.nope_dim + self.v_dim)
+            w_uk = heads[:, :, : self.nope_dim].permute(1, 2, 0).contiguous()
+            w_uv_t = heads[:, :, self.nope_dim :].transpose(0, 1).contiguous()
             self._absorbed = (w, w._version, w_uk, w_uv_t)
         return self._absorbed[2], self._absorbed[3]
 

@@ -21,16 +21,17 @@ from common.kernels.grouped_experts import grouped_swiglu
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward (dense layers and shared experts); gate and up projections fused into one GEMM."""
+    """SwiGLU feed-forward (dense layers and shared experts); gate and up projections fused into one GEMM.
+    Weights are input-major, [in, out], as in common/model/linear.py (and for the same reason)."""
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(2 * intermediate, hidden))
-        self.down_proj = nn.Parameter(torch.empty(hidden, intermediate))
+        self.gate_up_proj = nn.Parameter(torch.empty(hidden, 2 * intermediate))
+        self.down_proj = nn.Parameter(torch.empty(intermediate, hidden))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj)
+        gate, up = (x @ self.gate_up_proj).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.down_proj
 
 
 class Gate(nn.Module):
@@ -79,8 +80,8 @@ class RoutedExperts(nn.Module):
         super().__init__()
         self.expert_ids = list(range(config.n_routed_experts) if expert_ids is None else expert_ids)
         n, h, i = len(self.expert_ids), config.hidden_size, config.moe_intermediate_size
-        self.w13 = nn.Parameter(torch.empty(n, 2 * i, h))
-        self.w2 = nn.Parameter(torch.empty(n, h, i))
+        self.w13 = nn.Parameter(torch.empty(n, h, 2 * i))  # input-major, as in common/model/linear.py
+        self.w2 = nn.Parameter(torch.empty(n, i, h))
         self.num_global = config.n_routed_experts
         self.reset_buffers()
 
