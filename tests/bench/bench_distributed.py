@@ -7,9 +7,10 @@ workers, router with expert actors on a local Ray, each a process; 1 attention w
 unless told otherwise) three ways: with one micro-batch, with the default (ping-pong only on steps large
 enough for micro-batches of --micro-batch-min-tokens: prefill, on CPU cores), and with ping-pong on every
 step. It sends the same concurrent requests to each, over --rounds interleaved rounds that keep each setup's
-best, and prints output tokens per second and, for the distributed runs, how the remote calls' time splits
-between the workers' compute and the transport (gRPC, serialisation, queueing). Not a timed test: the
-machine is shared and noisy; read the ratios.
+best, and prints output tokens per second (best, every round, and each round against the in-process run of
+the same round) and, for the distributed runs, how the remote calls' time splits between the workers'
+compute and the transport (gRPC, serialisation, queueing). Not a timed test: the machine is shared and noisy;
+read the ratios.
 """
 
 from __future__ import annotations
@@ -138,22 +139,27 @@ def main() -> None:
         for name, argv in setups.items():
             print(f"round {round_}/{args.rounds}: {name} ...", flush=True)
             runs[name].append(measure(argv, prompts, args.output_len))
+    base_rounds = [r["output_tokens_per_s"] for r in next(iter(runs.values()))]
     results = {}
     for name, measured in runs.items():
         best = max(measured, key=lambda r: r["output_tokens_per_s"])
-        results[name] = {**best, "rounds_tokens_per_s": [r["output_tokens_per_s"] for r in measured]}
+        rounds = [r["output_tokens_per_s"] for r in measured]
+        # Each round against the in-process run of the same round, the nearest in time.
+        paired = [t / b for t, b in zip(rounds, base_rounds, strict=True)]
+        results[name] = {**best, "rounds_tokens_per_s": rounds, "rounds_vs_in_process": paired}
 
     base = next(iter(results.values()))["output_tokens_per_s"]
     print(
         f"\n{args.concurrency} concurrent requests, prompt {args.input_len} / output {args.output_len} "
         f"tokens; {args.expert_workers} expert actors + {args.attention_workers} attention workers\n"
     )
-    print(f"| {'setup':<48} | output tok/s | vs in-process | every round     |")
-    print(f"|{'-' * 50}|--------------|---------------|-----------------|")
+    print(f"| {'setup':<48} | output tok/s | vs in-process | every round     | each round vs in-process |")
+    print(f"|{'-' * 50}|--------------|---------------|-----------------|--------------------------|")
     for name, r in results.items():
         tps = r["output_tokens_per_s"]
         every = " / ".join(f"{t:.0f}" for t in r["rounds_tokens_per_s"])
-        print(f"| {name:<48} | {tps:12.1f} | {tps / base:12.2f}x | {every:<15} |")
+        paired = " / ".join(f"{x:.2f}" for x in r["rounds_vs_in_process"])
+        print(f"| {name:<48} | {tps:12.1f} | {tps / base:12.2f}x | {every:<15} | {paired:<24} |")
     print("\nremote calls (distributed runs): router-side latency vs worker compute, per call\n")
     print(f"| {'setup':<48} | component | calls | latency ms | compute ms | transport ms | transport |")
     print(f"|{'-' * 50}|-----------|-------|------------|------------|--------------|-----------|")
