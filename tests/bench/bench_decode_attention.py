@@ -13,8 +13,6 @@ Times are the best of a few runs (the machine may be shared); not a timed test.
 import argparse
 import json
 import sys
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runnable as a script from any directory
 
 from common.kernels import paged_latent_decode  # noqa: E402
+from tests.bench.timing import best_time  # noqa: E402
 
 HEADS, KV_RANK, ROPE_DIM, BLOCK_SIZE = 16, 512, 64, 64
 DIM = KV_RANK + ROPE_DIM
@@ -52,17 +51,6 @@ def make_batch(batch: int, context: int, dtype: torch.dtype, seed: int) -> tuple
     context_lens = torch.full((batch,), context, dtype=torch.int32)
     q = torch.randn(batch, HEADS, DIM, generator=g).to(dtype)
     return q, pages, block_tables, context_lens
-
-
-def best_time(fn: Callable[[], Tensor], min_runs: int = 3, budget_s: float = 1.0) -> float:
-    """Best wall time in seconds after one warm-up; at least min_runs runs, more while under budget."""
-    fn()
-    times: list[float] = []
-    while len(times) < min_runs or sum(times) < budget_s and len(times) < 20:
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

@@ -4,19 +4,18 @@ kept input-major ([in, out], common/model/linear.py), for the mini model's matmu
     python -m tests.bench.bench_weight_layout [--dtype float32] [--rows 1,4,16,32,64] [--output-json FILE]
 
 Each shape is timed over 8 copies of its weight (one per layer, as a step reads them), so that no copy stays
-in a core's own cache between its uses; the best of 5 repetitions, in microseconds per matmul.
+in a core's own cache between its uses; the best of at least 5 runs, in microseconds per matmul.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from tests.bench.results import write_results
+from tests.bench.timing import best_time
 
 # (out, in) of the mini preset's matmuls
 SHAPES = {
@@ -30,17 +29,6 @@ SHAPES = {
     "lm_head": (8192, 512),
 }
 COPIES = 8
-
-
-def per_call_us(fn: Callable[[], object], repeat: int = 5, loops: int = 10) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for _ in range(loops):
-            fn()
-        best = min(best, time.perf_counter() - start)
-    return best / loops / COPIES * 1e6
 
 
 def main() -> None:
@@ -61,8 +49,8 @@ def main() -> None:
         cells = []
         for m in rows:
             x = torch.randn(m, in_dim, dtype=dtype)
-            linear = per_call_us(lambda: [F.linear(x, w) for w in hub])  # noqa: B023
-            plain = per_call_us(lambda: [x @ w for w in input_major])  # noqa: B023
+            linear = best_time(lambda: [F.linear(x, w) for w in hub], min_runs=5) / COPIES * 1e6  # noqa: B023
+            plain = best_time(lambda: [x @ w for w in input_major], min_runs=5) / COPIES * 1e6  # noqa: B023
             results.append({"weight": name, "shape": [out_dim, in_dim], "rows": m, "linear_us": linear,
                             "input_major_us": plain})  # fmt: skip
             cells.append(f"{linear:7.1f} / {plain:6.1f} ({linear / plain:3.1f}x)")
