@@ -8,19 +8,22 @@ unless told otherwise) three ways: with one micro-batch, with the default (ping-
 enough for micro-batches of --micro-batch-min-tokens: prefill, on CPU cores), and with ping-pong on every
 step. It sends the same concurrent requests to each, over --rounds interleaved rounds that keep each setup's
 best, and prints output tokens per second (best, every round, and each round against the in-process run of
-the same round) and, for the distributed runs, how the remote calls' time splits between the workers'
-compute and the transport (gRPC, serialisation, queueing). Not a timed test: the machine is shared and noisy;
-read the ratios.
+the same round), how many cores the setup's processes kept busy meanwhile (their CPU time over the wall
+time, from /proc: the load's own client is not counted), and, for the distributed runs, how the remote
+calls' time splits between the workers' compute and the transport (gRPC, serialisation, queueing). Not a
+timed test: the machine is shared and noisy; read the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
 import urllib.request
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,8 +37,11 @@ from tests.processes import start_until_ready, stop
 OUT_DIR = Path("bench-results")
 
 
-def run_load(address: str, prompts: list[list[int]], output_len: int) -> tuple[float, int]:
-    """All prompts at once, one stream each; returns (seconds, output tokens)."""
+def run_load(
+    address: str, prompts: list[list[int]], output_len: int, root_pid: int
+) -> tuple[float, int, float]:
+    """All prompts at once, one stream each; returns (seconds, output tokens, CPU seconds of root_pid and its
+    descendants meanwhile)."""
     channel = grpc.insecure_channel(address)
     stub = router_pb2_grpc.RouterStub(channel)
 
@@ -45,12 +51,36 @@ def run_load(address: str, prompts: list[list[int]], output_len: int) -> tuple[f
         return sum(len(c.delta_token_ids) for r in stub.Generate(request, timeout=900) for c in r.completions)
 
     one(prompts[0], 4)  # warm-up
+    cpu = process_tree_cpu_seconds(root_pid)
     start = time.perf_counter()
     with ThreadPoolExecutor(len(prompts)) as pool:
         tokens = sum(pool.map(one, prompts))
     elapsed = time.perf_counter() - start
+    cpu = process_tree_cpu_seconds(root_pid) - cpu
     channel.close()
-    return elapsed, tokens
+    return elapsed, tokens, cpu
+
+
+def process_tree_cpu_seconds(root_pid: int) -> float:
+    """User + system CPU time of a process and all its descendants (the Ray actors included), from /proc."""
+    parent, ticks = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # it ended meanwhile
+                continue
+            pid = int(entry.name)
+            parent[pid], ticks[pid] = int(fields[1]), int(fields[11]) + int(fields[12])
+    children = defaultdict(list)
+    for pid, ppid in parent.items():
+        children[ppid].append(pid)
+    total, stack = 0, [root_pid]
+    while stack:
+        pid = stack.pop()
+        total += ticks.get(pid, 0)
+        stack.extend(children[pid])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -85,7 +115,7 @@ def measure(argv: list[str], prompts: list[list[int]], output_len: int) -> dict:
     proc, ready = start_until_ready(argv, timeout=600)
     try:
         before = scrape(ready.group(2))
-        elapsed, tokens = run_load(ready.group(1), prompts, output_len)
+        elapsed, tokens, cpu = run_load(ready.group(1), prompts, output_len, proc.pid)
         after = scrape(ready.group(2))
     finally:
         stop(proc)
@@ -93,6 +123,7 @@ def measure(argv: list[str], prompts: list[list[int]], output_len: int) -> dict:
         "elapsed_s": elapsed,
         "output_tokens": tokens,
         "output_tokens_per_s": tokens / elapsed,
+        "cores_busy": cpu / elapsed,
         "split": {c: split(before, after, c) for c in ("attention", "expert")},
     }
 
@@ -153,13 +184,19 @@ def main() -> None:
         f"\n{args.concurrency} concurrent requests, prompt {args.input_len} / output {args.output_len} "
         f"tokens; {args.expert_workers} expert actors + {args.attention_workers} attention workers\n"
     )
-    print(f"| {'setup':<48} | output tok/s | vs in-process | every round     | each round vs in-process |")
-    print(f"|{'-' * 50}|--------------|---------------|-----------------|--------------------------|")
+    print(
+        f"| {'setup':<48} | output tok/s | vs in-process | every round     | each round vs in-process "
+        f"| cores busy |"
+    )
+    print(f"|{'-' * 50}|--------------|---------------|-----------------|{'-' * 26}|------------|")
     for name, r in results.items():
         tps = r["output_tokens_per_s"]
         every = " / ".join(f"{t:.0f}" for t in r["rounds_tokens_per_s"])
         paired = " / ".join(f"{x:.2f}" for x in r["rounds_vs_in_process"])
-        print(f"| {name:<48} | {tps:12.1f} | {tps / base:12.2f}x | {every:<15} | {paired:<24} |")
+        print(
+            f"| {name:<48} | {tps:12.1f} | {tps / base:12.2f}x | {every:<15} | {paired:<24} "
+            f"| {r['cores_busy']:10.2f} |"
+        )
     print("\nremote calls (distributed runs): router-side latency vs worker compute, per call\n")
     print(f"| {'setup':<48} | component | calls | latency ms | compute ms | transport ms | transport |")
     print(f"|{'-' * 50}|-----------|-------|------------|------------|--------------|-----------|")
