@@ -1,13 +1,16 @@
-"""Starting our servers as real processes in tests: wait for the ready line, stop with SIGTERM."""
+"""Starting our servers as real processes in tests: wait for the ready line, stop with SIGTERM. And what
+/proc says of processes (Linux): their state, session, parent and CPU time."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,3 +90,37 @@ def start_up(model: str, *flags: str) -> tuple[subprocess.Popen, re.Match, dict[
         for m in UP_SUMMARY.finditer(proc.startup_output)  # type: ignore[attr-defined]
     }
     return proc, ready, services
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name: [0] state, [1] parent pid, [3] session, [11] and
+    [12] user and system CPU time in clock ticks. None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # no such process, or it ended meanwhile
+        return None
+
+
+def live_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU time of these processes (those that have ended count nothing)."""
+    ticks = sum(int(f[11]) + int(f[12]) for f in map(stat_fields, pids) if f)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(root: int) -> list[int]:
+    """root and every process under it: a launcher's services, and the Ray actors under its router."""
+    children = defaultdict(list)
+    for pid in live_pids():
+        fields = stat_fields(pid)
+        if fields:
+            children[int(fields[1])].append(pid)
+    tree, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        tree.append(pid)
+        stack.extend(children[pid])
+    return tree

@@ -28,8 +28,12 @@ def grouped_swiglu(
     counts = torch.bincount(flat + 1, minlength=num_experts + 1).tolist()  # bin 0: pairs of other shards
     order = torch.argsort(flat, stable=True)[counts[0] :]
     tokens = order // k
-    ends = itertools.accumulate(counts[1:])
-    spans = [(e, slice(end - n, end)) for e, (n, end) in enumerate(zip(counts[1:], ends)) if n]
+    per_expert = counts[1:]
+    spans = [  # (expert, its rows in expert order) for every expert that got pairs
+        (e, slice(end - n, end))
+        for e, (n, end) in enumerate(zip(per_expert, itertools.accumulate(per_expert)))
+        if n
+    ]
     xs = x[tokens]
     gate_up = xs.new_empty(xs.shape[0], 2 * inter)
     for e, rows in spans:

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
 import urllib.request
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,7 +30,7 @@ import grpc
 from latentmoe.v1 import router_pb2, router_pb2_grpc
 from services.bench import random_prompts
 from tests.bench.results import write_results
-from tests.processes import start_until_ready, stop
+from tests.processes import cpu_seconds, process_tree, start_until_ready, stop
 
 OUT_DIR = Path("bench-results")
 
@@ -40,8 +38,8 @@ OUT_DIR = Path("bench-results")
 def run_load(
     address: str, prompts: list[list[int]], output_len: int, root_pid: int
 ) -> tuple[float, int, float]:
-    """All prompts at once, one stream each; returns (seconds, output tokens, CPU seconds of root_pid and its
-    descendants meanwhile)."""
+    """All prompts at once, one stream each; returns (seconds, output tokens, CPU seconds of root_pid and of
+    every process under it meanwhile)."""
     channel = grpc.insecure_channel(address)
     stub = router_pb2_grpc.RouterStub(channel)
 
@@ -51,36 +49,15 @@ def run_load(
         return sum(len(c.delta_token_ids) for r in stub.Generate(request, timeout=900) for c in r.completions)
 
     one(prompts[0], 4)  # warm-up
-    cpu = process_tree_cpu_seconds(root_pid)
+    processes = process_tree(root_pid)
+    cpu = cpu_seconds(*processes)
     start = time.perf_counter()
     with ThreadPoolExecutor(len(prompts)) as pool:
         tokens = sum(pool.map(one, prompts))
     elapsed = time.perf_counter() - start
-    cpu = process_tree_cpu_seconds(root_pid) - cpu
+    cpu = cpu_seconds(*processes) - cpu
     channel.close()
     return elapsed, tokens, cpu
-
-
-def process_tree_cpu_seconds(root_pid: int) -> float:
-    """User + system CPU time of a process and all its descendants (the Ray actors included), from /proc."""
-    parent, ticks = {}, {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # it ended meanwhile
-                continue
-            pid = int(entry.name)
-            parent[pid], ticks[pid] = int(fields[1]), int(fields[11]) + int(fields[12])
-    children = defaultdict(list)
-    for pid, ppid in parent.items():
-        children[ppid].append(pid)
-    total, stack = 0, [root_pid]
-    while stack:
-        pid = stack.pop()
-        total += ticks.get(pid, 0)
-        stack.extend(children[pid])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def scrape(url: str) -> dict[str, float]:

@@ -11,7 +11,6 @@ machine is shared and noisy; read the ratios.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import grpc
 from common.rpc.server import start_server
 from common.rpc.stream import ThreadStreams
 from tests.bench.results import write_results
+from tests.processes import cpu_seconds
 
 OUT_DIR = Path("bench-results")
 SERVICE = "latentmoe.bench.Echo"
@@ -49,11 +49,6 @@ def serve() -> None:
     server, address = start_server(add, [], "127.0.0.1")
     print(address, flush=True)
     server.wait_for_termination()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(call, server_pid: int, calls: int) -> dict[str, float]:  # noqa: ANN001

@@ -39,6 +39,7 @@ from common.config import EngineConfig
 from common.engine.engine import LLMEngine
 from common.engine.sampling_params import SamplingParams
 from tests.deploy.test_compose import PYPROJECT, ROOT, flag_value, ray_start_argv, replace_flags
+from tests.processes import live_pids, stat_fields
 
 RAY = str(Path(sys.executable).parent / "ray")
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
@@ -99,18 +100,7 @@ def node_flags(ip: str, temp_dir: str, num_cpus: int) -> list[str]:
 
 def session_pids(sid: int) -> list[int]:
     """The live processes of session `sid` (field 6 of /proc/PID/stat)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
+    return [pid for pid in live_pids() if (f := stat_fields(pid)) and int(f[3]) == sid and f[0] != "Z"]
 
 
 def stop_session(sid: int) -> list[str]:

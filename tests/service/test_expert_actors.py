@@ -20,6 +20,7 @@ from common.rpc.codec import tensor_to_proto
 from common.rpc.stream import ThreadStreams
 from latentmoe.v1 import expert_pb2
 from services.router.experts import ExpertPool, contiguous_shards
+from tests.processes import stat_fields
 
 KEEPALIVE_S = 2.0
 PROMPTS = [[3, 4, 5, 6], list(range(50, 81)), [9], [(5 * i) % 300 + 2 for i in range(17)]]
@@ -131,11 +132,8 @@ def test_stream_calls_answer_like_unary_calls_and_survive_errors(pool):
 
 def process_state(pid: int) -> str | None:
     """The state letter in /proc/PID/stat (T: stopped, Z: zombie); None when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
+    fields = stat_fields(pid)
+    return fields[0] if fields else None
 
 
 def assert_replaced_without_a_changed_token(pool, path: str, shard: int, fail: Callable[[], None]) -> None:
