@@ -8,6 +8,7 @@ that names the field.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -355,11 +356,35 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). Without them torch emulates
-    bfloat16 matmuls, several times slower than float32."""
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX)."""
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+def cpu_has_native_fp16() -> bool:
+    """Whether this CPU multiplies float16 in hardware (AVX512-FP16 or AMX-FP16)."""
+    return bool({"avx512_fp16", "amx_fp16"} & _cpu_flags())
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return frozenset()
+
+
+@functools.cache
+def matmul_dtype(dtype: Any, device_type: str) -> Any:
+    """The dtype that matmuls of `dtype` tensors run in. Without bfloat16 (or float16) units a CPU's half-
+    precision GEMM is an emulation, 3-5x slower than float32; multiplying the upcast operands in float32 gives
+    the same products (exact in float32) and float32 accumulation, as a native half-precision GEMM has, while
+    the weights stay half-size in memory."""
+    import torch
+
+    if device_type == "cpu" and (
+        (dtype == torch.bfloat16 and not cpu_has_native_bf16())
+        or (dtype == torch.float16 and not cpu_has_native_fp16())
+    ):
+        return torch.float32
+    return dtype

@@ -154,9 +154,9 @@ class LLMEngine:
             and config.torch_dtype == torch.bfloat16
             and not cpu_has_native_bf16()
         ):
-            log.warning(
-                "this CPU has no bfloat16 matmul units (AVX512-BF16/AMX): torch emulates them, several "
-                "times slower than float32; --dtype auto picks float32 here"
+            log.info(
+                "this CPU has no bfloat16 matmul units (AVX512-BF16/AMX): bfloat16 matmuls run in float32 "
+                "(the weights stay bfloat16 in memory); --dtype auto picks float32 here, which is faster"
             )
         model_config, model = load_model(
             directory,

@@ -13,6 +13,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from common.config import matmul_dtype
+
 
 def grouped_swiglu(
     x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
@@ -21,7 +23,8 @@ def grouped_swiglu(
 
     x [T, h]; expert_ids [T, k] local expert index or -1 (routed to another shard); weights [T, k] float32;
     w13 [E, h, 2I] (gate columns then up columns); w2 [E, I, h]: input-major, so each GEMM is a plain
-    `rows @ weight` (see common/model/linear.py). Returns [T, h] in x.dtype, accumulated in float32.
+    `rows @ weight` (see common/model/linear.py). Returns [T, h] in x.dtype, accumulated in float32; the
+    GEMMs run in matmul_dtype (float32 for half types on CPUs without units for them).
     """
     num_experts, k, inter = w13.shape[0], expert_ids.shape[1], w2.shape[1]
     flat = expert_ids.flatten()
@@ -34,13 +37,15 @@ def grouped_swiglu(
         for e, (n, end) in enumerate(zip(per_expert, itertools.accumulate(per_expert)))
         if n
     ]
-    xs = x[tokens]
+    # One row per expert (one-sequence decode) stays native: see common/model/linear.py's matmul.
+    dtype = matmul_dtype(x.dtype, x.device.type) if len(tokens) > len(spans) else x.dtype
+    xs = x[tokens].to(dtype)
     gate_up = xs.new_empty(xs.shape[0], 2 * inter)
     for e, rows in spans:
-        torch.mm(xs[rows], w13[e], out=gate_up[rows])
+        torch.mm(xs[rows], w13[e].to(dtype), out=gate_up[rows])
     act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])  # one activation over every expert's rows
     ys = torch.empty_like(xs)
     for e, rows in spans:
-        torch.mm(act[rows], w2[e], out=ys[rows])
+        torch.mm(act[rows], w2[e].to(dtype), out=ys[rows])
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     return out.index_add_(0, tokens, ys.float() * weights.flatten()[order, None]).to(x.dtype)

@@ -5,12 +5,26 @@ more slowly than by a plain `x @ W` at the row counts of batched decode: for the
 threads, 2-2.7x at 16 rows and 1.1-1.9x at 32, about even at one row (tests/bench/bench_weight_layout.py).
 So projections, shared and routed experts all keep their weights this way round; the loader writes the
 checkpoint's tensors through transposed views (`weight`).
+
+Every weight multiplies through `matmul`, which runs half-precision products in float32 on CPUs without
+units for them (common.config.matmul_dtype).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from common.config import matmul_dtype
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w (2-D or batched), in x's dtype, multiplied in matmul_dtype when x has more than one row: a
+    single row (one-sequence decode) is cheaper in the native form than upcasting the whole weight."""
+    dtype = matmul_dtype(x.dtype, x.device.type)
+    if dtype == x.dtype or x.numel() == x.shape[-1]:
+        return x @ w
+    return (x.to(dtype) @ w.to(dtype)).to(x.dtype)
 
 
 class Linear(nn.Module):
@@ -25,5 +39,5 @@ class Linear(nn.Module):
         return self.weight_t.T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight_t
+        y = matmul(x, self.weight_t)
         return y if self.bias is None else y + self.bias

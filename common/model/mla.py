@@ -24,7 +24,7 @@ from torch import nn
 from common.config import ModelConfig
 from common.kernels import DecodePlan, flash_attn_varlen, paged_latent_decode
 from common.kvcache import BlockPool
-from common.model.linear import Linear
+from common.model.linear import Linear, matmul
 from common.model.norm import RMSNorm
 from common.model.rope import apply_rotary
 
@@ -217,12 +217,12 @@ class MLA(nn.Module):
     def absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
         """[T, H, d_c + d_R]: W_UK folded into the query, so it scores latents directly."""
         w_uk, _ = self.absorbed_weights()
-        return torch.cat([torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1), q_pe], dim=-1)
+        return torch.cat([matmul(q_nope.transpose(0, 1), w_uk).transpose(0, 1), q_pe], dim=-1)
 
     def absorb_output(self, o_latent: torch.Tensor) -> torch.Tensor:
         """[T, H, d_c] latent outputs -> [T, H, d_v] through W_UV."""
         _, w_uv_t = self.absorbed_weights()
-        return torch.bmm(o_latent.transpose(0, 1), w_uv_t).transpose(0, 1)
+        return matmul(o_latent.transpose(0, 1), w_uv_t).transpose(0, 1)
 
     def attend_absorbed_prefill(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, context: torch.Tensor, batch: AttentionBatch

@@ -18,6 +18,7 @@ from torch import nn
 
 from common.config import ModelConfig
 from common.kernels.grouped_experts import grouped_swiglu
+from common.model.linear import matmul
 
 
 class MLP(nn.Module):
@@ -30,8 +31,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(intermediate, hidden))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = (x @ self.gate_up_proj).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ self.down_proj
+        gate, up = matmul(x, self.gate_up_proj).chunk(2, dim=-1)
+        return matmul(F.silu(gate) * up, self.down_proj)
 
 
 class Gate(nn.Module):

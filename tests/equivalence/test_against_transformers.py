@@ -31,10 +31,10 @@ def pair(request, checkpoint_dir):
     return request.param, path, config, ours, ref
 
 
-def prefill(config, model, prompts, block=BLOCK):
+def prefill(config, model, prompts, block=BLOCK, dtype=torch.float32):
     """All prompts in one flat forward; returns per-prompt logits [len, V], the pool and block tables."""
     per_seq = -(-max(map(len, prompts)) // block) + 2
-    pool = BlockPool(config.num_hidden_layers, per_seq * len(prompts), block, config.latent_dim)
+    pool = BlockPool(config.num_hidden_layers, per_seq * len(prompts), block, config.latent_dim, dtype)
     # Interleaved (non-contiguous) block tables, like a real allocator hands out.
     tables = [list(range(i, per_seq * len(prompts), len(prompts))) for i in range(len(prompts))]
     batch = AttentionBatch.build([(t, 0, len(p)) for t, p in zip(tables, prompts)], [], block)
@@ -96,6 +96,33 @@ def test_absorbed_prefill_equals_naive_prefill(pair):
         absorbed = attn.attend_absorbed_prefill(q_nope, q_pe, context, batch)
     assert sum(map(len, chunks)) == batch.num_tokens
     assert (naive - absorbed).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_bfloat16_as_close_to_float32_as_transformers_bfloat16(name, checkpoint_dir):
+    """In bfloat16 (matmuls upcast to float32 on CPUs without bfloat16 units, common.config.matmul_dtype),
+    prefill and absorbed-decode logits stay as close to the float32 reference as transformers' own bfloat16
+    logits do."""
+    path = checkpoint_dir(name)
+    config, ours = load_model(path, dtype=torch.bfloat16, progress=False)
+    refs = {
+        dtype: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    logits, pool, tables = prefill(config, ours, PROMPTS, dtype=torch.bfloat16)
+    nxt = [3, 4, 5, 6]
+    decode = AttentionBatch.build([], [(t, len(p) + 1) for t, p in zip(tables, PROMPTS)], BLOCK)
+    with torch.no_grad():
+        logits.append(ours(torch.tensor(nxt), torch.tensor([len(p) for p in PROMPTS]), decode, pool))
+        want = {}
+        for dtype, ref in refs.items():
+            want[dtype] = [ref(torch.tensor([p])).logits[0].float() for p in PROMPTS]
+            last = [ref(torch.tensor([p + [t]])).logits[0, -1].float() for p, t in zip(PROMPTS, nxt)]
+            want[dtype].append(torch.stack(last))
+    for i, got in enumerate(logits):
+        ours_error = (got.float() - want[torch.float32][i]).abs().max().item()
+        ref_error = (want[torch.bfloat16][i] - want[torch.float32][i]).abs().max().item()
+        assert ours_error <= 2 * ref_error + 1e-3, f"{name}, logits {i}: {ours_error} against {ref_error}"
 
 
 def test_greedy_generation_token_identical(pair):
