@@ -6,8 +6,9 @@ threads, 2-2.7x at 16 rows and 1.1-1.9x at 32, about even at one row (tests/benc
 So projections, shared and routed experts all keep their weights this way round; the loader writes the
 checkpoint's tensors through transposed views (`weight`).
 
-Every weight multiplies through `matmul`, which runs half-precision products in float32 on CPUs without
-units for them (common.config.matmul_dtype).
+The projections, the MLPs and the weight-absorbed MLA products multiply through `matmul`, which runs
+half-precision products in float32 on CPUs without units for them (common.config.matmul_dtype); the gate
+scores in float32 anyway, and a tied lm_head (no DeepSeek checkpoint ties it) stays an nn.Linear.
 """
 
 from __future__ import annotations
