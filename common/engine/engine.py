@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 
 from common import metrics
 from common.checkpoint import load_model, load_tokenizer
-from common.config import EngineConfig, ModelConfig, cpu_has_native_bf16
+from common.config import EngineConfig, ModelConfig, matmul_dtype
 from common.engine.detokenizer import IncrementalDetokenizer
 from common.engine.model_runner import AttentionBackend, LocalAttention, ModelRunner, PagesDoNotFit
 from common.engine.sampler import SampleOutput, Sampler
@@ -149,14 +149,12 @@ class LLMEngine:
         """local_experts=False loads no routed expert (they run elsewhere, e.g. on expert actors); nor is
         any MLA weight loaded for an `attention` backend that runs attention elsewhere (attention workers)."""
         config = config or EngineConfig()
-        if (
-            config.torch_device.type == "cpu"
-            and config.torch_dtype == torch.bfloat16
-            and not cpu_has_native_bf16()
-        ):
+        dtype = config.torch_dtype
+        if matmul_dtype(dtype, config.torch_device.type) != dtype:
             log.info(
-                "this CPU has no bfloat16 matmul units (AVX512-BF16/AMX): bfloat16 matmuls run in float32 "
-                "(the weights stay bfloat16 in memory); --dtype auto picks float32 here, which is faster"
+                "this CPU has no %s matmul units: those matmuls run in float32 (the weights stay %s in "
+                "memory); --dtype auto picks float32 here, which is faster",
+                *[str(dtype).removeprefix("torch.")] * 2,
             )
         model_config, model = load_model(
             directory,

@@ -13,7 +13,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from common.config import matmul_dtype
+from common.model.linear import multiply_dtype
 
 
 def grouped_swiglu(
@@ -24,7 +24,7 @@ def grouped_swiglu(
     x [T, h]; expert_ids [T, k] local expert index or -1 (routed to another shard); weights [T, k] float32;
     w13 [E, h, 2I] (gate columns then up columns); w2 [E, I, h]: input-major, so each GEMM is a plain
     `rows @ weight` (see common/model/linear.py). Returns [T, h] in x.dtype, accumulated in float32; the
-    GEMMs run in matmul_dtype (float32 for half types on CPUs without units for them).
+    GEMMs run in multiply_dtype (float32 for half types on CPUs without units for them).
     """
     num_experts, k, inter = w13.shape[0], expert_ids.shape[1], w2.shape[1]
     flat = expert_ids.flatten()
@@ -37,8 +37,7 @@ def grouped_swiglu(
         for e, (n, end) in enumerate(zip(per_expert, itertools.accumulate(per_expert)))
         if n
     ]
-    # One row per expert (one-sequence decode) stays native: see common/model/linear.py's matmul.
-    dtype = matmul_dtype(x.dtype, x.device.type) if len(tokens) > len(spans) else x.dtype
+    dtype = multiply_dtype(x, len(tokens) / max(len(spans), 1))
     xs = x[tokens].to(dtype)
     gate_up = xs.new_empty(xs.shape[0], 2 * inter)
     for e, rows in spans:

@@ -19,11 +19,16 @@ from torch import nn
 from common.config import matmul_dtype
 
 
+def multiply_dtype(x: torch.Tensor, rows_per_weight: float) -> torch.dtype:
+    """The dtype x's products with a weight run in: matmul_dtype, unless each weight meets only one row
+    (one-sequence decode), for which upcasting a whole weight costs more than the native form."""
+    return matmul_dtype(x.dtype, x.device.type) if rows_per_weight > 1 else x.dtype
+
+
 def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w (2-D or batched), in x's dtype, multiplied in matmul_dtype when x has more than one row: a
-    single row (one-sequence decode) is cheaper in the native form than upcasting the whole weight."""
-    dtype = matmul_dtype(x.dtype, x.device.type)
-    if dtype == x.dtype or x.numel() == x.shape[-1]:
+    """x @ w (2-D or batched), in x's dtype, multiplied in multiply_dtype."""
+    dtype = multiply_dtype(x, x.numel() // x.shape[-1])
+    if dtype == x.dtype:
         return x @ w
     return (x.to(dtype) @ w.to(dtype)).to(x.dtype)
 
