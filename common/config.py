@@ -357,16 +357,17 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX)."""
-    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def cpu_has_native_fp16() -> bool:
     """Whether this CPU multiplies float16 in hardware (AVX512-FP16 or AMX-FP16)."""
-    return bool({"avx512_fp16", "amx_fp16"} & _cpu_flags())
+    return bool({"avx512_fp16", "amx_fp16"} & cpu_flags())
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags /proc/cpuinfo lists (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             return frozenset(next((line for line in f if line.startswith("flags")), "").split())

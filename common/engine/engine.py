@@ -29,6 +29,7 @@ from common.engine.sampler import SampleOutput, Sampler
 from common.engine.sampling_params import SamplingParams
 from common.engine.scheduler import Scheduler
 from common.engine.sequence import Request, Sequence
+from common.kernels import bf16_gemm
 from common.kvcache import BlockManager, BlockPool
 from common.model.decoder import DeepseekModel
 from common.model.moe import MoE
@@ -151,10 +152,13 @@ class LLMEngine:
         config = config or EngineConfig()
         dtype = config.torch_dtype
         if matmul_dtype(dtype, config.torch_device.type) != dtype:
+            how = "in float32 (the weights stay in memory as they are)"
+            if dtype == torch.bfloat16 and bf16_gemm.available():
+                how = f"in latentmoe's bfloat16 kernel at up to {bf16_gemm.MAX_ROWS} rows, beyond that {how}"
             log.info(
-                "this CPU has no %s matmul units: those matmuls run in float32 (the weights stay %s in "
-                "memory); --dtype auto picks float32 here, which is faster",
-                *[str(dtype).removeprefix("torch.")] * 2,
+                "this CPU has no %s matmul units: those matmuls run %s; --dtype auto picks float32 here",
+                str(dtype).removeprefix("torch."),
+                how,
             )
         model_config, model = load_model(
             directory,

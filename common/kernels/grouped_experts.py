@@ -13,6 +13,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from common.kernels import bf16_gemm
 from common.model.linear import multiply_dtype
 
 
@@ -24,7 +25,8 @@ def grouped_swiglu(
     x [T, h]; expert_ids [T, k] local expert index or -1 (routed to another shard); weights [T, k] float32;
     w13 [E, h, 2I] (gate columns then up columns); w2 [E, I, h]: input-major, so each GEMM is a plain
     `rows @ weight` (see common/model/linear.py). Returns [T, h] in x.dtype, accumulated in float32; the
-    GEMMs run in multiply_dtype (float32 for half types on CPUs without units for them).
+    GEMMs run in the bfloat16 kernel at a few rows per expert where it runs (common/kernels/bf16_gemm.py),
+    otherwise in multiply_dtype (float32 for half types on CPUs without units for them).
     """
     num_experts, k, inter = w13.shape[0], expert_ids.shape[1], w2.shape[1]
     flat = expert_ids.flatten()
@@ -37,14 +39,22 @@ def grouped_swiglu(
         for e, (n, end) in enumerate(zip(per_expert, itertools.accumulate(per_expert)))
         if n
     ]
-    dtype = multiply_dtype(x, len(tokens) / max(len(spans), 1))
+    rows_per_expert = len(tokens) / max(len(spans), 1)
+    if bf16_gemm.suits(x, w13, rows_per_expert):
+        dtype, product = torch.float32, bf16_gemm.mm
+    else:
+        dtype = multiply_dtype(x, rows_per_expert)
+
+        def product(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            return torch.mm(a, w.to(dtype), out=out)
+
     xs = x[tokens].to(dtype)
     gate_up = xs.new_empty(xs.shape[0], 2 * inter)
     for e, rows in spans:
-        torch.mm(xs[rows], w13[e].to(dtype), out=gate_up[rows])
+        product(xs[rows], w13[e], out=gate_up[rows])
     act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])  # one activation over every expert's rows
     ys = torch.empty_like(xs)
     for e, rows in spans:
-        torch.mm(act[rows], w2[e].to(dtype), out=ys[rows])
+        product(act[rows], w2[e], out=ys[rows])
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     return out.index_add_(0, tokens, ys.float() * weights.flatten()[order, None]).to(x.dtype)

@@ -6,9 +6,10 @@ threads, 2-2.7x at 16 rows and 1.1-1.9x at 32, about even at one row (tests/benc
 So projections, shared and routed experts all keep their weights this way round; the loader writes the
 checkpoint's tensors through transposed views (`weight`).
 
-The projections, the MLPs and the weight-absorbed MLA products multiply through `matmul`, which runs
-half-precision products in float32 on CPUs without units for them (common.config.matmul_dtype); the gate
-scores in float32 anyway, and a tied lm_head (no DeepSeek checkpoint ties it) stays an nn.Linear.
+The projections, the MLPs and the weight-absorbed MLA products multiply through `matmul`. On CPUs without
+units for half precision it runs a few rows of bfloat16 in common/kernels/bf16_gemm.py where that kernel
+runs, and other half-precision products in float32 (common.config.matmul_dtype); the gate scores in float32
+anyway, and a tied lm_head (no DeepSeek checkpoint ties it) stays an nn.Linear.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from common.config import matmul_dtype
+from common.kernels import bf16_gemm
 
 
 def multiply_dtype(x: torch.Tensor, rows_per_weight: float) -> torch.dtype:
@@ -26,8 +28,12 @@ def multiply_dtype(x: torch.Tensor, rows_per_weight: float) -> torch.dtype:
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w (2-D or batched), in x's dtype, multiplied in multiply_dtype."""
-    dtype = multiply_dtype(x, x.numel() // x.shape[-1])
+    """x @ w (2-D or batched), in x's dtype: a few rows of bfloat16 through common/kernels/bf16_gemm.py where
+    it runs, otherwise multiplied in multiply_dtype."""
+    rows = x.numel() // x.shape[-1]
+    if w.dim() == 2 and bf16_gemm.suits(x, w, rows):
+        return bf16_gemm.mm(x.reshape(rows, -1), w).view(*x.shape[:-1], w.shape[1]).to(x.dtype)
+    dtype = multiply_dtype(x, rows)
     if dtype == x.dtype:
         return x @ w
     return (x.to(dtype) @ w.to(dtype)).to(x.dtype)
