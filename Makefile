@@ -45,6 +45,7 @@ bench: venv checkpoint
 	$(BIN)/python -m tests.bench.bench_block_waste --output-json bench-results/block_waste.json
 	$(BIN)/python -m tests.bench.bench_decode_attention --output-json bench-results/decode_attention.json
 	$(BIN)/python -m tests.bench.bench_weight_layout --output-json bench-results/weight_layout.json
+	$(BIN)/python -m tests.bench.bench_bf16_gemm --output-json bench-results/bf16_gemm.json
 	$(BIN)/python -m tests.bench.bench_throughput --model $(MODEL) --dtype bfloat16 \
 		--output-json bench-results/throughput-bf16.json
 	$(BIN)/python -m tests.bench.bench_throughput --model $(MODEL) --dtype float32 \
