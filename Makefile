@@ -51,8 +51,10 @@ bench: venv checkpoint
 	$(BIN)/python -m tests.bench.bench_throughput --model $(MODEL) --dtype float32 \
 		--output-json bench-results/throughput-fp32.json
 	$(BIN)/python -m tests.bench.bench_transport --output-json bench-results/transport.json
-	$(BIN)/python -m tests.bench.bench_distributed --model $(MODEL) --rounds 3 \
-		--output-json bench-results/distributed.json
+	$(BIN)/python -m tests.bench.bench_distributed --model $(MODEL) --rounds 3 --dtype bfloat16 \
+		--output-json bench-results/distributed-bf16.json
+	$(BIN)/python -m tests.bench.bench_distributed --model $(MODEL) --rounds 3 --dtype float32 \
+		--output-json bench-results/distributed-fp32.json
 
 clean:
 	rm -rf $(VENV) gen build *.egg-info .pytest_cache .ruff_cache
