@@ -66,3 +66,12 @@ def mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> tor
         out = x.new_empty(x.shape[0], w.shape[1])
     _module().mm_out(x, w.contiguous(), out)
     return out
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows offsets[e]..offsets[e+1] of x [R, K] times w[e] ([E, K, N] bfloat16), for every e, in one call
+    -> float32 [R, N]. offsets: int64 [E + 1], from 0 to R."""
+    x = x.float().contiguous()
+    out = x.new_empty(x.shape[0], w.shape[2])
+    _module().grouped_mm_out(x, w.contiguous(), offsets, out)
+    return out

@@ -24,37 +24,49 @@ def grouped_swiglu(
 
     x [T, h]; expert_ids [T, k] local expert index or -1 (routed to another shard); weights [T, k] float32;
     w13 [E, h, 2I] (gate columns then up columns); w2 [E, I, h]: input-major, so each GEMM is a plain
-    `rows @ weight` (see common/model/linear.py). Returns [T, h] in x.dtype, accumulated in float32; the
-    GEMMs run in the bfloat16 kernel at a few rows per expert where it runs (common/kernels/bf16_gemm.py),
-    otherwise in multiply_dtype (float32 for half types on CPUs without units for them).
+    `rows @ weight` (see common/model/linear.py). Returns [T, h] in x.dtype, accumulated in float32. At a few
+    rows per expert, bfloat16 runs every expert in one call of common/kernels/bf16_gemm.py where that kernel
+    runs; otherwise each expert's GEMMs run in multiply_dtype (float32 for half types on CPUs without units
+    for them).
     """
-    num_experts, k, inter = w13.shape[0], expert_ids.shape[1], w2.shape[1]
+    num_experts, k = w13.shape[0], expert_ids.shape[1]
     flat = expert_ids.flatten()
     counts = torch.bincount(flat + 1, minlength=num_experts + 1).tolist()  # bin 0: pairs of other shards
     order = torch.argsort(flat, stable=True)[counts[0] :]
     tokens = order // k
     per_expert = counts[1:]
+    xs = x[tokens]
+    rows_per_expert = len(tokens) / max(sum(n > 0 for n in per_expert), 1)
+    if bf16_gemm.suits(x, w13, rows_per_expert):  # every expert in one call
+        offsets = torch.tensor([0, *itertools.accumulate(per_expert)])
+        ys = bf16_gemm.grouped_mm(_swiglu(bf16_gemm.grouped_mm(xs, w13, offsets)), w2, offsets)
+    else:
+        ys = _per_expert(xs, per_expert, w13, w2, multiply_dtype(x, rows_per_expert))
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    return out.index_add_(0, tokens, ys.float() * weights.flatten()[order, None]).to(x.dtype)
+
+
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """One SiLU-and-multiply over every expert's rows (gate columns, then up columns)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
+
+
+def _per_expert(
+    xs: torch.Tensor, per_expert: list[int], w13: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """xs in expert order through one GEMM pair per expert that got rows, multiplied in dtype."""
     spans = [  # (expert, its rows in expert order) for every expert that got pairs
         (e, slice(end - n, end))
         for e, (n, end) in enumerate(zip(per_expert, itertools.accumulate(per_expert)))
         if n
     ]
-    rows_per_expert = len(tokens) / max(len(spans), 1)
-    if bf16_gemm.suits(x, w13, rows_per_expert):
-        dtype, product = torch.float32, bf16_gemm.mm
-    else:
-        dtype = multiply_dtype(x, rows_per_expert)
-
-        def product(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-            return torch.mm(a, w.to(dtype), out=out)
-
-    xs = x[tokens].to(dtype)
-    gate_up = xs.new_empty(xs.shape[0], 2 * inter)
+    xs = xs.to(dtype)
+    gate_up = xs.new_empty(xs.shape[0], w13.shape[2])
     for e, rows in spans:
-        product(xs[rows], w13[e], out=gate_up[rows])
-    act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])  # one activation over every expert's rows
+        torch.mm(xs[rows], w13[e].to(dtype), out=gate_up[rows])
+    act = _swiglu(gate_up)
     ys = torch.empty_like(xs)
     for e, rows in spans:
-        product(act[rows], w2[e], out=ys[rows])
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    return out.index_add_(0, tokens, ys.float() * weights.flatten()[order, None]).to(x.dtype)
+        torch.mm(act[rows], w2[e].to(dtype), out=ys[rows])
+    return ys

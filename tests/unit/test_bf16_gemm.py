@@ -1,5 +1,7 @@
 """The bfloat16 GEMM kernel against float32 products of the same bfloat16 values, and where matmul uses it."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -38,6 +40,26 @@ def test_writes_into_a_row_slice_and_is_the_same_on_any_thread_count():
         torch.set_num_threads(threads)
     assert torch.equal(out[2:8], one)
     assert out[:2].isnan().all() and out[8:].isnan().all()
+
+
+@needs_kernel
+def test_grouped_matches_one_product_per_expert():
+    """Experts with no rows, one row and many; every expert's rows times its own weight."""
+    rows = [0, 3, 1, 0, 40, 2]
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(sum(rows), 96, generator=gen)
+    w = torch.randn(len(rows), 96, 130, generator=gen).bfloat16()
+    offsets = torch.tensor([0, *itertools.accumulate(rows)])
+    want = torch.cat([x[a:b] @ w[e].float() for e, (a, b) in enumerate(itertools.pairwise(offsets.tolist()))])
+    torch.testing.assert_close(bf16_gemm.grouped_mm(x, w, offsets), want, rtol=1e-5, atol=2e-6 * 96)
+
+
+@needs_kernel
+def test_grouped_rejects_offsets_that_do_not_cover_the_rows():
+    x, w = torch.randn(5, 8), torch.randn(2, 8, 16).bfloat16()
+    for bad in ([0, 2, 4], [0, 4, 2], [1, 2, 5], [0, 5]):
+        with pytest.raises(RuntimeError, match="offsets"):
+            bf16_gemm.grouped_mm(x, w, torch.tensor(bad))
 
 
 @needs_kernel

@@ -8,6 +8,8 @@
 // rows of x at a time give the FMAs independent chains.
 
 #include <ATen/Parallel.h>
+#include <array>
+#include <vector>
 #include <immintrin.h>
 #include <torch/extension.h>
 
@@ -76,4 +78,46 @@ void mm_out(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& out) 
                    [&](int64_t v0, int64_t v1) { columns(xp, wp, op, M, K, N, v0, v1); });
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("mm_out", &mm_out, "out = x @ w (float32 x, bfloat16 w)"); }
+// Routed experts: rows offsets[e]..offsets[e+1] of x times w[e], for every expert e, in one call (at decode an
+// expert gets a few rows, and a call per expert costs more in dispatch than in arithmetic).
+void grouped_mm_out(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& offsets,
+                    torch::Tensor& out) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && out.dim() == 2 && offsets.dim() == 1,
+              "x [R, K], w [E, K, N], offsets [E + 1] and out [R, N] expected");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32,
+              "x and out must be float32");
+  TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "w must be bfloat16");
+  TORCH_CHECK(offsets.scalar_type() == torch::kInt64, "offsets must be int64");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && out.device().is_cpu() && offsets.device().is_cpu(),
+              "CPU tensors only");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && out.is_contiguous() && offsets.is_contiguous(),
+              "x, w, offsets and out must be contiguous");
+  const int64_t R = x.size(0), K = x.size(1), E = w.size(0), N = w.size(2);
+  TORCH_CHECK(w.size(1) == K, "x [R, K] and w [E, K, N] do not match: K = ", K, " and ", w.size(1));
+  TORCH_CHECK(out.size(0) == R && out.size(1) == N, "out must be [", R, ", ", N, "]");
+  TORCH_CHECK(offsets.size(0) == E + 1, "offsets must have ", E + 1, " entries");
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[E] == R, "offsets must run from 0 to ", R);
+  for (int64_t e = 0; e < E; ++e) TORCH_CHECK(off[e] <= off[e + 1], "offsets must not decrease");
+  // Work items: (expert, a range of column vectors), each about GRAIN_ELEMS weight elements.
+  const int64_t vecs = (N + 15) / 16;
+  const int64_t chunk = std::max<int64_t>(1, GRAIN_ELEMS / std::max<int64_t>(1, 16 * K));
+  std::vector<std::array<int64_t, 3>> items;
+  for (int64_t e = 0; e < E; ++e)
+    if (off[e + 1] > off[e])
+      for (int64_t v = 0; v < vecs; v += chunk) items.push_back({e, v, std::min(vecs, v + chunk)});
+  const float* xp = x.data_ptr<float>();
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const auto [e, v0, v1] = items[i];
+      columns(xp + off[e] * K, wp + e * K * N, op + off[e] * N, off[e + 1] - off[e], K, N, v0, v1);
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("mm_out", &mm_out, "out = x @ w (float32 x, bfloat16 w)");
+  m.def("grouped_mm_out", &grouped_mm_out, "out[rows of e] = x[rows of e] @ w[e] for every expert e");
+}
