@@ -108,7 +108,11 @@ def measure(argv: list[str], prompts: list[list[int]], output_len: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="checkpoints/mini")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        help="the benchmark dtype, as in bench_throughput (float32 and auto also work)",
+    )
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
