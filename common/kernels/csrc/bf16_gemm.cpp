@@ -8,10 +8,11 @@
 // rows of x at a time give the FMAs independent chains.
 
 #include <ATen/Parallel.h>
-#include <array>
-#include <vector>
 #include <immintrin.h>
 #include <torch/extension.h>
+
+#include <array>
+#include <vector>
 
 namespace {
 
@@ -57,16 +58,21 @@ void columns(const float* x, const uint16_t* w, float* out, int64_t M, int64_t K
   }
 }
 
-}  // namespace
-
-void mm_out(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& out) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2, "x, w and out must be 2-D");
+// x and out float32, w bfloat16, all contiguous CPU tensors.
+void check_operands(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& out) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32,
               "x and out must be float32");
   TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "w must be bfloat16");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && out.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && out.is_contiguous(),
               "x, w and out must be contiguous");
+}
+
+}  // namespace
+
+void mm_out(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& out) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2, "x, w and out must be 2-D");
+  check_operands(x, w, out);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(1);
   TORCH_CHECK(w.size(0) == K, "x [M, K] and w [K, N] do not match: K = ", K, " and ", w.size(0));
   TORCH_CHECK(out.size(0) == M && out.size(1) == N, "out must be [", M, ", ", N, "]");
@@ -78,20 +84,15 @@ void mm_out(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& out) 
                    [&](int64_t v0, int64_t v1) { columns(xp, wp, op, M, K, N, v0, v1); });
 }
 
-// Routed experts: rows offsets[e]..offsets[e+1] of x times w[e], for every expert e, in one call (at decode an
-// expert gets a few rows, and a call per expert costs more in dispatch than in arithmetic).
+// Routed experts: rows offsets[e]..offsets[e+1] of x times w[e], for every expert e, in one call (at decode
+// an expert gets a few rows, and a call per expert costs more in dispatch than in arithmetic).
 void grouped_mm_out(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& offsets,
                     torch::Tensor& out) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && out.dim() == 2 && offsets.dim() == 1,
               "x [R, K], w [E, K, N], offsets [E + 1] and out [R, N] expected");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32,
-              "x and out must be float32");
-  TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "w must be bfloat16");
-  TORCH_CHECK(offsets.scalar_type() == torch::kInt64, "offsets must be int64");
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && out.device().is_cpu() && offsets.device().is_cpu(),
-              "CPU tensors only");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && out.is_contiguous() && offsets.is_contiguous(),
-              "x, w, offsets and out must be contiguous");
+  check_operands(x, w, out);
+  TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.device().is_cpu() && offsets.is_contiguous(),
+              "offsets must be a contiguous int64 CPU tensor");
   const int64_t R = x.size(0), K = x.size(1), E = w.size(0), N = w.size(2);
   TORCH_CHECK(w.size(1) == K, "x [R, K] and w [E, K, N] do not match: K = ", K, " and ", w.size(1));
   TORCH_CHECK(out.size(0) == R && out.size(1) == N, "out must be [", R, ", ", N, "]");
