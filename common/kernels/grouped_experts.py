@@ -5,7 +5,9 @@ runs its gate/up GEMM on a contiguous slice, one SiLU-and-multiply covers every 
 decode an expert gets a few rows, and per-expert elementwise ops cost more in dispatch than in arithmetic),
 each runs its down GEMM, and one index_add scatters the weighted results back. Experts nobody chose are never
 read, which is what makes fine-grained MoE decode cheap. (A padded all-experts batched GEMM was measured as
-no faster on CPU, so the simpler schedule stays.)
+no faster on CPU, so the simpler schedule stays.) Where the bfloat16 kernel runs
+(common/kernels/bf16_gemm.py), each of the two GEMM rounds is one call over every expert's slice instead of
+one call per expert.
 """
 
 import itertools
