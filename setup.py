@@ -32,5 +32,5 @@ compile_protos()
 setup(
     packages=[*find_packages(include=["common*", "services*"]), "latentmoe", "latentmoe.v1"],
     package_dir={"latentmoe": "gen/latentmoe"},
-    package_data={"common.kernels": ["csrc/*.cpp"]},  # built at first use (common/kernels/bf16_gemm.py)
+    package_data={"common.kernels": ["csrc/*.cpp", "csrc/*.h"]},  # built at first use (cpu_extension.py)
 )

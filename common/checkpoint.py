@@ -22,7 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from common.config import ModelConfig
-from common.kernels import bf16_gemm
+from common.kernels import cpu_extension
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
@@ -149,8 +149,8 @@ def load_weights(
             targets, desc="loading weights", unit="tensor", disable=not progress, leave=False
         ):
             dest.copy_(reader.get(name))
-    if any(dest.dtype == torch.bfloat16 and dest.device.type == "cpu" for _, dest in targets):
-        bf16_gemm.available()  # built now (the first time on a machine), not in the first step
+    if any(dest.device.type == "cpu" for _, dest in targets):
+        cpu_extension.available()  # built now (the first time on a machine), not in the first step
 
 
 def load_model(

@@ -107,9 +107,10 @@ class ExpertLoad:
     def __init__(self, moe_layers: list[int], num_experts: int, window: int = 64) -> None:
         self.layers = moe_layers
         self.row = {layer: i for i, layer in enumerate(moe_layers)}
-        self.step_counts = torch.zeros(len(moe_layers), num_experts, dtype=torch.int64)
+        self.num_experts = num_experts
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (row, the gate's ids) recorded this step
         self.window: collections.deque[torch.Tensor] = collections.deque(maxlen=window)
-        self.window_sum = torch.zeros_like(self.step_counts)
+        self.window_sum = torch.zeros(len(moe_layers), num_experts, dtype=torch.int64)
         self._children = [
             [EXPERT_TOKENS.labels(str(layer), str(e)) for e in range(num_experts)] for layer in moe_layers
         ]
@@ -117,21 +118,32 @@ class ExpertLoad:
         self._lock = threading.Lock()  # micro-batches of one step record from their own threads
 
     def record(self, layer: int, expert_ids: torch.Tensor) -> None:
-        """Called with the gate's top-k ids [T, k] of one layer (inside the forward pass: tensor ops only)."""
-        counts = torch.bincount(expert_ids.flatten().cpu(), minlength=self.step_counts.shape[1])
+        """Called with the gate's top-k ids [T, k] of one layer, inside the forward pass. It only keeps them:
+        flush counts every layer's at once (counting per layer would cost the step operators per layer)."""
         with self._lock:
-            self.step_counts[self.row[layer]] += counts
+            self.pending.append((self.row[layer], expert_ids))
 
     def discard(self) -> None:
         """Forget what was recorded since the last flush: the step is being run again (or failed)."""
         with self._lock:
-            self.step_counts.zero_()
+            self.pending.clear()
+
+    def step_counts(self, pending: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """[MoE layers, experts] choices counted from what record kept."""
+        if not pending:
+            return torch.zeros_like(self.window_sum)
+        chosen = torch.cat([ids.flatten() for _, ids in pending]).cpu()
+        rows = torch.tensor([row for row, _ in pending]).repeat_interleave(
+            torch.tensor([ids.numel() for _, ids in pending])
+        )
+        counts = torch.bincount(rows * self.num_experts + chosen, minlength=self.window_sum.numel())
+        return counts.view_as(self.window_sum)
 
     def flush(self) -> None:
         """After a step: publish the step's counts and the windowed imbalance."""
         with self._lock:
-            counts = self.step_counts.clone()
-            self.step_counts.zero_()
+            pending, self.pending = self.pending, []
+        counts = self.step_counts(pending)
         if len(self.window) == self.window.maxlen:
             self.window_sum -= self.window[0]
         self.window.append(counts)

@@ -1,4 +1,5 @@
-"""Attention kernels: Triton on CUDA tensors when triton is installed, the torch implementation otherwise.
+"""Attention kernels: Triton on CUDA tensors when triton is installed; on CPU the C++ decode kernel where it
+builds (common/kernels/cpu_extension.py); the torch implementation otherwise.
 
 The Triton module is imported only when a CUDA tensor first shows up: importing it defines the @triton.jit
 kernels, and that must not happen before a test had the chance to set TRITON_INTERPRET.
@@ -9,10 +10,10 @@ from types import ModuleType
 
 from torch import Tensor
 
-from common.kernels import flash_attention
+from common.kernels import cpu_attention, cpu_extension, flash_attention
 from common.kernels.flash_attention import DecodePlan
 
-__all__ = ["DecodePlan", "flash_attn_varlen", "paged_latent_decode"]
+__all__ = ["DecodePlan", "decode_needs_plan", "flash_attn_varlen", "paged_latent_decode"]
 
 
 @functools.cache
@@ -28,6 +29,17 @@ def _backend(x: Tensor) -> ModuleType:
     if x.is_cuda and (module := _triton_module()) is not None:
         return module
     return flash_attention
+
+
+def _decode_backend(q: Tensor) -> ModuleType:
+    if not q.is_cuda and cpu_extension.runs(q):
+        return cpu_attention
+    return _backend(q)
+
+
+def decode_needs_plan(q: Tensor) -> bool:
+    """Whether paged_latent_decode on queries like q runs the torch path, which takes a DecodePlan."""
+    return _decode_backend(q) is flash_attention
 
 
 def flash_attn_varlen(
@@ -66,9 +78,9 @@ def paged_latent_decode(
     q [B, H, D]; pages [num_blocks, block_size, D]; block_tables int32 [B, max_blocks];
     context_lens int32 [B] >= 1. scores = q . entry * scale over the first context_lens entries of the
     sequence; the output mixes entry[:value_dim]. plan: the torch path's work items for these tables, built
-    once per step (the Triton kernel finds its blocks on the GPU and needs none).
+    once per step (see decode_needs_plan; the Triton and C++ kernels find their blocks themselves).
     """
-    backend = _backend(q)
+    backend = _decode_backend(q)
     if backend is flash_attention:
         return backend.paged_latent_decode(
             q, pages, block_tables, context_lens, scale, value_dim, num_splits, plan=plan

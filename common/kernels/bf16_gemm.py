@@ -8,45 +8,24 @@ memory-bound product reads half the bytes of float32. Every product is exact in 
 float32, as in a native bfloat16 GEMM. It pays at up to MAX_ROWS rows; beyond, MKL's float32 GEMM on the
 upcast operands is faster (tests/bench/bench_bf16_gemm.py).
 
-It is built by torch's extension loader on first use (cached per machine, about 25 s) and used only where
-it can run: a CPU with AVX-512 (F, BW, VL), no bfloat16 units, and a compiler. Elsewhere `available()` is
-False and callers keep torch's path.
+It is part of common/kernels/cpu_extension.py and used only where it can run: a CPU with AVX-512 (F, BW,
+VL), no bfloat16 units, and a compiler. Elsewhere `available()` is False and callers keep torch's path.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-from pathlib import Path
-from types import ModuleType
-
 import torch
 
-log = logging.getLogger(__name__)
-SOURCE = Path(__file__).parent / "csrc" / "bf16_gemm.cpp"
+from common.kernels import cpu_extension
+
 MAX_ROWS = 32  # rows per weight up to which it is as fast as float32 MKL on upcast operands, or faster
-_NEEDS = {"avx512f", "avx512bw", "avx512vl"}
-
-
-@functools.cache
-def _module() -> ModuleType | None:
-    from common.config import cpu_flags, cpu_has_native_bf16
-
-    if cpu_has_native_bf16() or not cpu_flags() >= _NEEDS:
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"]
-        return load("latentmoe_bf16_gemm", [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
-    except Exception as e:  # no compiler, a failed build: torch's path still works
-        log.warning("bfloat16 GEMM kernel unavailable (%s): bfloat16 matmuls run upcast to float32", e)
-        return None
 
 
 def available() -> bool:
-    """Whether the kernel runs on this machine (builds it on first call)."""
-    return _module() is not None
+    """Whether the kernel runs on this machine (builds common/kernels/cpu_extension.py on the first call)."""
+    from common.config import cpu_has_native_bf16
+
+    return not cpu_has_native_bf16() and cpu_extension.available()
 
 
 def suits(x: torch.Tensor, w: torch.Tensor, rows_per_weight: float) -> bool:
@@ -59,19 +38,20 @@ def suits(x: torch.Tensor, w: torch.Tensor, rows_per_weight: float) -> bool:
     )
 
 
-def mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (any float dtype) @ w [K, N] bfloat16 -> float32 [M, N], written into `out` when given."""
-    x = x.float().contiguous()
-    if out is None:
-        out = x.new_empty(x.shape[0], w.shape[1])
-    _module().mm_out(x, w.contiguous(), out)
-    return out
+def mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (float32 or bfloat16) @ w [K, N] bfloat16 -> [..., N] in x's dtype."""
+    return cpu_extension.module().bf16_mm(x, w)
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows offsets[e]..offsets[e+1] of x [R, K] times w[e] ([E, K, N] bfloat16), for every e, in one call
-    -> float32 [R, N]. offsets: int64 [E + 1], from 0 to R."""
-    x = x.float().contiguous()
-    out = x.new_empty(x.shape[0], w.shape[2])
-    _module().grouped_mm_out(x, w.contiguous(), offsets, out)
-    return out
+def bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [B, M, K] @ w [B, K, N] bfloat16 -> [B, M, N] in x's dtype (a weight per batch entry, as MLA's
+    absorbed products have one per head)."""
+    return cpu_extension.module().bf16_bmm(x, w)
+
+
+def grouped_swiglu(
+    x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """common.kernels.grouped_experts.grouped_swiglu for bfloat16 w13 and w2, in one call
+    (csrc/grouped_experts.cpp): every expert's rows in one grouped product per GEMM round."""
+    return cpu_extension.module().bf16_grouped_swiglu(x, expert_ids, weights, w13, w2)

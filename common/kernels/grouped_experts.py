@@ -5,9 +5,9 @@ runs its gate/up GEMM on a contiguous slice, one SiLU-and-multiply covers every 
 decode an expert gets a few rows, and per-expert elementwise ops cost more in dispatch than in arithmetic),
 each runs its down GEMM, and one index_add scatters the weighted results back. Experts nobody chose are never
 read, which is what makes fine-grained MoE decode cheap. (A padded all-experts batched GEMM was measured as
-no faster on CPU, so the simpler schedule stays.) Where the bfloat16 kernel runs
-(common/kernels/bf16_gemm.py), each of the two GEMM rounds is one call over every expert's slice instead of
-one call per expert.
+no faster on CPU, so the simpler schedule stays.) For bfloat16 weights at a few rows per expert, where
+the CPU kernels run (common/kernels/bf16_gemm.py), all of it is one C++ call, each GEMM round one grouped
+product over every expert's rows.
 """
 
 import itertools
@@ -26,24 +26,20 @@ def grouped_swiglu(
 
     x [T, h]; expert_ids [T, k] local expert index or -1 (routed to another shard); weights [T, k] float32;
     w13 [E, h, 2I] (gate columns then up columns); w2 [E, I, h]: input-major, so each GEMM is a plain
-    `rows @ weight` (see common/model/linear.py). Returns [T, h] in x.dtype, accumulated in float32. At a few
-    rows per expert, bfloat16 runs every expert in one call of common/kernels/bf16_gemm.py where that kernel
-    runs; otherwise each expert's GEMMs run in multiply_dtype (float32 for half types on CPUs without units
-    for them).
+    `rows @ weight` (see common/model/linear.py). Returns [T, h] in x.dtype, accumulated in float32. Each
+    expert's GEMMs run in multiply_dtype (float32 for half types on CPUs without units for them), or all in
+    common/kernels/bf16_gemm.py where it suits the rows each expert would get if the pairs spread evenly.
     """
     num_experts, k = w13.shape[0], expert_ids.shape[1]
+    if bf16_gemm.suits(x, w13, expert_ids.numel() / num_experts):
+        return bf16_gemm.grouped_swiglu(x, expert_ids, weights, w13, w2)
     flat = expert_ids.flatten()
     counts = torch.bincount(flat + 1, minlength=num_experts + 1).tolist()  # bin 0: pairs of other shards
     order = torch.argsort(flat, stable=True)[counts[0] :]
     tokens = order // k
     per_expert = counts[1:]
-    xs = x[tokens]
     rows_per_expert = len(tokens) / max(sum(n > 0 for n in per_expert), 1)
-    if bf16_gemm.suits(x, w13, rows_per_expert):  # every expert in one call
-        offsets = torch.tensor([0, *itertools.accumulate(per_expert)])
-        ys = bf16_gemm.grouped_mm(_swiglu(bf16_gemm.grouped_mm(xs, w13, offsets)), w2, offsets)
-    else:
-        ys = _per_expert(xs, per_expert, w13, w2, multiply_dtype(x, rows_per_expert))
+    ys = _per_expert(x[tokens], per_expert, w13, w2, multiply_dtype(x, rows_per_expert))
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     return out.index_add_(0, tokens, ys.float() * weights.flatten()[order, None]).to(x.dtype)
 

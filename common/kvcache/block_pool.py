@@ -64,15 +64,21 @@ class BlockPool:
         self.pages = torch.zeros(
             num_layers, num_blocks, block_size, entry_dim, dtype=dtype, device=self.device
         )
+        # Each layer's views, made once: a decode step writes and reads every layer, and on CPU each view
+        # made on the way costs a few microseconds.
+        self._layers = self.pages.unbind(0)
+        self._slots = [pages.view(-1, entry_dim) for pages in self._layers]  # slot = block * size + offset
 
     # ------------------------------------------------------------------ per-layer token access
 
     def layer(self, layer: int) -> torch.Tensor:
         """View ``[num_blocks, block_size, entry_dim]`` of one layer: what paged attention reads."""
-        return self.pages[layer]
+        return self._layers[layer]
 
-    def _slots_view(self, layer: int) -> torch.Tensor:
-        return self.pages[layer].view(-1, self.entry_dim)  # slot = block * block_size + offset
+    def _slot_ids(self, slots: torch.Tensor) -> torch.Tensor:
+        if slots.dim() == 1 and slots.dtype == torch.long and slots.device == self.device:
+            return slots
+        return slots.reshape(-1).to(device=self.device, dtype=torch.long)
 
     def write(self, layer: int, slot_mapping: torch.Tensor, entries: torch.Tensor) -> None:
         """Scatter new tokens' entries ``[T, entry_dim]`` into their slots ``[T]`` of one layer."""
@@ -85,14 +91,13 @@ class BlockPool:
                 f"entries must be [{slot_mapping.numel()}, {self.entry_dim}] to match slot_mapping, "
                 f"got {list(entries.shape)}"
             )
-        slots = slot_mapping.reshape(-1).to(device=self.device, dtype=torch.long)
-        self._slots_view(layer).index_copy_(0, slots, entries.to(device=self.device, dtype=self.dtype))
+        if entries.dtype != self.dtype or entries.device != self.device:
+            entries = entries.to(device=self.device, dtype=self.dtype)
+        self._slots[layer].index_copy_(0, self._slot_ids(slot_mapping), entries)
 
     def gather(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """Entries ``[T, entry_dim]`` at the given slots of one layer (a copy)."""
-        return self._slots_view(layer).index_select(
-            0, slots.reshape(-1).to(device=self.device, dtype=torch.long)
-        )
+        return self._slots[layer].index_select(0, self._slot_ids(slots))
 
     # ------------------------------------------------------------------ whole-block access (all layers)
 

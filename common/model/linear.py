@@ -30,9 +30,9 @@ def multiply_dtype(x: torch.Tensor, rows_per_weight: float) -> torch.dtype:
 def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w (2-D or batched), in x's dtype: a few rows of bfloat16 through common/kernels/bf16_gemm.py where
     it runs, otherwise multiplied in multiply_dtype."""
-    rows = x.numel() // x.shape[-1]
-    if w.dim() == 2 and bf16_gemm.suits(x, w, rows):
-        return bf16_gemm.mm(x.reshape(rows, -1), w).view(*x.shape[:-1], w.shape[1]).to(x.dtype)
+    rows = x.shape[-2] if w.dim() == 3 else x.numel() // x.shape[-1]
+    if bf16_gemm.suits(x, w, rows):
+        return bf16_gemm.mm(x, w) if w.dim() == 2 else bf16_gemm.bmm(x, w)
     dtype = multiply_dtype(x, rows)
     if dtype == x.dtype:
         return x @ w

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from common.config import ModelConfig
-from common.kernels import DecodePlan, flash_attn_varlen, paged_latent_decode
+from common.kernels import DecodePlan, decode_needs_plan, flash_attn_varlen, paged_latent_decode
 from common.kvcache import BlockPool
 from common.model.linear import Linear, matmul
 from common.model.norm import RMSNorm
@@ -247,7 +247,8 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """Decode on the paged latents directly (W_UK folded into q, W_UV into the output): [Td, H, d_v]."""
         q = self.absorb_query(q_nope, q_pe)
+        plan = batch.decode_plan if decode_needs_plan(q) else None
         o_latent = paged_latent_decode(
-            q, pages, batch.block_tables, batch.context_lens, self.scale, self.kv_rank, plan=batch.decode_plan
+            q, pages, batch.block_tables, batch.context_lens, self.scale, self.kv_rank, plan=plan
         )
         return self.absorb_output(o_latent)

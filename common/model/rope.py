@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from common.config import ModelConfig, RopeConfig, yarn_mscale
+from common.kernels import cpu_extension
 
 
 def inverse_frequencies(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
@@ -65,7 +66,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate x [T, ..., dim] by its token's angles; returns the half-split layout [x1' | x2']."""
+    """Rotate x [T, ..., dim] by its token's angles; returns the half-split layout [x1' | x2'] (one C++ call
+    on CPU where common/kernels/cpu_extension.py builds)."""
+    if x.dim() in (2, 3) and x.stride(-1) == 1 and cpu_extension.runs(x):
+        return cpu_extension.module().rotary(x, cos, sin, interleaved)
     x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleaved else x.chunk(2, dim=-1)
     shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
     cos, sin = cos.view(shape), sin.view(shape)

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from common.config import cpu_has_native_bf16
 from common.kernels import bf16_gemm
@@ -26,51 +27,79 @@ def test_matches_float32_products_of_the_bfloat16_values(m, k, n):
 
 
 @needs_kernel
-def test_writes_into_a_row_slice_and_is_the_same_on_any_thread_count():
+def test_is_the_same_on_any_thread_count():
     """Each output element is summed in the same order whichever thread owns its columns."""
     x, w = torch.randn(6, 300), torch.randn(300, 700).bfloat16()
-    out = torch.full((10, 700), float("nan"))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = bf16_gemm.mm(x, w)
         torch.set_num_threads(2)
-        bf16_gemm.mm(x, w, out=out[2:8])
+        two = bf16_gemm.mm(x, w)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(out[2:8], one)
-    assert out[:2].isnan().all() and out[8:].isnan().all()
+    assert torch.equal(one, two)
 
 
 @needs_kernel
-def test_grouped_matches_one_product_per_expert():
-    """Experts with no rows, one row and many; every expert's rows times its own weight."""
-    rows = [0, 3, 1, 0, 40, 2]
+def test_takes_bfloat16_and_strided_rows_and_answers_in_their_dtype():
+    """x [..., K] of any layout with unit stride in K; the result comes back in x's dtype and shape."""
+    x, w = torch.randn(2, 5, 200)[:, :, :96].bfloat16(), torch.randn(96, 40).bfloat16()
+    out = bf16_gemm.mm(x, w)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 5, 40)
+    torch.testing.assert_close(out, (x.float() @ w.float()).bfloat16())  # within bfloat16 rounding
+
+
+@needs_kernel
+def test_batched_matches_one_product_per_entry():
+    """MLA's absorbed products: one weight per head, the heads' rows in a transposed view."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 8, 64, generator=gen).transpose(0, 1)  # [H=8, T=7, K]
+    w = torch.randn(8, 64, 130, generator=gen).bfloat16()
+    torch.testing.assert_close(bf16_gemm.bmm(x, w), x @ w.float(), rtol=1e-5, atol=2e-6 * 64)
+
+
+@needs_kernel
+def test_grouped_swiglu_matches_one_product_pair_per_expert():
+    """Experts with no pairs, one and many; pairs of another shard (-1) left out; the same in bfloat16 as
+    the torch path's float32 products of the same values, up to the output's rounding."""
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(sum(rows), 96, generator=gen)
-    w = torch.randn(len(rows), 96, 130, generator=gen).bfloat16()
-    offsets = torch.tensor([0, *itertools.accumulate(rows)])
-    want = torch.cat([x[a:b] @ w[e].float() for e, (a, b) in enumerate(itertools.pairwise(offsets.tolist()))])
-    torch.testing.assert_close(bf16_gemm.grouped_mm(x, w, offsets), want, rtol=1e-5, atol=2e-6 * 96)
+    tokens, k, experts, hidden, inter = 40, 3, 6, 96, 64
+    ids = torch.randint(-1, experts - 1, (tokens, k), generator=gen)  # expert 5 never chosen
+    ids[:, 0] = 2  # one crowded expert
+    weights = torch.rand(tokens, k, generator=gen)
+    x = torch.randn(tokens, hidden, generator=gen).bfloat16()
+    w13 = (torch.randn(experts, hidden, 2 * inter, generator=gen) / 10).bfloat16()
+    w2 = (torch.randn(experts, inter, hidden, generator=gen) / 10).bfloat16()
+    want = torch.zeros(tokens, hidden)
+    for t, j in itertools.product(range(tokens), range(k)):
+        if (e := int(ids[t, j])) >= 0:
+            gate, up = (x[t].float() @ w13[e].float()).chunk(2)
+            want[t] += weights[t, j] * ((F.silu(gate) * up) @ w2[e].float())
+    got = bf16_gemm.grouped_swiglu(x, ids, weights, w13, w2)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want.bfloat16())
 
 
 @needs_kernel
-def test_grouped_rejects_offsets_that_do_not_cover_the_rows():
-    x, w = torch.randn(5, 8), torch.randn(2, 8, 16).bfloat16()
-    for bad in ([0, 2, 4], [0, 4, 2], [1, 2, 5], [0, 5]):
-        with pytest.raises(RuntimeError, match="offsets"):
-            bf16_gemm.grouped_mm(x, w, torch.tensor(bad))
+def test_grouped_swiglu_rejects_ids_it_does_not_hold():
+    x, w13, w2 = torch.randn(2, 8), torch.randn(2, 8, 16).bfloat16(), torch.randn(2, 8, 8).bfloat16()
+    for bad in (2, -2):
+        with pytest.raises(ValueError, match="outside -1..1"):
+            bf16_gemm.grouped_swiglu(x, torch.tensor([[0], [bad]]), torch.ones(2, 1), w13, w2)
 
 
 @needs_kernel
 def test_rejects_what_it_cannot_multiply():
     x = torch.randn(2, 8)
-    with pytest.raises(RuntimeError, match="do not match"):
+    with pytest.raises(ValueError, match="do not match"):
         bf16_gemm.mm(x, torch.randn(9, 4).bfloat16())
-    with pytest.raises(RuntimeError, match="must be bfloat16"):
+    with pytest.raises(ValueError, match="must be bfloat16"):
         bf16_gemm.mm(x, torch.randn(8, 4))
-    with pytest.raises(RuntimeError, match="out must be"):
-        bf16_gemm.mm(x, torch.randn(8, 4).bfloat16(), out=torch.empty(3, 4))
+    with pytest.raises(ValueError, match="must be float32 or bfloat16"):
+        bf16_gemm.mm(x.double(), torch.randn(8, 4).bfloat16())
+    with pytest.raises(ValueError, match="do not match"):
+        bf16_gemm.bmm(torch.randn(3, 2, 8), torch.randn(2, 8, 4).bfloat16())
 
 
 @pytest.mark.parametrize("rows", [1, bf16_gemm.MAX_ROWS, bf16_gemm.MAX_ROWS + 1])
@@ -78,7 +107,7 @@ def test_matmul_takes_the_kernel_up_to_max_rows(rows):
     x, w = torch.randn(rows, 64).bfloat16(), torch.randn(64, 48).bfloat16()
     used = bf16_gemm.available() and rows <= bf16_gemm.MAX_ROWS
     if used:
-        want = bf16_gemm.mm(x, w).bfloat16()
+        want = bf16_gemm.mm(x, w)
     elif cpu_has_native_bf16() or rows == 1:
         want = x @ w
     else:

@@ -14,6 +14,8 @@
 #include <array>
 #include <vector>
 
+#include "bf16_gemm.h"
+
 namespace {
 
 constexpr int64_t KB = 16;              // weight rows held in registers per pass over the columns
@@ -58,67 +60,67 @@ void columns(const float* x, const uint16_t* w, float* out, int64_t M, int64_t K
   }
 }
 
-// x and out float32, w bfloat16, all contiguous CPU tensors.
-void check_operands(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& out) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32,
-              "x and out must be float32");
-  TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "w must be bfloat16");
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && out.device().is_cpu(), "CPU tensors only");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && out.is_contiguous(),
-              "x, w and out must be contiguous");
-}
-
 }  // namespace
 
-void mm_out(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& out) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2, "x, w and out must be 2-D");
-  check_operands(x, w, out);
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(1);
-  TORCH_CHECK(w.size(0) == K, "x [M, K] and w [K, N] do not match: K = ", K, " and ", w.size(0));
-  TORCH_CHECK(out.size(0) == M && out.size(1) == N, "out must be [", M, ", ", N, "]");
-  const float* xp = x.data_ptr<float>();
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  float* op = out.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, GRAIN_ELEMS / std::max<int64_t>(1, 16 * K));
-  at::parallel_for(0, (N + 15) / 16, grain,
-                   [&](int64_t v0, int64_t v1) { columns(xp, wp, op, M, K, N, v0, v1); });
+torch::Tensor float_rows(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK_VALUE(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+                    "x must be float32 or bfloat16");
+  return x.reshape({-1, K}).to(torch::kFloat32).contiguous();
 }
 
-// Routed experts: rows offsets[e]..offsets[e+1] of x times w[e], for every expert e, in one call (at decode
-// an expert gets a few rows, and a call per expert costs more in dispatch than in arithmetic).
-void grouped_mm_out(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& offsets,
-                    torch::Tensor& out) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && out.dim() == 2 && offsets.dim() == 1,
-              "x [R, K], w [E, K, N], offsets [E + 1] and out [R, N] expected");
-  check_operands(x, w, out);
-  TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.device().is_cpu() && offsets.is_contiguous(),
-              "offsets must be a contiguous int64 CPU tensor");
-  const int64_t R = x.size(0), K = x.size(1), E = w.size(0), N = w.size(2);
-  TORCH_CHECK(w.size(1) == K, "x [R, K] and w [E, K, N] do not match: K = ", K, " and ", w.size(1));
-  TORCH_CHECK(out.size(0) == R && out.size(1) == N, "out must be [", R, ", ", N, "]");
-  TORCH_CHECK(offsets.size(0) == E + 1, "offsets must have ", E + 1, " entries");
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(off[0] == 0 && off[E] == R, "offsets must run from 0 to ", R);
-  for (int64_t e = 0; e < E; ++e) TORCH_CHECK(off[e] <= off[e + 1], "offsets must not decrease");
-  // Work items: (expert, a range of column vectors), each about GRAIN_ELEMS weight elements.
+void check_bf16_weight(const torch::Tensor& w) {
+  TORCH_CHECK_VALUE(w.scalar_type() == torch::kBFloat16, "w must be bfloat16");
+  TORCH_CHECK_VALUE(w.device().is_cpu() && w.is_contiguous(), "w must be a contiguous CPU tensor");
+}
+
+// Work items: (e, a range of column vectors), each about GRAIN_ELEMS weight elements; experts without rows
+// are never read.
+void bf16_grouped(const float* x, const uint16_t* w, float* out, const int64_t* off, int64_t E, int64_t K,
+                  int64_t N) {
   const int64_t vecs = (N + 15) / 16;
   const int64_t chunk = std::max<int64_t>(1, GRAIN_ELEMS / std::max<int64_t>(1, 16 * K));
   std::vector<std::array<int64_t, 3>> items;
   for (int64_t e = 0; e < E; ++e)
     if (off[e + 1] > off[e])
       for (int64_t v = 0; v < vecs; v += chunk) items.push_back({e, v, std::min(vecs, v + chunk)});
-  const float* xp = x.data_ptr<float>();
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  float* op = out.data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const auto [e, v0, v1] = items[i];
-      columns(xp + off[e] * K, wp + e * K * N, op + off[e] * N, off[e + 1] - off[e], K, N, v0, v1);
+      columns(x + off[e] * K, w + e * K * N, out + off[e] * N, off[e + 1] - off[e], K, N, v0, v1);
     }
   });
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("mm_out", &mm_out, "out = x @ w (float32 x, bfloat16 w)");
-  m.def("grouped_mm_out", &grouped_mm_out, "out[rows of e] = x[rows of e] @ w[e] for every expert e");
+// x [..., K] @ w [K, N] -> [..., N] in x's dtype: the projections.
+torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
+  check_bf16_weight(w);
+  TORCH_CHECK_VALUE(w.dim() == 2 && x.dim() >= 1, "x [..., K] and w [K, N] expected");
+  const int64_t K = w.size(0), N = w.size(1);
+  TORCH_CHECK_VALUE(x.size(-1) == K, "x [..., K] and w [K, N] do not match: K = ", x.size(-1), " and ", K);
+  const torch::Tensor rows = float_rows(x, K);
+  torch::Tensor out = torch::empty({rows.size(0), N}, rows.options());
+  const int64_t grain = std::max<int64_t>(1, GRAIN_ELEMS / std::max<int64_t>(1, 16 * K));
+  const float* xp = rows.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, (N + 15) / 16, grain, [&](int64_t v0, int64_t v1) {
+    columns(xp, bf16_bits(w), op, rows.size(0), K, N, v0, v1);
+  });
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = N;
+  return out.view(shape).to(x.scalar_type());
+}
+
+// x [B, M, K] @ w [B, K, N] -> [B, M, N] in x's dtype: the weight-absorbed MLA products, one weight per head.
+torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w) {
+  check_bf16_weight(w);
+  TORCH_CHECK_VALUE(x.dim() == 3 && w.dim() == 3 && x.size(0) == w.size(0) && x.size(2) == w.size(1),
+                    "x [B, M, K] and w [B, K, N] do not match: ", x.sizes(), " and ", w.sizes());
+  const int64_t B = x.size(0), M = x.size(1), K = x.size(2), N = w.size(2);
+  const torch::Tensor rows = float_rows(x, K);
+  torch::Tensor out = torch::empty({B, M, N}, rows.options());
+  std::vector<int64_t> off(B + 1);
+  for (int64_t b = 0; b <= B; ++b) off[b] = b * M;
+  bf16_grouped(rows.data_ptr<float>(), bf16_bits(w), out.data_ptr<float>(), off.data(), B, K, N);
+  return out.to(x.scalar_type());
 }

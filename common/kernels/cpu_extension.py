@@ -1,0 +1,84 @@
+"""The C++ kernels for CPU (csrc/), built into one extension by torch's loader on first use.
+
+On CPU a decode step is mostly small operators, each paying microseconds of dispatch, so how many run
+matters as much as how fast each is: in torch a RMSNorm is eight operators, a rotary embedding twelve, the
+paged latent decode about forty per layer, the routed experts twenty. These kernels do each in one call,
+in float32 arithmetic like the torch code they replace, which stays the reference and the path elsewhere:
+  * bf16_gemm.cpp: bfloat16 weights times a few rows (common/kernels/bf16_gemm.py), and on it
+    grouped_experts.cpp: the routed experts of a layer (common/kernels/grouped_experts.py);
+  * paged_decode.cpp: absorbed MLA decode over the paged latents (common/kernels/cpu_attention.py);
+  * norm_rope.cpp: RMSNorm (common/model/norm.py) and the rotary embedding (common/model/rope.py).
+
+The build (about a minute on two cores, cached per machine) needs a CPU with AVX-512 (F, BW, VL) and a
+compiler. Where it cannot run, `available()` is False and every caller keeps its torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE_DIR = Path(__file__).parent / "csrc"
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"]
+_NEEDS = {"avx512f", "avx512bw", "avx512vl"}
+
+
+def _build_sources() -> tuple[str, list[Path]]:
+    """The extension's name and its sources, copied under a directory named by their contents: the build
+    then does not depend on where the code lives (a Ray job runs a copy of it elsewhere), so every copy of
+    the same code finds the same build instead of rebuilding it."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    files = sorted(SOURCE_DIR.glob("*.cpp")) + sorted(SOURCE_DIR.glob("*.h"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(" ".join(FLAGS).encode())
+    name = f"latentmoe_cpu_{digest.hexdigest()[:16]}"
+    copies = Path(_get_build_directory(name, verbose=False)) / "src"
+    copies.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        if not (copies / path.name).exists():  # named by content: a file there is this file
+            with tempfile.NamedTemporaryFile(dir=copies, delete=False) as tmp:
+                tmp.write(path.read_bytes())
+            os.replace(tmp.name, copies / path.name)
+    return name, [copies / path.name for path in files if path.suffix == ".cpp"]
+
+
+@functools.cache
+def module() -> ModuleType | None:
+    from common.config import cpu_flags
+
+    if not cpu_flags() >= _NEEDS:
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        name, sources = _build_sources()
+        return load(name, [str(s) for s in sources], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
+    except Exception as e:  # no compiler, a failed build: torch's path still works
+        log.warning("CPU kernels unavailable (%s): torch's operators run instead", e)
+        return None
+
+
+def available() -> bool:
+    """Whether the kernels run on this machine (builds them on the first call)."""
+    return module() is not None
+
+
+def runs(x: torch.Tensor) -> bool:
+    """Whether a kernel should take x: a float32 or bfloat16 CPU tensor, no gradient wanted, kernels built."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and available()
+    )

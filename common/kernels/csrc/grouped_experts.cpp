@@ -1,0 +1,75 @@
+// Routed experts in one call, for bfloat16 weights on CPU: the whole of
+// common/kernels/grouped_experts.grouped_swiglu (why: there) without its twenty-odd operators per layer.
+//
+// A counting sort groups the (token, expert) pairs by expert, keeping token order within an expert; the
+// pairs' rows are gathered in that order, each GEMM round runs every expert's rows in one grouped product
+// (bf16_gemm.cpp), SiLU-and-multiply runs on float32, and the weighted rows are added into their tokens in
+// the sorted order, as the torch path's index_add does.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <vector>
+
+#include "bf16_gemm.h"
+
+torch::Tensor bf16_grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert_ids,
+                                  const torch::Tensor& weights, const torch::Tensor& w13,
+                                  const torch::Tensor& w2) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && expert_ids.dim() == 2 && weights.sizes() == expert_ids.sizes() &&
+                        expert_ids.size(0) == x.size(0),
+                    "x [T, h], expert_ids [T, k] and weights [T, k] expected");
+  TORCH_CHECK_VALUE(expert_ids.scalar_type() == torch::kInt64 && weights.scalar_type() == torch::kFloat32,
+                    "expert_ids must be int64 and weights float32");
+  TORCH_CHECK_VALUE(w13.dim() == 3 && w2.dim() == 3 && w13.size(0) == w2.size(0) &&
+                        w13.size(1) == x.size(1) && w13.size(2) == 2 * w2.size(1) && w2.size(2) == x.size(1),
+                    "w13 [E, h, 2I] and w2 [E, I, h] expected for h = ", x.size(1));
+  check_bf16_weight(w13);
+  check_bf16_weight(w2);
+  const int64_t T = x.size(0), k = expert_ids.size(1), h = x.size(1), E = w13.size(0), I = w2.size(1);
+  const torch::Tensor ids = expert_ids.contiguous(), gates = weights.contiguous();
+  const torch::Tensor rows = float_rows(x, h);
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const float* gate = gates.data_ptr<float>();
+
+  std::vector<int64_t> offsets(E + 1, 0);  // counting sort of the pairs by expert (-1: another shard's)
+  for (int64_t p = 0; p < T * k; ++p) {
+    TORCH_CHECK_VALUE(-1 <= id[p] && id[p] < E, "expert id ", id[p], " outside -1..", E - 1);
+    if (id[p] >= 0) ++offsets[id[p] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
+  const int64_t R = offsets[E];
+  std::vector<int64_t> pair(R), next(offsets.begin(), offsets.end() - 1);
+  for (int64_t p = 0; p < T * k; ++p)
+    if (id[p] >= 0) pair[next[id[p]]++] = p;
+
+  torch::Tensor xs = torch::empty({R, h}, rows.options());
+  const float* xp = rows.data_ptr<float>();
+  float* xsp = xs.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) std::copy_n(xp + pair[r] / k * h, h, xsp + r * h);
+
+  torch::Tensor gate_up = torch::empty({R, 2 * I}, rows.options());
+  bf16_grouped(xsp, bf16_bits(w13), gate_up.data_ptr<float>(), offsets.data(), E, h, 2 * I);
+  torch::Tensor act = torch::empty({R, I}, rows.options());
+  const float* gu = gate_up.data_ptr<float>();
+  float* ap = act.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t i = 0; i < I; ++i) {
+      const float g = gu[r * 2 * I + i];
+      ap[r * I + i] = g / (1.0f + std::exp(-g)) * gu[r * 2 * I + I + i];
+    }
+  torch::Tensor ys = torch::empty({R, h}, rows.options());
+  bf16_grouped(ap, bf16_bits(w2), ys.data_ptr<float>(), offsets.data(), E, I, h);
+
+  torch::Tensor out = torch::zeros({T, h}, rows.options());
+  float* op = out.data_ptr<float>();
+  const float* yp = ys.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) {
+    const float g = gate[pair[r]];
+    float* o = op + pair[r] / k * h;
+#pragma omp simd
+    for (int64_t d = 0; d < h; ++d) o[d] += yp[r * h + d] * g;
+  }
+  return out.to(x.scalar_type());
+}

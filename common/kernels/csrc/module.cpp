@@ -1,0 +1,24 @@
+// The Python bindings of every kernel in this folder (one extension, built by common/kernels/cpu_extension.py).
+
+#include <torch/extension.h>
+
+torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w);
+torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w);
+torch::Tensor bf16_grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert_ids,
+                                  const torch::Tensor& weights, const torch::Tensor& w13,
+                                  const torch::Tensor& w2);
+torch::Tensor paged_latent_decode(const torch::Tensor& q, const torch::Tensor& pages,
+                                  const torch::Tensor& block_tables, const torch::Tensor& context_lens,
+                                  double scale, int64_t value_dim, int64_t num_splits);
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                     bool interleaved);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bf16_mm", &bf16_mm, "x @ w for a bfloat16 w, in x's dtype");
+  m.def("bf16_bmm", &bf16_bmm, "x[b] @ w[b] for a bfloat16 w, in x's dtype");
+  m.def("bf16_grouped_swiglu", &bf16_grouped_swiglu, "the routed experts' weighted SwiGLU, in one call");
+  m.def("paged_latent_decode", &paged_latent_decode, "absorbed MLA decode over paged latents");
+  m.def("rms_norm", &rms_norm, "weight * x / rms(x), computed in float32");
+  m.def("rotary", &rotary, "rotary embedding into the half-split layout, computed in float32");
+}

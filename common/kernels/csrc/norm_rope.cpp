@@ -1,0 +1,101 @@
+// RMSNorm and rotary embedding as one call each, on CPU. Why: common/kernels/cpu_extension.py. Both compute
+// in float32 and round where the reference (common/model/norm.py, common/model/rope.py) rounds, so a
+// bfloat16 model gets the same values up to float32 summation order.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cmath>
+
+namespace {
+
+constexpr int64_t GRAIN_ROWS = 16;
+
+inline float to_float(float v) { return v; }
+inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+// out = weight * T(x * rsqrt(mean(x^2) + eps)): the normalised row is rounded to T before the weight
+// multiplies it (in T), as in the reference.
+template <typename T>
+void rms_norm_rows(const T* x, int64_t row_stride, const T* weight, T* out, int64_t rows, int64_t dim,
+                   float eps) {
+  at::parallel_for(0, rows, GRAIN_ROWS, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * row_stride;
+      float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t d = 0; d < dim; ++d) squares += to_float(xr[d]) * to_float(xr[d]);
+      const float inv = 1.0f / std::sqrt(squares / dim + eps);
+      T* o = out + r * dim;
+      for (int64_t d = 0; d < dim; ++d)
+        o[d] = static_cast<T>(to_float(weight[d]) * to_float(static_cast<T>(to_float(xr[d]) * inv)));
+    }
+  });
+}
+
+// x [T, G, dim] (unit stride in the last dimension) rotated by its token's angles into out [T, G, dim] in
+// the half-split layout: [x1 cos - x2 sin | x2 cos + x1 sin], where x1, x2 are the halves of x or, when
+// interleaved, its even and odd elements.
+template <typename T>
+void rotary_rows(const T* x, int64_t token_stride, int64_t group_stride, const float* cos, const float* sin,
+                 T* out, int64_t tokens, int64_t groups, int64_t dim, bool interleaved) {
+  const int64_t half = dim / 2, step = interleaved ? 2 : 1, second = interleaved ? 1 : half;
+  at::parallel_for(0, tokens, GRAIN_ROWS, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t g = 0; g < groups; ++g) {
+        const T* xr = x + t * token_stride + g * group_stride;
+        T* o = out + (t * groups + g) * dim;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = to_float(xr[i * step]), x2 = to_float(xr[i * step + second]);
+          const float c = cos[t * half + i], s = sin[t * half + i];
+          o[i] = static_cast<T>(x1 * c - x2 * s);
+          o[half + i] = static_cast<T>(x2 * c + x1 * s);
+        }
+      }
+  });
+}
+
+void check_float(const torch::Tensor& x) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK_VALUE(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+                    "float32 or bfloat16 expected, got ", x.scalar_type());
+}
+
+}  // namespace
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  check_float(x);
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.stride(1) == 1, "x must be [rows, dim] with unit column stride");
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous() &&
+                        weight.scalar_type() == x.scalar_type(),
+                    "weight must be a contiguous [", x.size(1), "] tensor of x's dtype");
+  auto out = torch::empty(x.sizes(), x.options());
+  if (x.scalar_type() == torch::kFloat32)
+    rms_norm_rows(x.data_ptr<float>(), x.stride(0), weight.data_ptr<float>(), out.data_ptr<float>(),
+                  x.size(0), x.size(1), static_cast<float>(eps));
+  else
+    rms_norm_rows(x.data_ptr<at::BFloat16>(), x.stride(0), weight.data_ptr<at::BFloat16>(),
+                  out.data_ptr<at::BFloat16>(), x.size(0), x.size(1), static_cast<float>(eps));
+  return out;
+}
+
+torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                     bool interleaved) {
+  check_float(x);
+  TORCH_CHECK_VALUE((x.dim() == 2 || x.dim() == 3) && x.stride(-1) == 1 && x.size(-1) % 2 == 0,
+                    "x must be [T, dim] or [T, G, dim] with unit stride in an even last dimension");
+  const int64_t tokens = x.size(0), dim = x.size(-1), groups = x.dim() == 3 ? x.size(1) : 1;
+  TORCH_CHECK_VALUE(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 &&
+                        cos.is_contiguous() && sin.is_contiguous() && cos.dim() == 2 &&
+                        cos.sizes() == sin.sizes() && cos.size(0) == tokens && cos.size(1) == dim / 2,
+                    "cos and sin must be contiguous float32 [", tokens, ", ", dim / 2, "]");
+  auto out = torch::empty(x.sizes(), x.options());
+  const int64_t group_stride = x.dim() == 3 ? x.stride(1) : 0;
+  if (x.scalar_type() == torch::kFloat32)
+    rotary_rows(x.data_ptr<float>(), x.stride(0), group_stride, cos.data_ptr<float>(), sin.data_ptr<float>(),
+                out.data_ptr<float>(), tokens, groups, dim, interleaved);
+  else
+    rotary_rows(x.data_ptr<at::BFloat16>(), x.stride(0), group_stride, cos.data_ptr<float>(),
+                sin.data_ptr<float>(), out.data_ptr<at::BFloat16>(), tokens, groups, dim, interleaved);
+  return out;
+}

@@ -1,0 +1,202 @@
+// out [B, H, Dv] = one query per sequence and head attending over that sequence's paged MLA latents, on CPU.
+// Why and when: common/kernels/cpu_attention.py.
+//
+// FlashAttention's online softmax with a page as the tile: for each page, the scores of every head against
+// the page's tokens, one rescale of each head's running output, then the page's weighted values added in.
+// Absorbed MLA is MQA-like (every head reads the same latent rows), so each row is read, and widened from
+// bfloat16, once for all heads. A work item is (sequence, split of its context); a thread runs whole items
+// in a fixed order and a log-sum-exp combine merges a sequence's splits in split order, so the result does
+// not depend on the thread count.
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t SPLIT_TOKENS = 512;  // context tokens per work item, when the caller does not choose
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// exp(x) for 16 floats at once (x <= 0 here: scores minus their running maximum). Range reduction
+// x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for exp(r), then 2^n by scalef: about 1 ulp.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+struct Shape {
+  int64_t heads, dim, value_dim, block_size, max_blocks, split_len;
+  float scale;
+};
+
+// Scratch of one thread: the scaled query, a page widened to float32, the page's scores per head.
+struct Scratch {
+  std::vector<float> q, rows, scores;
+  explicit Scratch(const Shape& s)
+      : q(s.heads * s.dim), rows(s.block_size * s.dim), scores(s.heads * s.block_size) {}
+};
+
+// The partial softmax of one sequence's tokens [begin, end): running max m [H], denominator l [H] and
+// unnormalised output o [H, Dv].
+template <typename T>
+void attend(const T* q, const T* pages, const int32_t* table, int64_t begin, int64_t end, const Shape& s,
+            Scratch& w, float* m, float* l, float* o) {
+  const int64_t H = s.heads, D = s.dim, Dv = s.value_dim, bs = s.block_size;
+  for (int64_t i = 0; i < H * D; ++i) w.q[i] = to_float(q[i]) * s.scale;
+  std::fill(m, m + H, NEG_INF);
+  std::fill(l, l + H, 0.0f);
+  std::fill(o, o + H * Dv, 0.0f);
+  for (int64_t t0 = begin; t0 < end; t0 += bs) {
+    const int64_t n = std::min(bs, end - t0);
+    const T* page = pages + static_cast<int64_t>(table[t0 / bs]) * bs * D;
+    const float* rows;
+    if constexpr (std::is_same_v<T, float>) {
+      rows = page;
+    } else {
+      for (int64_t i = 0; i < n * D; ++i) w.rows[i] = to_float(page[i]);
+      rows = w.rows.data();
+    }
+    for (int64_t t = 0; t < n; ++t) {  // token-outer: each row read once for every head
+      const float* row = rows + t * D;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* qh = w.q.data() + h * D;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; ++d) acc += qh[d] * row[d];
+        w.scores[h * bs + t] = acc;
+      }
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      float* sh = w.scores.data() + h * bs;
+      const float top = std::max(m[h], *std::max_element(sh, sh + n));
+      float sum = 0.0f;
+      for (int64_t t = 0; t < n; t += 16) {
+        const __mmask16 mask = n - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - t)) - 1);
+        const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sh + t), _mm512_set1_ps(top)));
+        _mm512_mask_storeu_ps(sh + t, mask, p);
+        sum += _mm512_mask_reduce_add_ps(mask, p);
+      }
+      const float correction = std::exp(m[h] - top);  // 0 on the first page (m = -inf)
+      float* oh = o + h * Dv;
+#pragma omp simd
+      for (int64_t d = 0; d < Dv; ++d) oh[d] *= correction;
+      l[h] = l[h] * correction + sum;
+      m[h] = top;
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const float* row = rows + t * D;
+      for (int64_t h = 0; h < H; ++h) {
+        const float p = w.scores[h * bs + t];
+        float* oh = o + h * Dv;
+#pragma omp simd
+        for (int64_t d = 0; d < Dv; ++d) oh[d] += p * row[d];
+      }
+    }
+  }
+}
+
+template <typename T>
+void decode(const torch::Tensor& q, const torch::Tensor& pages, const int32_t* tables, const int32_t* lens,
+            const Shape& s, torch::Tensor& out) {
+  const int64_t B = q.size(0), H = s.heads, D = s.dim, Dv = s.value_dim;
+  std::vector<int64_t> first(B + 1, 0);  // work items of sequence b: first[b] .. first[b + 1]
+  for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + (lens[b] + s.split_len - 1) / s.split_len;
+  const int64_t items = first[B];
+  std::vector<float> m(items * H), l(items * H), o(items * H * Dv);
+  std::vector<int64_t> owner(items);
+  for (int64_t b = 0; b < B; ++b) std::fill(owner.begin() + first[b], owner.begin() + first[b + 1], b);
+  const T* qp = q.data_ptr<T>();
+  const T* pp = pages.data_ptr<T>();
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    Scratch w(s);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = owner[i], begin = (i - first[b]) * s.split_len;
+      const int64_t end = std::min<int64_t>(lens[b], begin + s.split_len);
+      attend(qp + b * H * D, pp, tables + b * s.max_blocks, begin, end, s, w, m.data() + i * H,
+             l.data() + i * H, o.data() + i * H * Dv);
+    }
+  });
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> acc(Dv);
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        float top = NEG_INF, den = 0.0f;
+        for (int64_t i = first[b]; i < first[b + 1]; ++i) top = std::max(top, m[i * H + h]);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t i = first[b]; i < first[b + 1]; ++i) {
+          const float weight = std::exp(m[i * H + h] - top);
+          den += l[i * H + h] * weight;
+          const float* oi = o.data() + (i * H + h) * Dv;
+          for (int64_t d = 0; d < Dv; ++d) acc[d] += oi[d] * weight;
+        }
+        for (int64_t d = 0; d < Dv; ++d) op[(b * H + h) * Dv + d] = static_cast<T>(acc[d] / den);
+      }
+  });
+}
+
+}  // namespace
+
+torch::Tensor paged_latent_decode(const torch::Tensor& q, const torch::Tensor& pages,
+                                  const torch::Tensor& block_tables, const torch::Tensor& context_lens,
+                                  double scale, int64_t value_dim, int64_t num_splits) {
+  TORCH_CHECK_VALUE(q.dim() == 3 && pages.dim() == 3 && q.size(2) == pages.size(2),
+                    "q [B, H, D] and pages [blocks, block_size, D] expected, got ", q.sizes(), " and ",
+                    pages.sizes());
+  TORCH_CHECK_VALUE(q.scalar_type() == pages.scalar_type() &&
+                        (q.scalar_type() == torch::kFloat32 || q.scalar_type() == torch::kBFloat16),
+                    "q and pages must both be float32 or both bfloat16");
+  TORCH_CHECK_VALUE(block_tables.scalar_type() == torch::kInt32 && context_lens.scalar_type() == torch::kInt32,
+                    "block_tables and context_lens must be int32");
+  TORCH_CHECK_VALUE(q.is_contiguous() && pages.is_contiguous() && block_tables.is_contiguous() &&
+                        context_lens.is_contiguous(),
+                    "q, pages, block_tables and context_lens must be contiguous");
+  const int64_t B = q.size(0), num_blocks = pages.size(0), bs = pages.size(1);
+  TORCH_CHECK_VALUE(block_tables.dim() == 2 && block_tables.size(0) == B && context_lens.dim() == 1 &&
+                        context_lens.size(0) == B,
+                    "block_tables [B, max_blocks] and context_lens [B] expected for B=", B);
+  TORCH_CHECK_VALUE(0 < value_dim && value_dim <= q.size(2), "value_dim ", value_dim, " must be in 1..",
+                    q.size(2));
+  const int64_t max_blocks = block_tables.size(1);
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(1 <= lens[b] && lens[b] <= max_blocks * bs, "context_lens must be in 1..",
+                      max_blocks * bs);
+    for (int64_t j = 0; j < (lens[b] + bs - 1) / bs; ++j)
+      TORCH_CHECK_VALUE(0 <= tables[b * max_blocks + j] && tables[b * max_blocks + j] < num_blocks,
+                        "block_tables hold a block id outside 0..", num_blocks - 1);
+    longest = std::max<int64_t>(longest, lens[b]);
+  }
+  const int64_t split_blocks =
+      num_splits > 0 ? std::max<int64_t>(1, (longest + num_splits * bs - 1) / (num_splits * bs))
+                     : std::max<int64_t>(1, SPLIT_TOKENS / bs);
+  const Shape s{q.size(1), q.size(2), value_dim, bs, max_blocks, split_blocks * bs, static_cast<float>(scale)};
+  auto out = q.new_empty({B, q.size(1), value_dim});
+  if (q.scalar_type() == torch::kFloat32)
+    decode<float>(q, pages, tables, lens, s, out);
+  else
+    decode<at::BFloat16>(q, pages, tables, lens, s, out);
+  return out;
+}

@@ -1,0 +1,111 @@
+"""The C++ CPU kernels of common/kernels/cpu_extension.py against the torch code they replace: the paged
+latent decode against the float64 reference; RMSNorm and the rotary embedding against the model's torch
+path. (The bfloat16 GEMMs: test_bf16_gemm.py.)"""
+
+import pytest
+import torch
+
+from common.kernels import cpu_attention, cpu_extension
+from common.model import norm, rope
+from tests.unit.test_attention_kernels import TOL, decode_lengths, paged_case, reference_decode, rel_err
+
+pytestmark = pytest.mark.skipif(
+    not cpu_extension.available(), reason="the CPU kernels need AVX-512 (F, BW, VL) and a compiler"
+)
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 1000])
+def test_decode_matches_the_reference(block_size: int, num_splits: int | None) -> None:
+    lens = decode_lengths(block_size) + [1300]
+    q, pages, tables, context_lens, latents = paged_case(lens, block_size, heads=4, dim=40, seed=1)
+    out = cpu_attention.paged_latent_decode(q, pages, tables, context_lens, 0.2, 32, num_splits)
+    assert out.shape == (len(lens), 4, 32) and out.dtype == torch.float32
+    assert rel_err(out, reference_decode(q, latents, 0.2, 32)) < TOL
+
+
+def test_decode_is_the_same_on_any_thread_count() -> None:
+    q, pages, tables, context_lens, _ = paged_case([700, 3, 1100, 64], 16, heads=8, dim=72, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_attention.paged_latent_decode(q, pages, tables, context_lens, 0.1, 64)
+        torch.set_num_threads(2)
+        two = cpu_attention.paged_latent_decode(q, pages, tables, context_lens, 0.1, 64)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_bfloat16_decode_matches_the_torch_path() -> None:
+    from common.kernels import flash_attention
+
+    q, pages, tables, context_lens, _ = paged_case([1, 100, 1500], 64, heads=4, dim=72, seed=6)
+    q, pages = q.bfloat16(), pages.bfloat16()
+    out = cpu_attention.paged_latent_decode(q, pages, tables, context_lens, 0.1, 64)
+    ref = flash_attention.paged_latent_decode(q.float(), pages.float(), tables, context_lens, 0.1, 64)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 1e-2  # the output's own bfloat16 rounding
+
+
+def test_decode_rejects_what_it_cannot_read() -> None:
+    q, pages, tables, context_lens, _ = paged_case([4, 5], 4, heads=1, dim=8)
+    with pytest.raises(ValueError, match="context_lens must be in"):
+        cpu_attention.paged_latent_decode(q, pages, tables, torch.tensor([4, 0]), 1.0, 8)
+    with pytest.raises(ValueError, match="context_lens must be in"):
+        cpu_attention.paged_latent_decode(q, pages, tables, torch.tensor([4, 10_000]), 1.0, 8)
+    bad = tables.clone()
+    bad[0, 0] = pages.shape[0]
+    with pytest.raises(ValueError, match="block id outside"):
+        cpu_attention.paged_latent_decode(q, pages, bad, context_lens, 1.0, 8)
+    with pytest.raises(ValueError, match="value_dim"):
+        cpu_attention.paged_latent_decode(q, pages, tables, context_lens, 1.0, 9)
+    with pytest.raises(ValueError, match="must both be float32 or both bfloat16"):
+        cpu_attention.paged_latent_decode(q, pages.bfloat16(), tables, context_lens, 1.0, 8)
+
+
+# ---------------------------------------------------------------------------------------------- norm, rope
+
+
+def torch_path(monkeypatch: pytest.MonkeyPatch, fn, *args):
+    """What fn computes with the kernels switched off."""
+    with monkeypatch.context() as m:
+        m.setattr(cpu_extension, "runs", lambda x: False)
+        return fn(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_the_torch_path(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    layer = norm.RMSNorm(160, eps=1e-6).to(dtype)
+    layer.weight.data = torch.randn(160, generator=gen).to(dtype)
+    x = torch.randn(9, 200, generator=gen).to(dtype)[:, 20:180]  # a strided slice, as c_kv is
+    with torch.no_grad():
+        got, want = layer(x), torch_path(monkeypatch, layer, x)
+    assert got.dtype == dtype and got.is_contiguous()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:  # rounded where the reference rounds; the mean of squares can differ in its last bit
+        assert (got != want).float().mean() < 0.01
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("shape", [(7, 32), (7, 4, 32)])
+def test_rotary_matches_the_torch_path(monkeypatch, dtype, interleaved, shape) -> None:
+    gen = torch.Generator().manual_seed(1)
+    wide = torch.randn(*shape[:-1], 96, generator=gen).to(dtype)
+    x = wide[..., 64:]  # q_pe and k_pe are views into wider rows
+    angles = torch.arange(7.0)[:, None] * torch.rand(16, generator=gen)
+    cos, sin = angles.cos(), angles.sin()
+    got = rope.apply_rotary(x, cos, sin, interleaved)
+    want = torch_path(monkeypatch, rope.apply_rotary, x, cos, sin, interleaved)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype == torch.float32:  # the compiler may fuse a product into the subtraction: last-bit differences
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:  # each element rounded once from float32, alike
+        assert torch.equal(got, want)
