@@ -8,28 +8,20 @@
 // rows of x at a time give the FMAs independent chains.
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <array>
 #include <vector>
 
 #include "bf16_gemm.h"
+#include "simd.h"
 
 namespace {
 
 constexpr int64_t KB = 16;              // weight rows held in registers per pass over the columns
 constexpr int RB = 4;                   // rows of x per accumulator block
 constexpr int64_t GRAIN_ELEMS = 32768;  // weight elements a thread gets at least (forking costs microseconds)
-
-inline __mmask16 tail_mask(int64_t n, int64_t N) {
-  return n + 16 <= N ? __mmask16(0xFFFF) : __mmask16((1u << (N - n)) - 1);
-}
-
-inline __m512 load_bf16(const uint16_t* p, __mmask16 mask) {
-  const __m256i half = _mm256_maskz_loadu_epi16(mask, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
 
 template <int R>
 inline void rows(const float* x, const __m512* wv, int64_t kn, float* o, int64_t K, int64_t N,
@@ -74,12 +66,17 @@ void check_bf16_weight(const torch::Tensor& w) {
   TORCH_CHECK_VALUE(w.device().is_cpu() && w.is_contiguous(), "w must be a contiguous CPU tensor");
 }
 
-// Work items: (e, a range of column vectors), each about GRAIN_ELEMS weight elements; experts without rows
-// are never read.
+// Work items: (e, a range of column vectors). An item reads its weight rows in runs as long as its column
+// range (a run of a few cache lines, a row apart, defeats the prefetchers), so an expert is cut into as
+// few items as keep every thread busy; experts without rows are never read.
 void bf16_grouped(const float* x, const uint16_t* w, float* out, const int64_t* off, int64_t E, int64_t K,
                   int64_t N) {
   const int64_t vecs = (N + 15) / 16;
-  const int64_t chunk = std::max<int64_t>(1, GRAIN_ELEMS / std::max<int64_t>(1, 16 * K));
+  int64_t active = 0;
+  for (int64_t e = 0; e < E; ++e) active += off[e + 1] > off[e];
+  const int64_t threads = at::get_num_threads();
+  const int64_t pieces = std::clamp<int64_t>(2 * threads / std::max<int64_t>(1, active), 1, vecs);
+  const int64_t chunk = (vecs + pieces - 1) / pieces;
   std::vector<std::array<int64_t, 3>> items;
   for (int64_t e = 0; e < E; ++e)
     if (off[e + 1] > off[e])

@@ -9,10 +9,10 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
-#include <cmath>
 #include <vector>
 
 #include "bf16_gemm.h"
+#include "simd.h"
 
 torch::Tensor bf16_grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert_ids,
                                   const torch::Tensor& weights, const torch::Tensor& w13,
@@ -54,11 +54,17 @@ torch::Tensor bf16_grouped_swiglu(const torch::Tensor& x, const torch::Tensor& e
   torch::Tensor act = torch::empty({R, I}, rows.options());
   const float* gu = gate_up.data_ptr<float>();
   float* ap = act.data_ptr<float>();
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t i = 0; i < I; ++i) {
-      const float g = gu[r * 2 * I + i];
-      ap[r * I + i] = g / (1.0f + std::exp(-g)) * gu[r * 2 * I + I + i];
-    }
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < I; i += 16) {  // silu(g) * u = g / (1 + exp(-g)) * u
+        const __mmask16 mask = tail_mask(i, I);
+        const __m512 g = _mm512_maskz_loadu_ps(mask, gu + r * 2 * I + i);
+        const __m512 u = _mm512_maskz_loadu_ps(mask, gu + r * 2 * I + I + i);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        _mm512_mask_storeu_ps(ap + r * I + i, mask, _mm512_mul_ps(silu, u));
+      }
+  });
   torch::Tensor ys = torch::empty({R, h}, rows.options());
   bf16_grouped(ap, bf16_bits(w2), ys.data_ptr<float>(), offsets.data(), E, I, h);
 

@@ -1,4 +1,4 @@
-// The Python bindings of every kernel in this folder (one extension, built by common/kernels/cpu_extension.py).
+// The Python bindings of every kernel in this folder: one extension, built by ../cpu_extension.py.
 
 #include <torch/extension.h>
 

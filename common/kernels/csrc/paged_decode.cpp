@@ -9,7 +9,6 @@
 // not depend on the thread count.
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -18,31 +17,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 constexpr int64_t SPLIT_TOKENS = 512;  // context tokens per work item, when the caller does not choose
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-
-// exp(x) for 16 floats at once (x <= 0 here: scores minus their running maximum). Range reduction
-// x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for exp(r), then 2^n by scalef: about 1 ulp.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline float to_float(float v) { return v; }
-inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
 struct Shape {
   int64_t heads, dim, value_dim, block_size, max_blocks, split_len;
@@ -62,7 +42,8 @@ template <typename T>
 void attend(const T* q, const T* pages, const int32_t* table, int64_t begin, int64_t end, const Shape& s,
             Scratch& w, float* m, float* l, float* o) {
   const int64_t H = s.heads, D = s.dim, Dv = s.value_dim, bs = s.block_size;
-  for (int64_t i = 0; i < H * D; ++i) w.q[i] = to_float(q[i]) * s.scale;
+  widen(q, w.q.data(), H * D);
+  for (int64_t i = 0; i < H * D; ++i) w.q[i] *= s.scale;
   std::fill(m, m + H, NEG_INF);
   std::fill(l, l + H, 0.0f);
   std::fill(o, o + H * Dv, 0.0f);
@@ -73,7 +54,7 @@ void attend(const T* q, const T* pages, const int32_t* table, int64_t begin, int
     if constexpr (std::is_same_v<T, float>) {
       rows = page;
     } else {
-      for (int64_t i = 0; i < n * D; ++i) w.rows[i] = to_float(page[i]);
+      widen(page, w.rows.data(), n * D);
       rows = w.rows.data();
     }
     for (int64_t t = 0; t < n; ++t) {  // token-outer: each row read once for every head
@@ -91,7 +72,7 @@ void attend(const T* q, const T* pages, const int32_t* table, int64_t begin, int
       const float top = std::max(m[h], *std::max_element(sh, sh + n));
       float sum = 0.0f;
       for (int64_t t = 0; t < n; t += 16) {
-        const __mmask16 mask = n - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - t)) - 1);
+        const __mmask16 mask = tail_mask(t, n);
         const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sh + t), _mm512_set1_ps(top)));
         _mm512_mask_storeu_ps(sh + t, mask, p);
         sum += _mm512_mask_reduce_add_ps(mask, p);
@@ -166,7 +147,8 @@ torch::Tensor paged_latent_decode(const torch::Tensor& q, const torch::Tensor& p
   TORCH_CHECK_VALUE(q.scalar_type() == pages.scalar_type() &&
                         (q.scalar_type() == torch::kFloat32 || q.scalar_type() == torch::kBFloat16),
                     "q and pages must both be float32 or both bfloat16");
-  TORCH_CHECK_VALUE(block_tables.scalar_type() == torch::kInt32 && context_lens.scalar_type() == torch::kInt32,
+  TORCH_CHECK_VALUE(block_tables.scalar_type() == torch::kInt32 &&
+                        context_lens.scalar_type() == torch::kInt32,
                     "block_tables and context_lens must be int32");
   TORCH_CHECK_VALUE(q.is_contiguous() && pages.is_contiguous() && block_tables.is_contiguous() &&
                         context_lens.is_contiguous(),
@@ -192,7 +174,8 @@ torch::Tensor paged_latent_decode(const torch::Tensor& q, const torch::Tensor& p
   const int64_t split_blocks =
       num_splits > 0 ? std::max<int64_t>(1, (longest + num_splits * bs - 1) / (num_splits * bs))
                      : std::max<int64_t>(1, SPLIT_TOKENS / bs);
-  const Shape s{q.size(1), q.size(2), value_dim, bs, max_blocks, split_blocks * bs, static_cast<float>(scale)};
+  const Shape s{q.size(1), q.size(2), value_dim, bs, max_blocks, split_blocks * bs,
+                static_cast<float>(scale)};
   auto out = q.new_empty({B, q.size(1), value_dim});
   if (q.scalar_type() == torch::kFloat32)
     decode<float>(q, pages, tables, lens, s, out);

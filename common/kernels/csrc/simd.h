@@ -1,0 +1,49 @@
+// AVX-512 helpers the kernels share: masks for row tails, bfloat16 widening, a vector exp.
+#pragma once
+
+#include <immintrin.h>
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+
+// Lanes n..n+15 of a row of N floats that exist.
+inline __mmask16 tail_mask(int64_t n, int64_t N) {
+  return n + 16 <= N ? __mmask16(0xFFFF) : __mmask16((1u << (N - n)) - 1);
+}
+
+// 16 bfloat16 as float32: a bfloat16 is the top half of a float32, so widening is a shift.
+inline __m512 load_bf16(const uint16_t* p, __mmask16 mask) {
+  const __m256i half = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// n values at p (float32 or bfloat16) into float32 at out.
+inline void widen(const float* p, float* out, int64_t n) { std::copy_n(p, n, out); }
+inline void widen(const at::BFloat16* p, float* out, int64_t n) {
+  const auto* bits = reinterpret_cast<const uint16_t*>(p);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = tail_mask(i, n);
+    _mm512_mask_storeu_ps(out + i, mask, load_bf16(bits + i, mask));
+  }
+}
+
+// exp(x) for 16 floats at once: range reduction x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial
+// for exp(r), then 2^n by scalef; about 1 ulp. Above 88 it is inf, as exp is; below -87 about 1e-38
+// instead of 0 or a denormal, which no softmax or SiLU here can tell apart.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
