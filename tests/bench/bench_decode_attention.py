@@ -1,8 +1,10 @@
-"""Decode attention throughput: `paged_latent_decode` against the straightforward implementation.
+"""Decode attention throughput: the paged decode in torch and in C++ against the straightforward one.
 
 The naive side gathers each sequence's latents into a contiguous [context, D] tensor with a Python loop and
-runs a full softmax over them; the paged side is one vectorised call for the whole batch. Shapes are
-DeepSeek-V2-like: H=16 heads, latent entries of d_c=512 + d_R=64, block size 64, shuffled physical blocks.
+runs a full softmax over them; the torch paged side (common/kernels/flash_attention.py) is one vectorised
+call for the whole batch; the C++ side (common/kernels/cpu_attention.py, where it builds) one kernel call.
+Shapes are DeepSeek-V2-like: H=16 heads, latent entries of d_c=512 + d_R=64, block size 64, shuffled
+physical blocks.
 
     python tests/bench/bench_decode_attention.py [--dtype bfloat16] [--output-json FILE] [--quick]
                                                  [--threads N]
@@ -21,7 +23,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runnable as a script from any directory
 
-from common.kernels import paged_latent_decode  # noqa: E402
+from common.kernels import cpu_attention, cpu_extension, flash_attention  # noqa: E402
 from tests.bench.timing import best_time  # noqa: E402
 
 HEADS, KV_RANK, ROPE_DIM, BLOCK_SIZE = 16, 512, 64, 64
@@ -70,34 +72,36 @@ def main() -> None:
         f"decode attention, {args.dtype}, H={HEADS}, d_c={KV_RANK}, d_R={ROPE_DIM}, block={BLOCK_SIZE}, "
         f"{torch.get_num_threads()} threads"
     )
-    header = f"{'context':>8} {'batch':>6} {'naive ms':>10} {'paged ms':>10} {'speed-up':>9} {'tokens/s':>10}"
-    print(header + f" {'max rel err':>12}")
-    print("-" * (len(header) + 13))
+    ways = {"paged": flash_attention.paged_latent_decode}
+    if cpu_extension.available():
+        ways["kernel"] = cpu_attention.paged_latent_decode
+    header = f"{'context':>8} {'batch':>6} {'naive ms':>10}" + "".join(
+        f" {name + ' ms':>10} {'speed-up':>9} {'max rel err':>12}" for name in ways
+    )
+    print(header)
+    print("-" * len(header))
     rows = []
     for context in contexts:
         for batch in batches:
             q, pages, tables, lens = make_batch(batch, context, dtype, seed=context + batch)
             naive_s = best_time(partial(naive_decode, q, pages, tables, lens))
-            paged_s = best_time(partial(paged_latent_decode, q, pages, tables, lens, SCALE, KV_RANK))
             ref = naive_decode(q.float(), pages.float(), tables, lens)
-            out = paged_latent_decode(q, pages, tables, lens, SCALE, KV_RANK).float()
-            err = ((out - ref).abs().max() / ref.abs().max()).item()
-            row = {
-                "context": context,
-                "batch": batch,
-                "naive_ms": naive_s * 1e3,
-                "paged_ms": paged_s * 1e3,
-                "speedup": naive_s / paged_s,
-                "tokens_per_s": batch / paged_s,
-                "max_rel_err": err,
-            }
+            row = {"context": context, "batch": batch, "naive_ms": naive_s * 1e3}
+            line = f"{context:>8} {batch:>6} {naive_s * 1e3:>10.2f}"
+            for name, decode in ways.items():
+                seconds = best_time(partial(decode, q, pages, tables, lens, SCALE, KV_RANK))
+                out = decode(q, pages, tables, lens, SCALE, KV_RANK).float()
+                err = ((out - ref).abs().max() / ref.abs().max()).item()
+                row |= {
+                    f"{name}_ms": seconds * 1e3,
+                    f"{name}_speedup": naive_s / seconds,
+                    f"{name}_tokens_per_s": batch / seconds,
+                    f"{name}_max_rel_err": err,
+                }
+                line += f" {seconds * 1e3:>10.2f} {naive_s / seconds:>8.2f}x {err:>12.1e}"
             rows.append(row)
-            print(
-                f"{context:>8} {batch:>6} {row['naive_ms']:>10.2f} {row['paged_ms']:>10.2f} "
-                f"{row['speedup']:>8.2f}x {row['tokens_per_s']:>10.0f} {err:>12.1e}",
-                flush=True,
-            )
-            del q, pages, tables, lens, ref, out
+            print(line, flush=True)
+            del q, pages, tables, lens, ref
 
     if args.output_json:
         args.output_json.write_text(
@@ -111,6 +115,7 @@ def main() -> None:
                     "block_size": BLOCK_SIZE,
                     "threads": torch.get_num_threads(),
                     "torch": torch.__version__,
+                    "ways": ["naive", *ways],
                     "tokens_per_s": "decode tokens per second of one attention layer",
                     "results": rows,
                 },

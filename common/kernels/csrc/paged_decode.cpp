@@ -3,10 +3,10 @@
 //
 // FlashAttention's online softmax with a page as the tile: for each page, the scores of every head against
 // the page's tokens, one rescale of each head's running output, then the page's weighted values added in.
-// Absorbed MLA is MQA-like (every head reads the same latent rows), so each row is read, and widened from
-// bfloat16, once for all heads. A work item is (sequence, split of its context); a thread runs whole items
-// in a fixed order and a log-sum-exp combine merges a sequence's splits in split order, so the result does
-// not depend on the thread count.
+// Absorbed MLA is MQA-like (every head reads the same latent rows), so a page is widened from bfloat16 once
+// for all heads, and both products are GEMMs with the heads as one dimension. A work item is (sequence,
+// split of its context); a thread runs whole items in a fixed order and a log-sum-exp combine merges a
+// sequence's splits in split order, so the result does not depend on the thread count.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -29,21 +29,56 @@ struct Shape {
   float scale;
 };
 
-// Scratch of one thread: the scaled query, a page widened to float32, the page's scores per head.
+// out[r, c] += sum_i x[r * xr + i * xi] * w[i * ldw + c] for r < M, c < N, i < K: bf16_gemm.cpp's scheme
+// (KB rows of w in registers, 4 rows of x per accumulator block) on float32, with strided operands.
+template <int R>
+inline void fma_rows(const float* x, int64_t xr, int64_t xi, const __m512* wv, int64_t kn, float* o,
+                     int64_t ldo, __mmask16 mask) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_maskz_loadu_ps(mask, o + r * ldo);
+  for (int64_t i = 0; i < kn; ++i)
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * xr + i * xi]), wv[i], acc[r]);
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(o + r * ldo, mask, acc[r]);
+}
+
+void gemm_acc(const float* x, int64_t xr, int64_t xi, const float* w, int64_t ldw, float* out, int64_t ldo,
+              int64_t M, int64_t K, int64_t N) {
+  constexpr int64_t KB = 16;
+  __m512 wv[KB];
+  for (int64_t k = 0; k < K; k += KB) {
+    const int64_t kn = std::min(KB, K - k);
+    for (int64_t n = 0; n < N; n += 16) {
+      const __mmask16 mask = tail_mask(n, N);
+      for (int64_t i = 0; i < kn; ++i) wv[i] = _mm512_maskz_loadu_ps(mask, w + (k + i) * ldw + n);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4)
+        fma_rows<4>(x + m * xr + k * xi, xr, xi, wv, kn, out + m * ldo + n, ldo, mask);
+      for (; m < M; ++m) fma_rows<1>(x + m * xr + k * xi, xr, xi, wv, kn, out + m * ldo + n, ldo, mask);
+    }
+  }
+}
+
+// Scratch of one thread: the scaled query transposed [D, H], a page widened to float32 [block_size, D],
+// its scores and then probabilities [block_size, H], each head's rescale factor [H].
 struct Scratch {
-  std::vector<float> q, rows, scores;
+  std::vector<float> q_t, rows, scores, correction;
   explicit Scratch(const Shape& s)
-      : q(s.heads * s.dim), rows(s.block_size * s.dim), scores(s.heads * s.block_size) {}
+      : q_t(s.dim * s.heads),
+        rows(std::max(s.block_size, s.heads) * s.dim),  // holds q too, before the first page
+        scores(s.block_size * s.heads),
+        correction(s.heads) {}
 };
 
 // The partial softmax of one sequence's tokens [begin, end): running max m [H], denominator l [H] and
-// unnormalised output o [H, Dv].
+// unnormalised output o [H, Dv]. Per page, two small GEMMs: scores [n, H] = rows [n, D] @ q^T [D, H], and
+// o [H, Dv] += p [H, n] @ rows [n, :Dv]; the softmax in between runs over 16 heads at a time.
 template <typename T>
 void attend(const T* q, const T* pages, const int32_t* table, int64_t begin, int64_t end, const Shape& s,
             Scratch& w, float* m, float* l, float* o) {
   const int64_t H = s.heads, D = s.dim, Dv = s.value_dim, bs = s.block_size;
-  widen(q, w.q.data(), H * D);
-  for (int64_t i = 0; i < H * D; ++i) w.q[i] *= s.scale;
+  widen(q, w.rows.data(), H * D);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t d = 0; d < D; ++d) w.q_t[d * H + h] = w.rows[h * D + d] * s.scale;
   std::fill(m, m + H, NEG_INF);
   std::fill(l, l + H, 0.0f);
   std::fill(o, o + H * Dv, 0.0f);
@@ -57,42 +92,30 @@ void attend(const T* q, const T* pages, const int32_t* table, int64_t begin, int
       widen(page, w.rows.data(), n * D);
       rows = w.rows.data();
     }
-    for (int64_t t = 0; t < n; ++t) {  // token-outer: each row read once for every head
-      const float* row = rows + t * D;
-      for (int64_t h = 0; h < H; ++h) {
-        const float* qh = w.q.data() + h * D;
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t d = 0; d < D; ++d) acc += qh[d] * row[d];
-        w.scores[h * bs + t] = acc;
+    float* scores = w.scores.data();
+    std::fill(scores, scores + n * H, 0.0f);
+    gemm_acc(rows, D, 1, w.q_t.data(), H, scores, H, n, D, H);
+    for (int64_t c = 0; c < H; c += 16) {  // online softmax, 16 heads at a time
+      const __mmask16 mask = tail_mask(c, H);
+      const __m512 old = _mm512_maskz_loadu_ps(mask, m + c);
+      __m512 top = old;
+      for (int64_t t = 0; t < n; ++t)
+        top = _mm512_max_ps(top, _mm512_maskz_loadu_ps(mask, scores + t * H + c));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t t = 0; t < n; ++t) {
+        const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + t * H + c), top));
+        _mm512_mask_storeu_ps(scores + t * H + c, mask, p);
+        sum = _mm512_add_ps(sum, p);
       }
+      const __m512 correction = exp16(_mm512_sub_ps(old, top));  // about 0 on the first page (m = -inf)
+      const __m512 l_old = _mm512_maskz_loadu_ps(mask, l + c);
+      _mm512_mask_storeu_ps(l + c, mask, _mm512_fmadd_ps(l_old, correction, sum));
+      _mm512_mask_storeu_ps(m + c, mask, top);
+      _mm512_mask_storeu_ps(w.correction.data() + c, mask, correction);
     }
-    for (int64_t h = 0; h < H; ++h) {
-      float* sh = w.scores.data() + h * bs;
-      const float top = std::max(m[h], *std::max_element(sh, sh + n));
-      float sum = 0.0f;
-      for (int64_t t = 0; t < n; t += 16) {
-        const __mmask16 mask = tail_mask(t, n);
-        const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sh + t), _mm512_set1_ps(top)));
-        _mm512_mask_storeu_ps(sh + t, mask, p);
-        sum += _mm512_mask_reduce_add_ps(mask, p);
-      }
-      const float correction = std::exp(m[h] - top);  // 0 on the first page (m = -inf)
-      float* oh = o + h * Dv;
-#pragma omp simd
-      for (int64_t d = 0; d < Dv; ++d) oh[d] *= correction;
-      l[h] = l[h] * correction + sum;
-      m[h] = top;
-    }
-    for (int64_t t = 0; t < n; ++t) {
-      const float* row = rows + t * D;
-      for (int64_t h = 0; h < H; ++h) {
-        const float p = w.scores[h * bs + t];
-        float* oh = o + h * Dv;
-#pragma omp simd
-        for (int64_t d = 0; d < Dv; ++d) oh[d] += p * row[d];
-      }
-    }
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t d = 0; d < Dv; ++d) o[h * Dv + d] *= w.correction[h];
+    gemm_acc(scores, 1, H, rows, D, o, Dv, H, n, Dv);
   }
 }
 
