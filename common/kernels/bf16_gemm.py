@@ -14,6 +14,8 @@ VL), no bfloat16 units, and a compiler. Elsewhere `available()` is False and cal
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from common.kernels import cpu_extension
@@ -21,6 +23,7 @@ from common.kernels import cpu_extension
 MAX_ROWS = 32  # rows per weight up to which it is as fast as float32 MKL on upcast operands, or faster
 
 
+@functools.cache
 def available() -> bool:
     """Whether the kernel runs on this machine (builds common/kernels/cpu_extension.py on the first call)."""
     from common.config import cpu_has_native_bf16
