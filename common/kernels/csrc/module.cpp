@@ -14,11 +14,14 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                      bool interleaved);
 
+// Every kernel lets go of the GIL while it runs (it touches no Python object), as torch's own operators do:
+// the gRPC and engine threads of a service keep running beside a kernel call.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bf16_mm", &bf16_mm, "x @ w for a bfloat16 w, in x's dtype");
-  m.def("bf16_bmm", &bf16_bmm, "x[b] @ w[b] for a bfloat16 w, in x's dtype");
-  m.def("bf16_grouped_swiglu", &bf16_grouped_swiglu, "the routed experts' weighted SwiGLU, in one call");
-  m.def("paged_latent_decode", &paged_latent_decode, "absorbed MLA decode over paged latents");
-  m.def("rms_norm", &rms_norm, "weight * x / rms(x), computed in float32");
-  m.def("rotary", &rotary, "rotary embedding into the half-split layout, computed in float32");
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("bf16_mm", &bf16_mm, "x @ w for a bfloat16 w, in x's dtype", nogil);
+  m.def("bf16_bmm", &bf16_bmm, "x[b] @ w[b] for a bfloat16 w, in x's dtype", nogil);
+  m.def("bf16_grouped_swiglu", &bf16_grouped_swiglu, "the routed experts of a layer, in one call", nogil);
+  m.def("paged_latent_decode", &paged_latent_decode, "absorbed MLA decode over paged latents", nogil);
+  m.def("rms_norm", &rms_norm, "weight * x / rms(x), computed in float32", nogil);
+  m.def("rotary", &rotary, "rotary embedding into the half-split layout, computed in float32", nogil);
 }
