@@ -50,11 +50,3 @@ def bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [B, M, K] @ w [B, K, N] bfloat16 -> [B, M, N] in x's dtype (a weight per batch entry, as MLA's
     absorbed products have one per head)."""
     return cpu_extension.module().bf16_bmm(x, w)
-
-
-def grouped_swiglu(
-    x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
-) -> torch.Tensor:
-    """common.kernels.grouped_experts.grouped_swiglu for bfloat16 w13 and w2, in one call
-    (csrc/grouped_experts.cpp): every expert's rows in one grouped product per GEMM round."""
-    return cpu_extension.module().bf16_grouped_swiglu(x, expert_ids, weights, w13, w2)

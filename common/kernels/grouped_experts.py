@@ -5,9 +5,10 @@ runs its gate/up GEMM on a contiguous slice, one SiLU-and-multiply covers every 
 decode an expert gets a few rows, and per-expert elementwise ops cost more in dispatch than in arithmetic),
 each runs its down GEMM, and one index_add scatters the weighted results back. Experts nobody chose are never
 read, which is what makes fine-grained MoE decode cheap. (A padded all-experts batched GEMM was measured as
-no faster on CPU, so the simpler schedule stays.) For bfloat16 weights at a few rows per expert, where
-the CPU kernels run (common/kernels/bf16_gemm.py), all of it is one C++ call, each GEMM round one grouped
-product over every expert's rows.
+no faster on CPU, so the simpler schedule stays.) At a few rows per expert, where the CPU kernels run
+(common/kernels/cpu_extension.py), all of it is one C++ call (csrc/grouped_experts.cpp), each GEMM round one
+grouped product over every expert's rows: the bfloat16 kernel of common/kernels/bf16_gemm.py, or its
+float32-weight twin.
 """
 
 import itertools
@@ -15,8 +16,12 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from common.kernels import bf16_gemm
+from common.kernels import bf16_gemm, cpu_extension
 from common.model.linear import multiply_dtype
+
+# Rows per expert up to which the C++ call beats one MKL GEMM pair per expert for float32 weights (mini's 32
+# experts, two threads: 2.6x at one token, 1.3x at 8 rows, 1.09x at 32, 0.90x at 64).
+FLOAT32_MAX_ROWS = 32
 
 
 def grouped_swiglu(
@@ -28,11 +33,11 @@ def grouped_swiglu(
     w13 [E, h, 2I] (gate columns then up columns); w2 [E, I, h]: input-major, so each GEMM is a plain
     `rows @ weight` (see common/model/linear.py). Returns [T, h] in x.dtype, accumulated in float32. Each
     expert's GEMMs run in multiply_dtype (float32 for half types on CPUs without units for them), or all in
-    common/kernels/bf16_gemm.py where it suits the rows each expert would get if the pairs spread evenly.
+    one C++ call where it suits the rows each expert would get if the pairs spread evenly.
     """
     num_experts, k = w13.shape[0], expert_ids.shape[1]
-    if bf16_gemm.suits(x, w13, expert_ids.numel() / num_experts):
-        return bf16_gemm.grouped_swiglu(x, expert_ids, weights, w13, w2)
+    if _kernel_suits(x, w13, expert_ids.numel() / num_experts):
+        return cpu_extension.module().grouped_swiglu(x, expert_ids, weights, w13, w2)
     flat = expert_ids.flatten()
     counts = torch.bincount(flat + 1, minlength=num_experts + 1).tolist()  # bin 0: pairs of other shards
     order = torch.argsort(flat, stable=True)[counts[0] :]
@@ -42,6 +47,18 @@ def grouped_swiglu(
     ys = _per_expert(x[tokens], per_expert, w13, w2, multiply_dtype(x, rows_per_expert))
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     return out.index_add_(0, tokens, ys.float() * weights.flatten()[order, None]).to(x.dtype)
+
+
+def _kernel_suits(x: torch.Tensor, w13: torch.Tensor, rows_per_expert: float) -> bool:
+    """bfloat16 weights where bf16_gemm runs; float32 ones at up to FLOAT32_MAX_ROWS rows per expert, beyond
+    which MKL's GEMMs, one per expert, are faster than the call they cost."""
+    if w13.dtype == torch.bfloat16:
+        return bf16_gemm.suits(x, w13, rows_per_expert)
+    return (
+        x.dtype == w13.dtype == torch.float32
+        and 0 < rows_per_expert <= FLOAT32_MAX_ROWS
+        and cpu_extension.runs(x)
+    )
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:

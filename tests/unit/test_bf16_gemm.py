@@ -1,10 +1,7 @@
 """The bfloat16 GEMM kernel against float32 products of the same bfloat16 values, and where matmul uses it."""
 
-import itertools
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from common.config import cpu_has_native_bf16
 from common.kernels import bf16_gemm
@@ -57,36 +54,6 @@ def test_batched_matches_one_product_per_entry():
     x = torch.randn(7, 8, 64, generator=gen).transpose(0, 1)  # [H=8, T=7, K]
     w = torch.randn(8, 64, 130, generator=gen).bfloat16()
     torch.testing.assert_close(bf16_gemm.bmm(x, w), x @ w.float(), rtol=1e-5, atol=2e-6 * 64)
-
-
-@needs_kernel
-def test_grouped_swiglu_matches_one_product_pair_per_expert():
-    """Experts with no pairs, one and many; pairs of another shard (-1) left out; the same in bfloat16 as
-    the torch path's float32 products of the same values, up to the output's rounding."""
-    gen = torch.Generator().manual_seed(7)
-    tokens, k, experts, hidden, inter = 40, 3, 6, 96, 64
-    ids = torch.randint(-1, experts - 1, (tokens, k), generator=gen)  # expert 5 never chosen
-    ids[:, 0] = 2  # one crowded expert
-    weights = torch.rand(tokens, k, generator=gen)
-    x = torch.randn(tokens, hidden, generator=gen).bfloat16()
-    w13 = (torch.randn(experts, hidden, 2 * inter, generator=gen) / 10).bfloat16()
-    w2 = (torch.randn(experts, inter, hidden, generator=gen) / 10).bfloat16()
-    want = torch.zeros(tokens, hidden)
-    for t, j in itertools.product(range(tokens), range(k)):
-        if (e := int(ids[t, j])) >= 0:
-            gate, up = (x[t].float() @ w13[e].float()).chunk(2)
-            want[t] += weights[t, j] * ((F.silu(gate) * up) @ w2[e].float())
-    got = bf16_gemm.grouped_swiglu(x, ids, weights, w13, w2)
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, want.bfloat16())
-
-
-@needs_kernel
-def test_grouped_swiglu_rejects_ids_it_does_not_hold():
-    x, w13, w2 = torch.randn(2, 8), torch.randn(2, 8, 16).bfloat16(), torch.randn(2, 8, 8).bfloat16()
-    for bad in (2, -2):
-        with pytest.raises(ValueError, match="outside -1..1"):
-            bf16_gemm.grouped_swiglu(x, torch.tensor([[0], [bad]]), torch.ones(2, 1), w13, w2)
 
 
 @needs_kernel

@@ -1,11 +1,15 @@
 """The C++ CPU kernels of common/kernels/cpu_extension.py against the torch code they replace: the paged
 latent decode against the float64 reference; RMSNorm and the rotary embedding against the model's torch
-path. (The bfloat16 GEMMs: test_bf16_gemm.py.)"""
+path; the routed experts against one product pair per (token, expert). (The bfloat16 GEMMs:
+test_bf16_gemm.py.)"""
+
+import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from common.kernels import cpu_attention, cpu_extension
+from common.kernels import cpu_attention, cpu_extension, grouped_experts
 from common.model import norm, rope
 from tests.unit.test_attention_kernels import TOL, decode_lengths, paged_case, reference_decode, rel_err
 
@@ -110,3 +114,61 @@ def test_rotary_matches_the_torch_path(monkeypatch, dtype, interleaved, shape) -
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     else:  # each element rounded once from float32, alike
         assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------- routed experts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_swiglu_matches_one_product_pair_per_expert(dtype: torch.dtype) -> None:
+    """Experts with no pairs, one and many; pairs of another shard (-1) left out; float32 products of the
+    same values, up to the output's rounding."""
+    gen = torch.Generator().manual_seed(7)
+    tokens, k, experts, hidden, inter = 40, 3, 6, 96, 64
+    ids = torch.randint(-1, experts - 1, (tokens, k), generator=gen)  # expert 5 never chosen
+    ids[:, 0] = 2  # one crowded expert
+    weights = torch.rand(tokens, k, generator=gen)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    w13 = (torch.randn(experts, hidden, 2 * inter, generator=gen) / 10).to(dtype)
+    w2 = (torch.randn(experts, inter, hidden, generator=gen) / 10).to(dtype)
+    want = torch.zeros(tokens, hidden)
+    for t, j in itertools.product(range(tokens), range(k)):
+        if (e := int(ids[t, j])) >= 0:
+            gate, up = (x[t].float() @ w13[e].float()).chunk(2)
+            want[t] += weights[t, j] * ((F.silu(gate) * up) @ w2[e].float())
+    got = cpu_extension.module().grouped_swiglu(x, ids, weights, w13, w2)
+    assert got.dtype == dtype
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}  # else bfloat16's defaults
+    torch.testing.assert_close(got, want.to(dtype), **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_swiglu_takes_the_kernel_at_decode_and_agrees_with_the_torch_path(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 64, generator=gen).to(dtype)
+    ids = torch.randint(0, 16, (4, 2), generator=gen)
+    weights = torch.rand(4, 2, generator=gen)
+    w13, w2 = (
+        torch.randn(16, 64, 96, generator=gen).to(dtype),
+        torch.randn(16, 48, 64, generator=gen).to(dtype),
+    )
+    assert grouped_experts._kernel_suits(x, w13, ids.numel() / 16)
+    got = grouped_experts.grouped_swiglu(x, ids, weights, w13, w2)
+    with monkeypatch.context() as m:
+        m.setattr(grouped_experts, "_kernel_suits", lambda *_: False)
+        want = grouped_experts.grouped_swiglu(x, ids, weights, w13, w2)
+    tolerance = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_grouped_swiglu_rejects_ids_it_does_not_hold() -> None:
+    x, w13, w2 = torch.randn(2, 8), torch.randn(2, 8, 16), torch.randn(2, 8, 8)
+    for bad in (2, -2):
+        with pytest.raises(ValueError, match="outside -1..1"):
+            cpu_extension.module().grouped_swiglu(x, torch.tensor([[0], [bad]]), torch.ones(2, 1), w13, w2)
+    with pytest.raises(ValueError, match="must both be bfloat16 or both float32"):
+        cpu_extension.module().grouped_swiglu(
+            x, torch.tensor([[0], [1]]), torch.ones(2, 1), w13, w2.bfloat16()
+        )

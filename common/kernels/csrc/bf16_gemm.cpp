@@ -1,5 +1,6 @@
 // out [M, N] float32 = x [M, K] float32 @ w [K, N] bfloat16 (input-major, row-major), for CPUs with AVX-512
-// but without bfloat16 units, at decode's few rows. Why: common/kernels/bf16_gemm.py.
+// but without bfloat16 units, at decode's few rows. Why: common/kernels/bf16_gemm.py. The grouped product
+// also takes float32 weights, for the routed experts of a float32 model (grouped_experts.cpp).
 //
 // Each thread owns a range of 16-column vectors and streams the weight rows over it, KB rows at a time
 // (contiguous reads; walking one column block down all K rows would stride across pages instead). A
@@ -33,7 +34,11 @@ inline void rows(const float* x, const __m512* wv, int64_t kn, float* o, int64_t
   for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(o + r * N, mask, acc[r]);
 }
 
-void columns(const float* x, const uint16_t* w, float* out, int64_t M, int64_t K, int64_t N, int64_t v0,
+inline __m512 load_weights(const uint16_t* p, __mmask16 mask) { return load_bf16(p, mask); }
+inline __m512 load_weights(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+
+template <typename W>
+void columns(const float* x, const W* w, float* out, int64_t M, int64_t K, int64_t N, int64_t v0,
              int64_t v1) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t v = v0; v < v1; ++v)
@@ -44,12 +49,17 @@ void columns(const float* x, const uint16_t* w, float* out, int64_t M, int64_t K
     for (int64_t v = v0; v < v1; ++v) {
       const int64_t n = v * 16;
       const __mmask16 mask = tail_mask(n, N);
-      for (int64_t i = 0; i < kn; ++i) wv[i] = load_bf16(w + (k + i) * N + n, mask);
+      for (int64_t i = 0; i < kn; ++i) wv[i] = load_weights(w + (k + i) * N + n, mask);
       int64_t m = 0;
       for (; m + RB <= M; m += RB) rows<RB>(x + m * K + k, wv, kn, out + m * N + n, K, N, mask);
       for (; m < M; ++m) rows<1>(x + m * K + k, wv, kn, out + m * N + n, K, N, mask);
     }
   }
+}
+
+void check_bf16_weight(const torch::Tensor& w) {
+  TORCH_CHECK_VALUE(w.scalar_type() == torch::kBFloat16, "w must be bfloat16");
+  TORCH_CHECK_VALUE(w.device().is_cpu() && w.is_contiguous(), "w must be a contiguous CPU tensor");
 }
 
 }  // namespace
@@ -61,16 +71,12 @@ torch::Tensor float_rows(const torch::Tensor& x, int64_t K) {
   return x.reshape({-1, K}).to(torch::kFloat32).contiguous();
 }
 
-void check_bf16_weight(const torch::Tensor& w) {
-  TORCH_CHECK_VALUE(w.scalar_type() == torch::kBFloat16, "w must be bfloat16");
-  TORCH_CHECK_VALUE(w.device().is_cpu() && w.is_contiguous(), "w must be a contiguous CPU tensor");
-}
 
 // Work items: (e, a range of column vectors). An item reads its weight rows in runs as long as its column
 // range (a run of a few cache lines, a row apart, defeats the prefetchers), so an expert is cut into as
 // few items as keep every thread busy; experts without rows are never read.
-void bf16_grouped(const float* x, const uint16_t* w, float* out, const int64_t* off, int64_t E, int64_t K,
-                  int64_t N) {
+template <typename W>
+void grouped(const float* x, const W* w, float* out, const int64_t* off, int64_t E, int64_t K, int64_t N) {
   const int64_t vecs = (N + 15) / 16;
   int64_t active = 0;
   for (int64_t e = 0; e < E; ++e) active += off[e + 1] > off[e];
@@ -87,6 +93,16 @@ void bf16_grouped(const float* x, const uint16_t* w, float* out, const int64_t* 
       columns(x + off[e] * K, w + e * K * N, out + off[e] * N, off[e + 1] - off[e], K, N, v0, v1);
     }
   });
+}
+
+void grouped_product(const float* x, const uint16_t* w, float* out, const int64_t* off, int64_t E, int64_t K,
+                     int64_t N) {
+  grouped(x, w, out, off, E, K, N);
+}
+
+void grouped_product(const float* x, const float* w, float* out, const int64_t* off, int64_t E, int64_t K,
+                     int64_t N) {
+  grouped(x, w, out, off, E, K, N);
 }
 
 // x [..., K] @ w [K, N] -> [..., N] in x's dtype: the projections.
@@ -118,6 +134,6 @@ torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w) {
   torch::Tensor out = torch::empty({B, M, N}, rows.options());
   std::vector<int64_t> off(B + 1);
   for (int64_t b = 0; b <= B; ++b) off[b] = b * M;
-  bf16_grouped(rows.data_ptr<float>(), bf16_bits(w), out.data_ptr<float>(), off.data(), B, K, N);
+  grouped(rows.data_ptr<float>(), bf16_bits(w), out.data_ptr<float>(), off.data(), B, K, N);
   return out.to(x.scalar_type());
 }

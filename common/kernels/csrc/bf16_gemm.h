@@ -8,13 +8,13 @@
 // The float32 rows of x [..., K] (a float32 or bfloat16 CPU tensor) as a contiguous [rows, K] matrix.
 torch::Tensor float_rows(const torch::Tensor& x, int64_t K);
 
-// Checks that w is a contiguous bfloat16 CPU tensor.
-void check_bf16_weight(const torch::Tensor& w);
-
 inline const uint16_t* bf16_bits(const torch::Tensor& w) {
   return reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
 }
 
-// out rows off[e]..off[e+1] [., N] = x rows off[e]..off[e+1] [., K] @ w[e] [K, N], for every e < E.
-void bf16_grouped(const float* x, const uint16_t* w, float* out, const int64_t* off, int64_t E, int64_t K,
-                  int64_t N);
+// out rows off[e]..off[e+1] [., N] = x rows off[e]..off[e+1] [., K] @ w[e] [K, N], for every e < E, with
+// bfloat16 (as bits) or float32 weights.
+void grouped_product(const float* x, const uint16_t* w, float* out, const int64_t* off, int64_t E, int64_t K,
+                     int64_t N);
+void grouped_product(const float* x, const float* w, float* out, const int64_t* off, int64_t E, int64_t K,
+                     int64_t N);

@@ -1,4 +1,4 @@
-// Routed experts in one call, for bfloat16 weights on CPU: the whole of
+// Routed experts in one call on CPU, for bfloat16 or float32 weights: the whole of
 // common/kernels/grouped_experts.grouped_swiglu (why: there) without its twenty-odd operators per layer.
 //
 // A counting sort groups the (token, expert) pairs by expert, keeping token order within an expert; the
@@ -14,9 +14,32 @@
 #include "bf16_gemm.h"
 #include "simd.h"
 
-torch::Tensor bf16_grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert_ids,
-                                  const torch::Tensor& weights, const torch::Tensor& w13,
-                                  const torch::Tensor& w2) {
+namespace {
+
+// Rows off[e]..off[e+1] of xs through expert e's weights, as raw pointers of bfloat16 bits or float32.
+template <typename W>
+void gate_up_then_down(const float* xs, const W* w13, const W* w2, float* gate_up, float* act, float* ys,
+                       const int64_t* off, int64_t R, int64_t E, int64_t h, int64_t I) {
+  grouped_product(xs, w13, gate_up, off, E, h, 2 * I);
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < I; i += 16) {  // silu(g) * u = g / (1 + exp(-g)) * u
+        const __mmask16 mask = tail_mask(i, I);
+        const __m512 g = _mm512_maskz_loadu_ps(mask, gate_up + r * 2 * I + i);
+        const __m512 u = _mm512_maskz_loadu_ps(mask, gate_up + r * 2 * I + I + i);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        _mm512_mask_storeu_ps(act + r * I + i, mask, _mm512_mul_ps(silu, u));
+      }
+  });
+  grouped_product(act, w2, ys, off, E, I, h);
+}
+
+}  // namespace
+
+torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert_ids,
+                             const torch::Tensor& weights, const torch::Tensor& w13,
+                             const torch::Tensor& w2) {
   TORCH_CHECK_VALUE(x.dim() == 2 && expert_ids.dim() == 2 && weights.sizes() == expert_ids.sizes() &&
                         expert_ids.size(0) == x.size(0),
                     "x [T, h], expert_ids [T, k] and weights [T, k] expected");
@@ -25,8 +48,12 @@ torch::Tensor bf16_grouped_swiglu(const torch::Tensor& x, const torch::Tensor& e
   TORCH_CHECK_VALUE(w13.dim() == 3 && w2.dim() == 3 && w13.size(0) == w2.size(0) &&
                         w13.size(1) == x.size(1) && w13.size(2) == 2 * w2.size(1) && w2.size(2) == x.size(1),
                     "w13 [E, h, 2I] and w2 [E, I, h] expected for h = ", x.size(1));
-  check_bf16_weight(w13);
-  check_bf16_weight(w2);
+  TORCH_CHECK_VALUE(w13.scalar_type() == w2.scalar_type() && (w13.scalar_type() == torch::kBFloat16 ||
+                                                                w13.scalar_type() == torch::kFloat32),
+                    "w13 and w2 must both be bfloat16 or both float32");
+  TORCH_CHECK_VALUE(w13.device().is_cpu() && w2.device().is_cpu() && w13.is_contiguous() &&
+                        w2.is_contiguous(),
+                    "w13 and w2 must be contiguous CPU tensors");
   const int64_t T = x.size(0), k = expert_ids.size(1), h = x.size(1), E = w13.size(0), I = w2.size(1);
   const torch::Tensor ids = expert_ids.contiguous(), gates = weights.contiguous();
   const torch::Tensor rows = float_rows(x, h);
@@ -50,27 +77,17 @@ torch::Tensor bf16_grouped_swiglu(const torch::Tensor& x, const torch::Tensor& e
   for (int64_t r = 0; r < R; ++r) std::copy_n(xp + pair[r] / k * h, h, xsp + r * h);
 
   torch::Tensor gate_up = torch::empty({R, 2 * I}, rows.options());
-  bf16_grouped(xsp, bf16_bits(w13), gate_up.data_ptr<float>(), offsets.data(), E, h, 2 * I);
   torch::Tensor act = torch::empty({R, I}, rows.options());
-  const float* gu = gate_up.data_ptr<float>();
-  float* ap = act.data_ptr<float>();
-  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t i = 0; i < I; i += 16) {  // silu(g) * u = g / (1 + exp(-g)) * u
-        const __mmask16 mask = tail_mask(i, I);
-        const __m512 g = _mm512_maskz_loadu_ps(mask, gu + r * 2 * I + i);
-        const __m512 u = _mm512_maskz_loadu_ps(mask, gu + r * 2 * I + I + i);
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-        _mm512_mask_storeu_ps(ap + r * I + i, mask, _mm512_mul_ps(silu, u));
-      }
-  });
   torch::Tensor ys = torch::empty({R, h}, rows.options());
-  bf16_grouped(ap, bf16_bits(w2), ys.data_ptr<float>(), offsets.data(), E, I, h);
+  float *gu = gate_up.data_ptr<float>(), *ap = act.data_ptr<float>(), *yp = ys.data_ptr<float>();
+  const int64_t* off = offsets.data();
+  if (w13.scalar_type() == torch::kBFloat16)
+    gate_up_then_down(xsp, bf16_bits(w13), bf16_bits(w2), gu, ap, yp, off, R, E, h, I);
+  else
+    gate_up_then_down(xsp, w13.data_ptr<float>(), w2.data_ptr<float>(), gu, ap, yp, off, R, E, h, I);
 
   torch::Tensor out = torch::zeros({T, h}, rows.options());
   float* op = out.data_ptr<float>();
-  const float* yp = ys.data_ptr<float>();
   for (int64_t r = 0; r < R; ++r) {
     const float g = gate[pair[r]];
     float* o = op + pair[r] / k * h;

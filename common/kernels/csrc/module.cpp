@@ -4,9 +4,9 @@
 
 torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w);
-torch::Tensor bf16_grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert_ids,
-                                  const torch::Tensor& weights, const torch::Tensor& w13,
-                                  const torch::Tensor& w2);
+torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert_ids,
+                             const torch::Tensor& weights, const torch::Tensor& w13,
+                             const torch::Tensor& w2);
 torch::Tensor paged_latent_decode(const torch::Tensor& q, const torch::Tensor& pages,
                                   const torch::Tensor& block_tables, const torch::Tensor& context_lens,
                                   double scale, int64_t value_dim, int64_t num_splits);
@@ -20,7 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("bf16_mm", &bf16_mm, "x @ w for a bfloat16 w, in x's dtype", nogil);
   m.def("bf16_bmm", &bf16_bmm, "x[b] @ w[b] for a bfloat16 w, in x's dtype", nogil);
-  m.def("bf16_grouped_swiglu", &bf16_grouped_swiglu, "the routed experts of a layer, in one call", nogil);
+  m.def("grouped_swiglu", &grouped_swiglu, "the routed experts of a layer, in one call", nogil);
   m.def("paged_latent_decode", &paged_latent_decode, "absorbed MLA decode over paged latents", nogil);
   m.def("rms_norm", &rms_norm, "weight * x / rms(x), computed in float32", nogil);
   m.def("rotary", &rotary, "rotary embedding into the half-split layout, computed in float32", nogil);
