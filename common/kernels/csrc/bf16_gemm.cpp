@@ -2,11 +2,10 @@
 // but without bfloat16 units, at decode's few rows. Why: common/kernels/bf16_gemm.py. The grouped product
 // also takes float32 weights, for the routed experts of a float32 model (grouped_experts.cpp).
 //
-// Each thread owns a range of 16-column vectors and streams the weight rows over it, KB rows at a time
-// (contiguous reads; walking one column block down all K rows would stride across pages instead). A
-// bfloat16 is the top half of a float32, so widening is a shift, and every product is exact in float32.
-// The accumulators stay in `out`, cache-resident for a thread's columns, loaded once per KB weight rows; RB
-// rows of x at a time give the FMAs independent chains.
+// Each thread owns a range of 16-column vectors and streams the weight rows over it, 16 rows at a time
+// (contiguous reads; walking one column block down all K rows would stride across pages instead), in the
+// FMA scheme of gemm_acc.h. A bfloat16 is the top half of a float32, so widening is a shift, and every
+// product is exact in float32.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -16,45 +15,19 @@
 #include <vector>
 
 #include "bf16_gemm.h"
-#include "simd.h"
+#include "gemm_acc.h"
 
 namespace {
 
-constexpr int64_t KB = 16;              // weight rows held in registers per pass over the columns
-constexpr int RB = 4;                   // rows of x per accumulator block
 constexpr int64_t GRAIN_ELEMS = 32768;  // weight elements a thread gets at least (forking costs microseconds)
 
-template <int R>
-inline void rows(const float* x, const __m512* wv, int64_t kn, float* o, int64_t K, int64_t N,
-                 __mmask16 mask) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_maskz_loadu_ps(mask, o + r * N);
-  for (int64_t i = 0; i < kn; ++i)
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + i]), wv[i], acc[r]);
-  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(o + r * N, mask, acc[r]);
-}
-
-inline __m512 load_weights(const uint16_t* p, __mmask16 mask) { return load_bf16(p, mask); }
-inline __m512 load_weights(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
-
+// out [M, N] = x [M, K] @ w [K, N] over the column vectors v0..v1 (a thread's share).
 template <typename W>
 void columns(const float* x, const W* w, float* out, int64_t M, int64_t K, int64_t N, int64_t v0,
              int64_t v1) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t v = v0; v < v1; ++v)
-      _mm512_mask_storeu_ps(out + m * N + v * 16, tail_mask(v * 16, N), _mm512_setzero_ps());
-  __m512 wv[KB];
-  for (int64_t k = 0; k < K; k += KB) {
-    const int64_t kn = std::min(KB, K - k);
-    for (int64_t v = v0; v < v1; ++v) {
-      const int64_t n = v * 16;
-      const __mmask16 mask = tail_mask(n, N);
-      for (int64_t i = 0; i < kn; ++i) wv[i] = load_weights(w + (k + i) * N + n, mask);
-      int64_t m = 0;
-      for (; m + RB <= M; m += RB) rows<RB>(x + m * K + k, wv, kn, out + m * N + n, K, N, mask);
-      for (; m < M; ++m) rows<1>(x + m * K + k, wv, kn, out + m * N + n, K, N, mask);
-    }
-  }
+  const int64_t c0 = v0 * 16, c1 = std::min(v1 * 16, N);
+  for (int64_t m = 0; m < M; ++m) std::fill(out + m * N + c0, out + m * N + c1, 0.0f);
+  gemm_acc(x, K, 1, w, N, out, N, M, K, c0, c1);
 }
 
 void check_bf16_weight(const torch::Tensor& w) {

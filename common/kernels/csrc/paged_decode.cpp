@@ -17,7 +17,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "simd.h"
+#include "gemm_acc.h"
 
 namespace {
 
@@ -28,35 +28,6 @@ struct Shape {
   int64_t heads, dim, value_dim, block_size, max_blocks, split_len;
   float scale;
 };
-
-// out[r, c] += sum_i x[r * xr + i * xi] * w[i * ldw + c] for r < M, c < N, i < K: bf16_gemm.cpp's scheme
-// (KB rows of w in registers, 4 rows of x per accumulator block) on float32, with strided operands.
-template <int R>
-inline void fma_rows(const float* x, int64_t xr, int64_t xi, const __m512* wv, int64_t kn, float* o,
-                     int64_t ldo, __mmask16 mask) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_maskz_loadu_ps(mask, o + r * ldo);
-  for (int64_t i = 0; i < kn; ++i)
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * xr + i * xi]), wv[i], acc[r]);
-  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(o + r * ldo, mask, acc[r]);
-}
-
-void gemm_acc(const float* x, int64_t xr, int64_t xi, const float* w, int64_t ldw, float* out, int64_t ldo,
-              int64_t M, int64_t K, int64_t N) {
-  constexpr int64_t KB = 16;
-  __m512 wv[KB];
-  for (int64_t k = 0; k < K; k += KB) {
-    const int64_t kn = std::min(KB, K - k);
-    for (int64_t n = 0; n < N; n += 16) {
-      const __mmask16 mask = tail_mask(n, N);
-      for (int64_t i = 0; i < kn; ++i) wv[i] = _mm512_maskz_loadu_ps(mask, w + (k + i) * ldw + n);
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4)
-        fma_rows<4>(x + m * xr + k * xi, xr, xi, wv, kn, out + m * ldo + n, ldo, mask);
-      for (; m < M; ++m) fma_rows<1>(x + m * xr + k * xi, xr, xi, wv, kn, out + m * ldo + n, ldo, mask);
-    }
-  }
-}
 
 // Scratch of one thread: the scaled query transposed [D, H], a page widened to float32 [block_size, D],
 // its scores and then probabilities [block_size, H], each head's rescale factor [H].
@@ -94,7 +65,7 @@ void attend(const T* q, const T* pages, const int32_t* table, int64_t begin, int
     }
     float* scores = w.scores.data();
     std::fill(scores, scores + n * H, 0.0f);
-    gemm_acc(rows, D, 1, w.q_t.data(), H, scores, H, n, D, H);
+    gemm_acc(rows, D, 1, w.q_t.data(), H, scores, H, n, D, 0, H);
     for (int64_t c = 0; c < H; c += 16) {  // online softmax, 16 heads at a time
       const __mmask16 mask = tail_mask(c, H);
       const __m512 old = _mm512_maskz_loadu_ps(mask, m + c);
@@ -115,7 +86,7 @@ void attend(const T* q, const T* pages, const int32_t* table, int64_t begin, int
     }
     for (int64_t h = 0; h < H; ++h)
       for (int64_t d = 0; d < Dv; ++d) o[h * Dv + d] *= w.correction[h];
-    gemm_acc(scores, 1, H, rows, D, o, Dv, H, n, Dv);
+    gemm_acc(scores, 1, H, rows, D, o, Dv, H, n, 0, Dv);
   }
 }
 

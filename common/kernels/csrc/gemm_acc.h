@@ -1,0 +1,43 @@
+// out[r, c] += sum_i x[r * xr + i * xi] * w[i * ldw + c] for r < M, i < K, c0 <= c < c1: the FMA scheme the
+// kernels here multiply with. KB rows of w sit in registers (widened by a shift where w is bfloat16 bits)
+// while RB rows of x at a time stream past them, RB independent FMA chains; the accumulators stay in `out`,
+// cache-resident, loaded once per KB rows of w. Each sum runs over i in order, so a result does not depend
+// on how the columns are split between threads.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "simd.h"
+
+inline __m512 load_weights(const uint16_t* p, __mmask16 mask) { return load_bf16(p, mask); }
+inline __m512 load_weights(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+
+template <int R>
+inline void fma_rows(const float* x, int64_t xr, int64_t xi, const __m512* wv, int64_t kn, float* o,
+                     int64_t ldo, __mmask16 mask) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_maskz_loadu_ps(mask, o + r * ldo);
+  for (int64_t i = 0; i < kn; ++i)
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * xr + i * xi]), wv[i], acc[r]);
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(o + r * ldo, mask, acc[r]);
+}
+
+template <typename W>
+void gemm_acc(const float* x, int64_t xr, int64_t xi, const W* w, int64_t ldw, float* out, int64_t ldo,
+              int64_t M, int64_t K, int64_t c0, int64_t c1) {
+  constexpr int64_t KB = 16;
+  constexpr int RB = 4;
+  __m512 wv[KB];
+  for (int64_t k = 0; k < K; k += KB) {
+    const int64_t kn = std::min(KB, K - k);
+    for (int64_t n = c0; n < c1; n += 16) {
+      const __mmask16 mask = tail_mask(n, c1);
+      for (int64_t i = 0; i < kn; ++i) wv[i] = load_weights(w + (k + i) * ldw + n, mask);
+      int64_t m = 0;
+      for (; m + RB <= M; m += RB)
+        fma_rows<RB>(x + m * xr + k * xi, xr, xi, wv, kn, out + m * ldo + n, ldo, mask);
+      for (; m < M; ++m) fma_rows<1>(x + m * xr + k * xi, xr, xi, wv, kn, out + m * ldo + n, ldo, mask);
+    }
+  }
+}
