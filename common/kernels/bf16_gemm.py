@@ -2,11 +2,13 @@
 
 There torch's bfloat16 GEMM is an emulation: 1.5-3x slower than float32 at decode's row counts. Upcasting
 the weight on every call and multiplying in float32 (common.config.matmul_dtype) costs a full float32 copy
-of it, which at a few rows is most of the work. This kernel (csrc/bf16_gemm.cpp) reads the bfloat16 weight
-once and widens it in registers (a bfloat16 is the top half of a float32, so widening is a shift), so a
-memory-bound product reads half the bytes of float32. Every product is exact in float32 and accumulation is
-float32, as in a native bfloat16 GEMM. It pays at up to MAX_ROWS rows; beyond, MKL's float32 GEMM on the
-upcast operands is faster (tests/bench/bench_bf16_gemm.py).
+of it, which at decode's row counts is much of the work. This kernel (csrc/bf16_gemm.cpp) reads the
+bfloat16 weight once and widens it a small panel at a time (a bfloat16 is the top half of a float32, so
+widening is a shift) into float32 that stays in L1, where tiles of rows multiply it from registers: a
+memory-bound product reads half the bytes of float32, a compute-bound one runs at about MKL's float32 rate.
+Every product is exact in float32 and accumulation is float32, as in a native bfloat16 GEMM. It pays at up
+to MAX_ROWS rows; beyond, MKL's float32 GEMM on the upcast operands, blocked for large matrices, is faster
+(tests/bench/bench_bf16_gemm.py).
 
 It is part of common/kernels/cpu_extension.py and used only where it can run: a CPU with AVX-512 (F, BW,
 VL), no bfloat16 units, and a compiler. Elsewhere `available()` is False and callers keep torch's path.
@@ -20,7 +22,7 @@ import torch
 
 from common.kernels import cpu_extension
 
-MAX_ROWS = 32  # rows per weight up to which it is as fast as float32 MKL on upcast operands, or faster
+MAX_ROWS = 128  # rows per weight up to which it is as fast as float32 MKL on upcast operands, or faster
 
 
 @functools.cache

@@ -2,7 +2,7 @@
 upcast-to-float32 product, for the mini model's matmul shapes at decode row counts (float32 weights for
 reference: what a float32 model reads, twice the bytes).
 
-    python -m tests.bench.bench_bf16_gemm [--rows 1,2,4,8,16,32,64] [--output-json FILE]
+    python -m tests.bench.bench_bf16_gemm [--rows 1,2,4,8,16,32,64,128,256] [--output-json FILE]
 
 Each shape is timed over 8 copies of its weight, as in bench_weight_layout; the best of at least 5 runs, in
 microseconds per matmul. The kernel's MAX_ROWS is where its column stops winning.
@@ -24,7 +24,7 @@ WAYS = ("kernel", "torch bf16", "upcast", "fp32 weights")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", default="1,2,4,8,16,32,64")
+    parser.add_argument("--rows", default="1,2,4,8,16,32,64,128,256")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     if not bf16_gemm.available():

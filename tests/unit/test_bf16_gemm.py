@@ -13,7 +13,7 @@ needs_kernel = pytest.mark.skipif(
 
 
 @needs_kernel
-@pytest.mark.parametrize("m", [1, 3, 4, 9, 32])
+@pytest.mark.parametrize("m", [1, 3, 4, 6, 9, 32, 130])
 @pytest.mark.parametrize(("k", "n"), [(1, 1), (7, 15), (16, 16), (33, 17), (512, 160), (100, 513)])
 def test_matches_float32_products_of_the_bfloat16_values(m, k, n):
     gen = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
@@ -36,6 +36,14 @@ def test_is_the_same_on_any_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_a_row_gets_the_same_bits_whatever_rows_it_comes_with():
+    """Batch invariance: a sequence's logits do not depend on how many others share its step."""
+    x, w = torch.randn(70, 300), torch.randn(300, 200).bfloat16()
+    alone = torch.cat([bf16_gemm.mm(x[i : i + 1], w) for i in range(0, 70, 23)])
+    assert torch.equal(bf16_gemm.mm(x, w)[::23], alone)
 
 
 @needs_kernel

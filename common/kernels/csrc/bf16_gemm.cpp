@@ -1,11 +1,10 @@
 // out [M, N] float32 = x [M, K] float32 @ w [K, N] bfloat16 (input-major, row-major), for CPUs with AVX-512
-// but without bfloat16 units, at decode's few rows. Why: common/kernels/bf16_gemm.py. The grouped product
+// but without bfloat16 units, at decode's row counts. Why: common/kernels/bf16_gemm.py. The grouped product
 // also takes float32 weights, for the routed experts of a float32 model (grouped_experts.cpp).
 //
-// Each thread owns a range of 16-column vectors and streams the weight rows over it, 16 rows at a time
-// (contiguous reads; walking one column block down all K rows would stride across pages instead), in the
-// FMA scheme of gemm_acc.h. A bfloat16 is the top half of a float32, so widening is a shift, and every
-// product is exact in float32.
+// Each thread owns a range of 64-column blocks and multiplies them in the scheme of gemm_packed.h: a panel
+// of weight rows widened to float32 once, tiles of rows in registers over it. A bfloat16 is the top half of
+// a float32, so widening is a shift, and every product is exact in float32.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -15,19 +14,18 @@
 #include <vector>
 
 #include "bf16_gemm.h"
-#include "gemm_acc.h"
+#include "gemm_packed.h"
 
 namespace {
 
 constexpr int64_t GRAIN_ELEMS = 32768;  // weight elements a thread gets at least (forking costs microseconds)
+constexpr int64_t BLOCK = 64;           // columns of a panel (gemm_packed.h)
 
-// out [M, N] = x [M, K] @ w [K, N] over the column vectors v0..v1 (a thread's share).
+// out [M, N] = x [M, K] @ w [K, N] over the column blocks b0..b1 (a thread's share).
 template <typename W>
-void columns(const float* x, const W* w, float* out, int64_t M, int64_t K, int64_t N, int64_t v0,
-             int64_t v1) {
-  const int64_t c0 = v0 * 16, c1 = std::min(v1 * 16, N);
-  for (int64_t m = 0; m < M; ++m) std::fill(out + m * N + c0, out + m * N + c1, 0.0f);
-  gemm_acc(x, K, 1, w, N, out, N, M, K, c0, c1);
+void columns(const float* x, const W* w, float* out, int64_t M, int64_t K, int64_t N, int64_t b0,
+             int64_t b1) {
+  gemm_packed(x, K, w, N, out, N, M, K, b0 * BLOCK, std::min(b1 * BLOCK, N));
 }
 
 void check_bf16_weight(const torch::Tensor& w) {
@@ -45,25 +43,25 @@ torch::Tensor float_rows(const torch::Tensor& x, int64_t K) {
 }
 
 
-// Work items: (e, a range of column vectors). An item reads its weight rows in runs as long as its column
+// Work items: (e, a range of column blocks). An item reads its weight rows in runs as long as its column
 // range (a run of a few cache lines, a row apart, defeats the prefetchers), so an expert is cut into as
 // few items as keep every thread busy; experts without rows are never read.
 template <typename W>
 void grouped(const float* x, const W* w, float* out, const int64_t* off, int64_t E, int64_t K, int64_t N) {
-  const int64_t vecs = (N + 15) / 16;
+  const int64_t blocks = (N + BLOCK - 1) / BLOCK;
   int64_t active = 0;
   for (int64_t e = 0; e < E; ++e) active += off[e + 1] > off[e];
   const int64_t threads = at::get_num_threads();
-  const int64_t pieces = std::clamp<int64_t>(2 * threads / std::max<int64_t>(1, active), 1, vecs);
-  const int64_t chunk = (vecs + pieces - 1) / pieces;
+  const int64_t pieces = std::clamp<int64_t>(2 * threads / std::max<int64_t>(1, active), 1, blocks);
+  const int64_t chunk = (blocks + pieces - 1) / pieces;
   std::vector<std::array<int64_t, 3>> items;
   for (int64_t e = 0; e < E; ++e)
     if (off[e + 1] > off[e])
-      for (int64_t v = 0; v < vecs; v += chunk) items.push_back({e, v, std::min(vecs, v + chunk)});
+      for (int64_t b = 0; b < blocks; b += chunk) items.push_back({e, b, std::min(blocks, b + chunk)});
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const auto [e, v0, v1] = items[i];
-      columns(x + off[e] * K, w + e * K * N, out + off[e] * N, off[e + 1] - off[e], K, N, v0, v1);
+      const auto [e, b0, b1] = items[i];
+      columns(x + off[e] * K, w + e * K * N, out + off[e] * N, off[e + 1] - off[e], K, N, b0, b1);
     }
   });
 }
@@ -86,11 +84,11 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK_VALUE(x.size(-1) == K, "x [..., K] and w [K, N] do not match: K = ", x.size(-1), " and ", K);
   const torch::Tensor rows = float_rows(x, K);
   torch::Tensor out = torch::empty({rows.size(0), N}, rows.options());
-  const int64_t grain = std::max<int64_t>(1, GRAIN_ELEMS / std::max<int64_t>(1, 16 * K));
+  const int64_t grain = std::max<int64_t>(1, GRAIN_ELEMS / std::max<int64_t>(1, BLOCK * K));
   const float* xp = rows.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, (N + 15) / 16, grain, [&](int64_t v0, int64_t v1) {
-    columns(xp, bf16_bits(w), op, rows.size(0), K, N, v0, v1);
+  at::parallel_for(0, (N + BLOCK - 1) / BLOCK, grain, [&](int64_t b0, int64_t b1) {
+    columns(xp, bf16_bits(w), op, rows.size(0), K, N, b0, b1);
   });
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = N;

@@ -1,0 +1,68 @@
+// out[r, c] = sum_i x[r * ldx + i] * w[i * ldw + c] for r < M, c0 <= c < c1: the scheme for products where
+// each weight meets several rows (batched decode, an expert's share of a batch). A thread widens a panel of
+// KC weight rows x 64 columns into float32 once (it stays in L1), then runs tiles of 4 rows x 64 columns
+// over it, the 16 accumulators in registers: per weight row 4 vector loads and 4 broadcasts feed 16
+// independent FMAs, where gemm_acc.h's scheme (accumulators in memory, 4 chains) reaches half the FMA rate.
+// Sums run over i in order, as in gemm_acc.h, so the bits do not depend on the scheme or the thread split.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "gemm_acc.h"
+
+namespace gemm_packed_detail {
+
+constexpr int64_t KC = 128;  // weight rows per panel at most: 128 x 64 float32 = 32 KiB
+constexpr int V = 4;         // 16-column vectors per panel
+
+// R rows x 64 columns of out (= on the first panel, += after) from x's rows times one panel.
+template <int R>
+inline void tile(const float* x, int64_t ldx, const float* panel, int64_t kc, float* o, int64_t ldo,
+                 const __mmask16* mask, bool first) {
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v)
+      acc[r][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[v], o + r * ldo + 16 * v);
+  for (int64_t i = 0; i < kc; ++i) {
+    __m512 wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = _mm512_load_ps(panel + i * 16 * V + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * ldx + i]);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xb, wv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(o + r * ldo + 16 * v, mask[v], acc[r][v]);
+}
+
+}  // namespace gemm_packed_detail
+
+// Panels walk the weight KC rows at a time, left to right, so each of the KC rows streams from memory
+// (walking a column block down all K rows instead would stride across pages, which defeats the prefetchers
+// where the rows are long); KC grows with M (more rows amortise the accumulators' loads and stores).
+template <typename W>
+void gemm_packed(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int64_t ldo, int64_t M,
+                 int64_t K, int64_t c0, int64_t c1) {
+  using namespace gemm_packed_detail;
+  alignas(64) float panel[KC * 16 * V];
+  const int64_t kc_max = std::clamp<int64_t>((M + 3) / 4 * 16, 16, KC);
+  for (int64_t k = 0; k < K; k += kc_max) {
+    const int64_t kc = std::min(kc_max, K - k);
+    for (int64_t n = c0; n < c1; n += 16 * V) {
+      __mmask16 mask[V];
+      for (int v = 0; v < V; ++v) mask[v] = n + 16 * v < c1 ? tail_mask(n + 16 * v, c1) : __mmask16(0);
+      for (int64_t i = 0; i < kc; ++i)  // columns past c1 widen to zeros and are never stored
+        for (int v = 0; v < V; ++v)
+          _mm512_store_ps(panel + i * 16 * V + 16 * v, load_weights(w + (k + i) * ldw + n + 16 * v, mask[v]));
+      const float* xk = x + k;
+      float* o = out + n;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) tile<4>(xk + m * ldx, ldx, panel, kc, o + m * ldo, ldo, mask, k == 0);
+      const int64_t rest = M - m;
+      if (rest == 3) tile<3>(xk + m * ldx, ldx, panel, kc, o + m * ldo, ldo, mask, k == 0);
+      if (rest == 2) tile<2>(xk + m * ldx, ldx, panel, kc, o + m * ldo, ldo, mask, k == 0);
+      if (rest == 1) tile<1>(xk + m * ldx, ldx, panel, kc, o + m * ldo, ldo, mask, k == 0);
+    }
+  }
+}
