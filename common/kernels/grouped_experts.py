@@ -5,10 +5,10 @@ runs its gate/up GEMM on a contiguous slice, one SiLU-and-multiply covers every 
 decode an expert gets a few rows, and per-expert elementwise ops cost more in dispatch than in arithmetic),
 each runs its down GEMM, and one index_add scatters the weighted results back. Experts nobody chose are never
 read, which is what makes fine-grained MoE decode cheap. (A padded all-experts batched GEMM was measured as
-no faster on CPU, so the simpler schedule stays.) At a few rows per expert, where the CPU kernels run
-(common/kernels/cpu_extension.py), all of it is one C++ call (csrc/grouped_experts.cpp), each GEMM round one
-grouped product over every expert's rows: the bfloat16 kernel of common/kernels/bf16_gemm.py, or its
-float32-weight twin.
+no faster on CPU, so the simpler schedule stays.) Where the CPU kernels run (common/kernels/cpu_extension.py)
+and each expert gets up to KERNEL_MAX_ROWS rows (decode, and prefill chunks of the default size), all of it
+is one C++ call (csrc/grouped_experts.cpp), each GEMM round one grouped product over every expert's rows:
+the bfloat16 kernel of common/kernels/bf16_gemm.py, or its float32-weight twin.
 """
 
 import itertools
@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from common.kernels import bf16_gemm, cpu_extension
 from common.model.linear import multiply_dtype
 
-# Rows per expert up to which the C++ call beats one MKL GEMM pair per expert for float32 weights (mini's 32
-# experts, two threads: 2.6x at one token, 1.3x at 8 rows, 1.09x at 32, 0.90x at 64).
-FLOAT32_MAX_ROWS = 32
+# Rows per expert up to which the one C++ call beats one MKL GEMM pair per expert (mini's 32 experts, two
+# threads, bfloat16 / float32 weights: 2.9x / 1.4x at 8 rows, 1.7x / 1.3x at 64, 1.3x / 1.35x at 256, even
+# at 512).
+KERNEL_MAX_ROWS = 256
 
 
 def grouped_swiglu(
@@ -50,15 +51,10 @@ def grouped_swiglu(
 
 
 def _kernel_suits(x: torch.Tensor, w13: torch.Tensor, rows_per_expert: float) -> bool:
-    """bfloat16 weights where bf16_gemm runs; float32 ones at up to FLOAT32_MAX_ROWS rows per expert, beyond
-    which MKL's GEMMs, one per expert, are faster than the call they cost."""
-    if w13.dtype == torch.bfloat16:
-        return bf16_gemm.suits(x, w13, rows_per_expert)
-    return (
-        x.dtype == w13.dtype == torch.float32
-        and 0 < rows_per_expert <= FLOAT32_MAX_ROWS
-        and cpu_extension.runs(x)
-    )
+    """bfloat16 weights where bf16_gemm runs, or float32 ones, at up to KERNEL_MAX_ROWS rows per expert."""
+    if not 0 < rows_per_expert <= KERNEL_MAX_ROWS or x.dtype != w13.dtype or not cpu_extension.runs(x):
+        return False
+    return w13.dtype == torch.float32 or bf16_gemm.available()  # native bfloat16 units: torch's GEMMs
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:

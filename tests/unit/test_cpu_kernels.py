@@ -155,6 +155,7 @@ def test_grouped_swiglu_takes_the_kernel_at_decode_and_agrees_with_the_torch_pat
         torch.randn(16, 48, 64, generator=gen).to(dtype),
     )
     assert grouped_experts._kernel_suits(x, w13, ids.numel() / 16)
+    assert not grouped_experts._kernel_suits(x, w13, grouped_experts.KERNEL_MAX_ROWS + 1)
     got = grouped_experts.grouped_swiglu(x, ids, weights, w13, w2)
     with monkeypatch.context() as m:
         m.setattr(grouped_experts, "_kernel_suits", lambda *_: False)
