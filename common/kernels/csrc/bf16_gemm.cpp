@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <vector>
 
 #include "bf16_gemm.h"
@@ -45,7 +46,8 @@ torch::Tensor float_rows(const torch::Tensor& x, int64_t K) {
 
 // Work items: (e, a range of column blocks). An item reads its weight rows in runs as long as its column
 // range (a run of a few cache lines, a row apart, defeats the prefetchers), so an expert is cut into as
-// few items as keep every thread busy; experts without rows are never read.
+// few items as keep every thread busy; experts without rows are never read. The experts' rows are uneven,
+// so threads take items as they finish, the largest first.
 template <typename W>
 void grouped(const float* x, const W* w, float* out, const int64_t* off, int64_t E, int64_t K, int64_t N) {
   const int64_t blocks = (N + BLOCK - 1) / BLOCK;
@@ -58,8 +60,12 @@ void grouped(const float* x, const W* w, float* out, const int64_t* off, int64_t
   for (int64_t e = 0; e < E; ++e)
     if (off[e + 1] > off[e])
       for (int64_t b = 0; b < blocks; b += chunk) items.push_back({e, b, std::min(blocks, b + chunk)});
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
+  std::stable_sort(items.begin(), items.end(), [&](const auto& a, const auto& b) {
+    return off[a[0] + 1] - off[a[0]] > off[b[0] + 1] - off[b[0]];
+  });
+  std::atomic<size_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (size_t i; (i = next++) < items.size();) {
       const auto [e, b0, b1] = items[i];
       columns(x + off[e] * K, w + e * K * N, out + off[e] * N, off[e + 1] - off[e], K, N, b0, b1);
     }
