@@ -1,17 +1,14 @@
-// out[r, c] += sum_i x[r * xr + i * xi] * w[i * ldw + c] for r < M, i < K, c0 <= c < c1: the FMA scheme the
-// kernels here multiply with. KB rows of w sit in registers (widened by a shift where w is bfloat16 bits)
-// while RB rows of x at a time stream past them, RB independent FMA chains; the accumulators stay in `out`,
-// cache-resident, loaded once per KB rows of w. Each sum runs over i in order, so a result does not depend
-// on how the columns are split between threads.
+// out[r, c] += sum_i x[r * xr + i * xi] * w[i * ldw + c] for r < M, i < K, c0 <= c < c1: the FMA scheme of
+// the paged decode's small products (strided operands, a handful of rows). KB rows of w sit in registers
+// (widened by a shift where w is bfloat16 bits) while RB rows of x at a time stream past them, RB
+// independent FMA chains; the accumulators stay in `out`, cache-resident, loaded once per KB rows of w. Each
+// sum runs over i in order, so a result does not depend on how the columns are split between threads.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 
 #include "simd.h"
-
-inline __m512 load_weights(const uint16_t* p, __mmask16 mask) { return load_bf16(p, mask); }
-inline __m512 load_weights(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
 
 template <int R>
 inline void fma_rows(const float* x, int64_t xr, int64_t xi, const __m512* wv, int64_t kn, float* o,

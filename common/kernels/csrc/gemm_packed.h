@@ -9,7 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "gemm_acc.h"
+#include "simd.h"
 
 namespace gemm_packed_detail {
 
@@ -64,7 +64,8 @@ void gemm_packed(const float* x, int64_t ldx, const W* w, int64_t ldw, float* ou
       for (int v = 0; v < V; ++v) mask[v] = n + 16 * v < c1 ? tail_mask(n + 16 * v, c1) : __mmask16(0);
       // The panel the walk reaches PREFETCH_PANELS on: further along these rows, or the next rows down.
       const int64_t ahead = n - c0 + PREFETCH_PANELS * 16 * V;
-      const int64_t ahead_k = ahead < span ? k : k + kc, ahead_c = c0 + (ahead < span ? ahead : ahead - span);
+      const int64_t ahead_k = ahead < span ? k : k + kc;
+      const int64_t ahead_c = c0 + (ahead < span ? ahead : ahead - span);
       for (int64_t i = 0; i < kc; ++i) {  // columns past c1 widen to zeros and are never stored
         if (ahead_c < c1 && ahead_k + i < K) prefetch_row(w + (ahead_k + i) * ldw + ahead_c);
         for (int v = 0; v < V; ++v)

@@ -19,6 +19,10 @@ inline __m512 load_bf16(const uint16_t* p, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
+// 16 weights as float32, from bfloat16 bits or float32.
+inline __m512 load_weights(const uint16_t* p, __mmask16 mask) { return load_bf16(p, mask); }
+inline __m512 load_weights(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+
 // n values at p (float32 or bfloat16) into float32 at out.
 inline void widen(const float* p, float* out, int64_t n) { std::copy_n(p, n, out); }
 inline void widen(const at::BFloat16* p, float* out, int64_t n) {
