@@ -19,7 +19,7 @@
 
 namespace {
 
-constexpr int64_t GRAIN_ELEMS = 131072;  // weight elements a thread gets at least (forking costs us)
+constexpr int64_t GRAIN = 131072;  // multiply-adds a thread gets at least (forking costs microseconds)
 constexpr int64_t BLOCK = 64;            // columns of a panel (gemm_packed.h)
 constexpr int64_t ROW_BLOCK = 128;       // rows multiplied over a panel at a time (their x stays in L2)
 
@@ -66,9 +66,9 @@ void grouped(const float* x, const W* w, float* out, const int64_t* off, int64_t
   std::stable_sort(items.begin(), items.end(), [&](const auto& a, const auto& b) {
     return off[a[0] + 1] - off[a[0]] > off[b[0] + 1] - off[b[0]];
   });
-  const int64_t elems = static_cast<int64_t>(items.size()) * K * std::min(N, chunk * BLOCK);
+  const int64_t work = off[E] * K * N;
   std::atomic<size_t> next{0};
-  at::parallel_for(0, std::clamp<int64_t>(elems / GRAIN_ELEMS, 1, threads), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::clamp<int64_t>(work / GRAIN, 1, threads), 1, [&](int64_t, int64_t) {
     for (size_t i; (i = next++) < items.size();) {
       const auto [e, b0, b1] = items[i];
       columns(x + off[e] * K, w + e * K * N, out + off[e] * N, off[e + 1] - off[e], K, N, b0, b1);
@@ -94,7 +94,7 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK_VALUE(x.size(-1) == K, "x [..., K] and w [K, N] do not match: K = ", x.size(-1), " and ", K);
   const torch::Tensor rows = float_rows(x, K);
   torch::Tensor out = torch::empty({rows.size(0), N}, rows.options());
-  const int64_t grain = std::max<int64_t>(1, GRAIN_ELEMS / std::max<int64_t>(1, BLOCK * K));
+  const int64_t grain = std::max<int64_t>(1, GRAIN / std::max<int64_t>(1, BLOCK * K * rows.size(0)));
   const float* xp = rows.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, (N + BLOCK - 1) / BLOCK, grain, [&](int64_t b0, int64_t b1) {
