@@ -19,9 +19,9 @@
 
 namespace {
 
-constexpr int64_t GRAIN = 131072;  // multiply-adds a thread gets at least (forking costs microseconds)
-constexpr int64_t BLOCK = 64;            // columns of a panel (gemm_packed.h)
-constexpr int64_t ROW_BLOCK = 128;       // rows multiplied over a panel at a time (their x stays in L2)
+constexpr int64_t GRAIN = 131072;   // multiply-adds a thread gets at least (forking costs microseconds)
+constexpr int64_t BLOCK = 64;       // columns of a panel (gemm_packed.h)
+constexpr int64_t ROW_BLOCK = 128;  // rows multiplied over a panel at a time (their x stays in L2)
 
 // out [M, N] = x [M, K] @ w [K, N] over the column blocks b0..b1 (a thread's share).
 template <typename W>
