@@ -19,17 +19,13 @@
 
 namespace {
 
-constexpr int64_t GRAIN = 131072;   // multiply-adds a thread gets at least (forking costs microseconds)
-constexpr int64_t BLOCK = 64;       // columns of a panel (gemm_packed.h)
-constexpr int64_t ROW_BLOCK = 128;  // rows multiplied over a panel at a time (their x stays in L2)
+constexpr int64_t GRAIN = 131072;  // multiply-adds a thread gets at least (forking costs microseconds)
 
 // out [M, N] = x [M, K] @ w [K, N] over the column blocks b0..b1 (a thread's share).
 template <typename W>
 void columns(const float* x, const W* w, float* out, int64_t M, int64_t K, int64_t N, int64_t b0,
              int64_t b1) {
-  for (int64_t m = 0; m < M; m += ROW_BLOCK)
-    gemm_packed(x + m * K, K, w, N, out + m * N, N, std::min(ROW_BLOCK, M - m), K, b0 * BLOCK,
-                std::min(b1 * BLOCK, N));
+  gemm_packed(x, K, w, N, out, N, M, K, b0 * PANEL_COLUMNS, std::min(b1 * PANEL_COLUMNS, N));
 }
 
 void check_bf16_weight(const torch::Tensor& w) {
@@ -53,7 +49,7 @@ torch::Tensor float_rows(const torch::Tensor& x, int64_t K) {
 // so threads take items as they finish, the largest first.
 template <typename W>
 void grouped(const float* x, const W* w, float* out, const int64_t* off, int64_t E, int64_t K, int64_t N) {
-  const int64_t blocks = (N + BLOCK - 1) / BLOCK;
+  const int64_t blocks = (N + PANEL_COLUMNS - 1) / PANEL_COLUMNS;
   int64_t active = 0;
   for (int64_t e = 0; e < E; ++e) active += off[e + 1] > off[e];
   const int64_t threads = at::get_num_threads();
@@ -94,10 +90,10 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK_VALUE(x.size(-1) == K, "x [..., K] and w [K, N] do not match: K = ", x.size(-1), " and ", K);
   const torch::Tensor rows = float_rows(x, K);
   torch::Tensor out = torch::empty({rows.size(0), N}, rows.options());
-  const int64_t grain = std::max<int64_t>(1, GRAIN / std::max<int64_t>(1, BLOCK * K * rows.size(0)));
+  const int64_t grain = std::max<int64_t>(1, GRAIN / std::max<int64_t>(1, PANEL_COLUMNS * K * rows.size(0)));
   const float* xp = rows.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, (N + BLOCK - 1) / BLOCK, grain, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, (N + PANEL_COLUMNS - 1) / PANEL_COLUMNS, grain, [&](int64_t b0, int64_t b1) {
     columns(xp, bf16_bits(w), op, rows.size(0), K, N, b0, b1);
   });
   std::vector<int64_t> shape = x.sizes().vec();

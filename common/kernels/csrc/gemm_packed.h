@@ -11,10 +11,13 @@
 
 #include "simd.h"
 
+constexpr int64_t PANEL_COLUMNS = 64;  // a panel's width: callers split columns between threads by it
+
 namespace gemm_packed_detail {
 
-constexpr int64_t KC = 128;  // weight rows per panel at most: 128 x 64 float32 = 32 KiB
-constexpr int V = 4;         // 16-column vectors per panel
+constexpr int64_t KC = 128;             // weight rows per panel at most: 128 x 64 float32 = 32 KiB
+constexpr int V = PANEL_COLUMNS / 16;   // 16-column vectors per panel
+constexpr int64_t ROW_BLOCK = 128;      // rows multiplied over a panel at a time (their x stays in L2)
 constexpr int64_t PREFETCH_PANELS = 3;  // how far ahead the weights are asked for (measured: 2-4 are close)
 
 // Asks for one panel row's weights (the lines of 64 columns) ahead of their use: at a few rows per weight
@@ -22,7 +25,8 @@ constexpr int64_t PREFETCH_PANELS = 3;  // how far ahead the weights are asked f
 template <typename W>
 inline void prefetch_row(const W* p) {
   const char* bytes = reinterpret_cast<const char*>(p);
-  for (size_t line = 0; line < sizeof(W) * 16 * V / 64; ++line) _mm_prefetch(bytes + 64 * line, _MM_HINT_T0);
+  for (size_t line = 0; line < sizeof(W) * PANEL_COLUMNS / 64; ++line)
+    _mm_prefetch(bytes + 64 * line, _MM_HINT_T0);
 }
 
 // R rows x 64 columns of out (= on the first panel, += after) from x's rows times one panel.
@@ -35,7 +39,7 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t kc, fl
       acc[r][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[v], o + r * ldo + 16 * v);
   for (int64_t i = 0; i < kc; ++i) {
     __m512 wv[V];
-    for (int v = 0; v < V; ++v) wv[v] = _mm512_load_ps(panel + i * 16 * V + 16 * v);
+    for (int v = 0; v < V; ++v) wv[v] = _mm512_load_ps(panel + i * PANEL_COLUMNS + 16 * v);
     for (int r = 0; r < R; ++r) {
       const __m512 xb = _mm512_set1_ps(x[r * ldx + i]);
       for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xb, wv[v], acc[r][v]);
@@ -45,31 +49,30 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t kc, fl
     for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(o + r * ldo + 16 * v, mask[v], acc[r][v]);
 }
 
-}  // namespace gemm_packed_detail
-
 // Panels walk the weight KC rows at a time, left to right, so each of the KC rows streams from memory
 // (walking a column block down all K rows instead would stride across pages, which defeats the prefetchers
 // where the rows are long); KC grows with M (more rows amortise the accumulators' loads and stores).
 template <typename W>
-void gemm_packed(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int64_t ldo, int64_t M,
-                 int64_t K, int64_t c0, int64_t c1) {
-  using namespace gemm_packed_detail;
-  alignas(64) float panel[KC * 16 * V];
+void gemm_packed_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int64_t ldo,
+                      int64_t M, int64_t K, int64_t c0, int64_t c1) {
+  alignas(64) float panel[KC * PANEL_COLUMNS];
   const int64_t kc_max = std::clamp<int64_t>((M + 3) / 4 * 16, 16, KC);
-  const int64_t span = (c1 - c0 + 16 * V - 1) / (16 * V) * (16 * V);  // the columns the panels cover
+  const int64_t span = (c1 - c0 + PANEL_COLUMNS - 1) / PANEL_COLUMNS * PANEL_COLUMNS;  // the panels' columns
   for (int64_t k = 0; k < K; k += kc_max) {
     const int64_t kc = std::min(kc_max, K - k);
-    for (int64_t n = c0; n < c1; n += 16 * V) {
+    for (int64_t n = c0; n < c1; n += PANEL_COLUMNS) {
       __mmask16 mask[V];
       for (int v = 0; v < V; ++v) mask[v] = n + 16 * v < c1 ? tail_mask(n + 16 * v, c1) : __mmask16(0);
       // The panel the walk reaches PREFETCH_PANELS on: further along these rows, or the next rows down.
-      const int64_t ahead = n - c0 + PREFETCH_PANELS * 16 * V;
+      const int64_t ahead = n - c0 + PREFETCH_PANELS * PANEL_COLUMNS;
       const int64_t ahead_k = ahead < span ? k : k + kc;
       const int64_t ahead_c = c0 + (ahead < span ? ahead : ahead - span);
       for (int64_t i = 0; i < kc; ++i) {  // columns past c1 widen to zeros and are never stored
         if (ahead_c < c1 && ahead_k + i < K) prefetch_row(w + (ahead_k + i) * ldw + ahead_c);
-        for (int v = 0; v < V; ++v)
-          _mm512_store_ps(panel + i * 16 * V + 16 * v, load_weights(w + (k + i) * ldw + n + 16 * v, mask[v]));
+        for (int v = 0; v < V; ++v) {
+          const __m512 widened = load_weights(w + (k + i) * ldw + n + 16 * v, mask[v]);
+          _mm512_store_ps(panel + i * PANEL_COLUMNS + 16 * v, widened);
+        }
       }
       const float* xk = x + k;
       float* o = out + n;
@@ -81,4 +84,15 @@ void gemm_packed(const float* x, int64_t ldx, const W* w, int64_t ldw, float* ou
       if (rest == 1) tile<1>(xk + m * ldx, ldx, panel, kc, o + m * ldo, ldo, mask, k == 0);
     }
   }
+}
+
+}  // namespace gemm_packed_detail
+
+// The product over any number of rows, ROW_BLOCK rows at a time.
+template <typename W>
+void gemm_packed(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int64_t ldo, int64_t M,
+                 int64_t K, int64_t c0, int64_t c1) {
+  using namespace gemm_packed_detail;
+  for (int64_t m = 0; m < M; m += ROW_BLOCK)
+    gemm_packed_rows(x + m * ldx, ldx, w, ldw, out + m * ldo, ldo, std::min(ROW_BLOCK, M - m), K, c0, c1);
 }
