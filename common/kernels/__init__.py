@@ -1,5 +1,5 @@
-"""Attention kernels: Triton on CUDA tensors when triton is installed; on CPU the C++ decode kernel where it
-builds (common/kernels/cpu_extension.py); the torch implementation otherwise.
+"""Attention kernels: Triton on CUDA tensors when triton is installed; on CPU the C++ kernels where they build
+(common/kernels/cpu_extension.py); the torch implementation otherwise.
 
 The Triton module is imported only when a CUDA tensor first shows up: importing it defines the @triton.jit
 kernels, and that must not happen before a test had the chance to set TRITON_INTERPRET.
@@ -28,18 +28,14 @@ def _triton_module() -> ModuleType | None:
 def _backend(x: Tensor) -> ModuleType:
     if x.is_cuda and (module := _triton_module()) is not None:
         return module
-    return flash_attention
-
-
-def _decode_backend(q: Tensor) -> ModuleType:
-    if not q.is_cuda and cpu_extension.runs(q):
+    if cpu_extension.runs(x):
         return cpu_attention
-    return _backend(q)
+    return flash_attention
 
 
 def decode_needs_plan(q: Tensor) -> bool:
     """Whether paged_latent_decode on queries like q runs the torch path, which takes a DecodePlan."""
-    return _decode_backend(q) is flash_attention
+    return _backend(q) is flash_attention
 
 
 def flash_attn_varlen(
@@ -80,7 +76,7 @@ def paged_latent_decode(
     sequence; the output mixes entry[:value_dim]. plan: the torch path's work items for these tables, built
     once per step (see decode_needs_plan; the Triton and C++ kernels find their blocks themselves).
     """
-    backend = _decode_backend(q)
+    backend = _backend(q)
     if backend is flash_attention:
         return backend.paged_latent_decode(
             q, pages, block_tables, context_lens, scale, value_dim, num_splits, plan=plan

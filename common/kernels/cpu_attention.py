@@ -1,9 +1,12 @@
-"""Absorbed MLA decode over the paged latents in one C++ call (csrc/paged_decode.cpp), for CPU tensors.
+"""MLA attention in one C++ call per layer, for CPU tensors: the prefill over packed sequences
+(csrc/varlen_attention.cpp) and the absorbed decode over the paged latents (csrc/paged_decode.cpp).
 
-The torch version (flash_attention.paged_latent_decode) gathers pages, scores and merges in about forty
-operators per layer, whose dispatch costs more than their arithmetic at decode's sizes; this kernel runs the
-same online softmax, page by page, in float32, and reads each latent row once for every head. It finds its
-pages from the block tables itself, so it needs no DecodePlan.
+The torch versions (common/kernels/flash_attention.py) run a dozen operators per sequence and tile (the
+prefill) or about forty per layer (the decode), whose dispatch costs more than their arithmetic at a prefill
+chunk of short prompts or at decode's sizes. These kernels run the same online softmax in float32, their
+products in register tiles: the prefill of 32 prompts of 64 tokens (mini's shapes, bfloat16) takes 3.3
+against 13.1 ms, 2 x 1,024 tokens 24 against 60 ms. The decode reads each latent row once for every head
+and finds its pages from the block tables itself, so it needs no DecodePlan.
 """
 
 from __future__ import annotations
@@ -29,3 +32,20 @@ def paged_latent_decode(
     return cpu_extension.module().paged_latent_decode(
         q.contiguous(), pages, tables.contiguous(), lens.contiguous(), scale, value_dim, num_splits or 0
     )
+
+
+def flash_attn_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    causal: bool = True,
+) -> Tensor:
+    """Same contract as common.kernels.flash_attn_varlen (max_seqlen_* are not needed)."""
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    cu_q, cu_k = (t.to(torch.int32).contiguous() for t in (cu_seqlens_q, cu_seqlens_k))
+    return cpu_extension.module().flash_attn_varlen(q, k, v, cu_q, cu_k, scale, causal)

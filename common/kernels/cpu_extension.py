@@ -2,12 +2,14 @@
 
 On CPU a decode step is mostly small operators, each paying microseconds of dispatch, so how many run
 matters as much as how fast each is: in torch a RMSNorm is eight operators, a rotary embedding twelve, the
-paged latent decode about forty per layer, the routed experts twenty. These kernels do each in one call,
-in float32 arithmetic like the torch code they replace, which stays the reference and the path elsewhere:
+paged latent decode about forty per layer, the routed experts twenty, the prefill attention a dozen per
+sequence. These kernels do each in one call, in float32 arithmetic like the torch code they replace, which
+stays the reference and the path elsewhere:
   * bf16_gemm.cpp: bfloat16 weights times a few rows (common/kernels/bf16_gemm.py), and on its grouped
     product (which takes float32 weights too) grouped_experts.cpp: the routed experts of a layer
     (common/kernels/grouped_experts.py);
-  * paged_decode.cpp: absorbed MLA decode over the paged latents (common/kernels/cpu_attention.py);
+  * varlen_attention.cpp and paged_decode.cpp: MLA prefill attention over packed sequences and absorbed
+    decode over the paged latents (common/kernels/cpu_attention.py);
   * norm_rope.cpp: RMSNorm (common/model/norm.py) and the rotary embedding (common/model/rope.py).
 
 The build (about a minute on two cores, cached per machine) needs a CPU with AVX-512 (F, BW, VL) and a

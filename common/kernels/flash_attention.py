@@ -1,4 +1,5 @@
-"""Flash-style attention in plain torch: the CPU path of the engine and the reference for the Triton kernels.
+"""Flash-style attention in plain torch: the reference for the C++ and Triton kernels, and the path where
+neither runs.
 
 Both functions use the online softmax of FlashAttention: scores are made one tile at a time, and a running
 row maximum `m` and running denominator `l` rescale the partial output, so no [q_len, k_len] score matrix

@@ -1,7 +1,7 @@
-"""The C++ CPU kernels of common/kernels/cpu_extension.py against the torch code they replace: the paged
-latent decode against the float64 reference; RMSNorm and the rotary embedding against the model's torch
-path; the routed experts against one product pair per (token, expert). (The bfloat16 GEMMs:
-test_bf16_gemm.py.)"""
+"""The C++ CPU kernels of common/kernels/cpu_extension.py against the torch code they replace: the prefill
+and the paged latent decode attention against the float64 references; RMSNorm and the rotary embedding
+against the model's torch path; the routed experts against one product pair per (token, expert). (The
+bfloat16 GEMMs: test_bf16_gemm.py.)"""
 
 import itertools
 
@@ -11,11 +11,80 @@ import torch.nn.functional as F
 
 from common.kernels import cpu_attention, cpu_extension, grouped_experts
 from common.model import norm, rope
-from tests.unit.test_attention_kernels import TOL, decode_lengths, paged_case, reference_decode, rel_err
+from tests.unit.test_attention_kernels import (
+    TOL,
+    decode_lengths,
+    paged_case,
+    reference_decode,
+    reference_varlen,
+    rel_err,
+    varlen_case,
+)
 
 pytestmark = pytest.mark.skipif(
     not cpu_extension.available(), reason="the CPU kernels need AVX-512 (F, BW, VL) and a compiler"
 )
+
+
+# ---------------------------------------------------------------------------------------------- prefill
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads, d_qk, d_v", [(3, 24, 20), (2, 96, 64), (1, 160, 130)])
+def test_prefill_matches_the_reference(causal: bool, heads: int, d_qk: int, d_v: int) -> None:
+    """Chunks after cached prefixes, around the 64-query and 64-key tiles; a sequence without queries."""
+    q_lens = [1, 1, 5, 63, 64, 65, 0, 130, 200]
+    k_lens = [1, 40, 40, 63, 100, 65, 9, 130, 333]
+    q, k, v, cu_q, cu_k = varlen_case(q_lens, k_lens, heads=heads, d_qk=d_qk, d_v=d_v, seed=1)
+    out = cpu_attention.flash_attn_varlen(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), 0.25, causal)
+    assert out.shape == (sum(q_lens), heads, d_v) and out.dtype == torch.float32
+    assert rel_err(out, reference_varlen(q, k, v, cu_q, cu_k, 0.25, causal)) < TOL
+
+
+def test_prefill_reads_keys_and_values_through_their_strides() -> None:
+    """k and v as views of one fused tensor (naive MLA), or one latent row shared by every head (absorbed)."""
+    q, k, v, cu_q, cu_k = varlen_case([20, 70], [50, 70], heads=4, d_qk=24, d_v=24)
+    kv = torch.cat([k, v], dim=-1)
+    out = cpu_attention.flash_attn_varlen(q, kv[..., :24], kv[..., 24:], cu_q, cu_k, 70, 70, 0.3)
+    assert rel_err(out, reference_varlen(q, k, v, cu_q, cu_k, 0.3, True)) < TOL
+    latent = k[:, :1].expand(-1, 4, -1)
+    out = cpu_attention.flash_attn_varlen(q, latent, latent[..., :16], cu_q, cu_k, 70, 70, 0.3)
+    reference = reference_varlen(q, latent.contiguous(), latent[..., :16].contiguous(), cu_q, cu_k, 0.3, True)
+    assert rel_err(out, reference) < TOL
+
+
+def test_bfloat16_prefill_matches_the_torch_path() -> None:
+    from common.kernels import flash_attention
+
+    q, k, v, cu_q, cu_k = varlen_case([40, 300], [90, 300], heads=2, d_qk=48, d_v=32, seed=5)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    out = cpu_attention.flash_attn_varlen(q, k, v, cu_q, cu_k, 300, 300, 0.15)
+    ref = flash_attention.flash_attn_varlen(q.float(), k.float(), v.float(), cu_q, cu_k, 300, 300, 0.15)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 1e-2  # the output's own bfloat16 rounding
+
+
+def test_prefill_is_the_same_on_any_thread_count() -> None:
+    q, k, v, cu_q, cu_k = varlen_case([100, 7, 300], [150, 7, 300], heads=3, d_qk=32, d_v=32, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_attention.flash_attn_varlen(q, k, v, cu_q, cu_k, 300, 300, 0.2)
+        torch.set_num_threads(2)
+        two = cpu_attention.flash_attn_varlen(q, k, v, cu_q, cu_k, 300, 300, 0.2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_prefill_rejects_what_it_cannot_attend() -> None:
+    q, k, v, cu_q, cu_k = varlen_case([5], [4], heads=1, d_qk=8, d_v=8)
+    with pytest.raises(ValueError, match="5 queries cannot attend to 4 keys"):
+        cpu_attention.flash_attn_varlen(q, k, v, cu_q, cu_k, 5, 4, 1.0)
+    with pytest.raises(ValueError, match="end within"):
+        cpu_attention.flash_attn_varlen(q[:4], k, v, cu_q, cu_k, 5, 4, 1.0, causal=False)
+    with pytest.raises(ValueError, match="must all be float32 or all bfloat16"):
+        cpu_attention.flash_attn_varlen(q, k.bfloat16(), v, cu_q, cu_k, 5, 4, 1.0, causal=False)
 
 
 # ---------------------------------------------------------------------------------------------- decode

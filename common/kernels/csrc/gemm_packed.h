@@ -29,10 +29,11 @@ inline void prefetch_row(const W* p) {
     _mm_prefetch(bytes + 64 * line, _MM_HINT_T0);
 }
 
-// R rows x 64 columns of out (= on the first panel, += after) from x's rows times one panel.
+// R rows x 64 columns of out (= on the first panel, += after) from x's rows times one panel; x's row r
+// holds x[r * ldx + i * incx] for i < kc.
 template <int R>
-inline void tile(const float* x, int64_t ldx, const float* panel, int64_t kc, float* o, int64_t ldo,
-                 const __mmask16* mask, bool first) {
+inline void tile(const float* x, int64_t ldx, int64_t incx, const float* panel, int64_t kc, float* o,
+                 int64_t ldo, const __mmask16* mask, bool first) {
   __m512 acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v)
@@ -41,13 +42,30 @@ inline void tile(const float* x, int64_t ldx, const float* panel, int64_t kc, fl
     __m512 wv[V];
     for (int v = 0; v < V; ++v) wv[v] = _mm512_load_ps(panel + i * PANEL_COLUMNS + 16 * v);
     for (int r = 0; r < R; ++r) {
-      const __m512 xb = _mm512_set1_ps(x[r * ldx + i]);
+      const __m512 xb = _mm512_set1_ps(x[r * ldx + i * incx]);
       for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xb, wv[v], acc[r][v]);
     }
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(o + r * ldo + 16 * v, mask[v], acc[r][v]);
 }
+
+}  // namespace gemm_packed_detail
+
+// out [M, 64 columns] (= if first, += otherwise) from M rows of x (row r: x[r * ldx + i * incx], i < kc)
+// times a panel of kc rows x PANEL_COLUMNS float32 columns; mask: the columns that exist, 16 at a time.
+inline void panel_product(const float* x, int64_t ldx, int64_t incx, const float* panel, int64_t kc,
+                          float* o, int64_t ldo, int64_t M, const __mmask16* mask, bool first) {
+  using gemm_packed_detail::tile;
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile<4>(x + m * ldx, ldx, incx, panel, kc, o + m * ldo, ldo, mask, first);
+  const int64_t rest = M - m;
+  if (rest == 3) tile<3>(x + m * ldx, ldx, incx, panel, kc, o + m * ldo, ldo, mask, first);
+  if (rest == 2) tile<2>(x + m * ldx, ldx, incx, panel, kc, o + m * ldo, ldo, mask, first);
+  if (rest == 1) tile<1>(x + m * ldx, ldx, incx, panel, kc, o + m * ldo, ldo, mask, first);
+}
+
+namespace gemm_packed_detail {
 
 // Panels walk the weight KC rows at a time, left to right, so each of the KC rows streams from memory
 // (walking a column block down all K rows instead would stride across pages, which defeats the prefetchers
@@ -74,14 +92,7 @@ void gemm_packed_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, floa
           _mm512_store_ps(panel + i * PANEL_COLUMNS + 16 * v, widened);
         }
       }
-      const float* xk = x + k;
-      float* o = out + n;
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) tile<4>(xk + m * ldx, ldx, panel, kc, o + m * ldo, ldo, mask, k == 0);
-      const int64_t rest = M - m;
-      if (rest == 3) tile<3>(xk + m * ldx, ldx, panel, kc, o + m * ldo, ldo, mask, k == 0);
-      if (rest == 2) tile<2>(xk + m * ldx, ldx, panel, kc, o + m * ldo, ldo, mask, k == 0);
-      if (rest == 1) tile<1>(xk + m * ldx, ldx, panel, kc, o + m * ldo, ldo, mask, k == 0);
+      panel_product(x + k, ldx, 1, panel, kc, out + n, ldo, M, mask, k == 0);
     }
   }
 }

@@ -10,6 +10,9 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert
 torch::Tensor paged_latent_decode(const torch::Tensor& q, const torch::Tensor& pages,
                                   const torch::Tensor& block_tables, const torch::Tensor& context_lens,
                                   double scale, int64_t value_dim, int64_t num_splits);
+torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k,
+                                double scale, bool causal);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                      bool interleaved);
@@ -22,6 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_bmm", &bf16_bmm, "x[b] @ w[b] for a bfloat16 w, in x's dtype", nogil);
   m.def("grouped_swiglu", &grouped_swiglu, "the routed experts of a layer, in one call", nogil);
   m.def("paged_latent_decode", &paged_latent_decode, "absorbed MLA decode over paged latents", nogil);
+  m.def("flash_attn_varlen", &flash_attn_varlen, "attention over packed sequences (prefill)", nogil);
   m.def("rms_norm", &rms_norm, "weight * x / rms(x), computed in float32", nogil);
   m.def("rotary", &rotary, "rotary embedding into the half-split layout, computed in float32", nogil);
 }

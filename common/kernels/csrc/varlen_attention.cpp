@@ -1,0 +1,215 @@
+// out [Tq, H, Dv] = attention over packed variable-length sequences (prefill chunks), causal with the queries
+// at the end of their context or full, on CPU. Why and when: common/kernels/cpu_attention.py.
+//
+// FlashAttention's schedule: a work item is (sequence, head, tile of up to 64 queries); it walks its keys 64
+// at a time with the online softmax, so no score tile is larger than 64 x 64. Both products run in
+// gemm_packed.h's register tiles: the scores transposed, s^T [keys, queries] = k [keys, D] @ q^T [D, 64],
+// where q^T (scaled, built once per item) is the panel, and out [queries, Dv] += p [queries, keys] @
+// v [keys, Dv], p read out of s^T by strides and v widened into 64-column panels. In between, the softmax
+// runs down the keys for 16 queries at a time. Threads take items as they finish, the costliest first.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "gemm_packed.h"
+
+namespace {
+
+constexpr int64_t TILE = PANEL_COLUMNS;  // queries per item and keys per step: a panel's width
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+template <typename T>
+struct Operand {  // q, k or v: rows [tokens, heads, dim], the last dimension contiguous
+  const T* data;
+  int64_t token, head;  // strides, in elements
+  const T* row(int64_t t, int64_t h) const { return data + t * token + h * head; }
+};
+
+struct Shape {
+  int64_t heads, dk, dv;
+  float scale;
+  bool causal;
+};
+
+// One thread's scratch: q^T [Dk, 64], widened keys [64, Dk], s^T and then p^T [64 keys, 64 queries],
+// a value panel [64 keys, 64], the running output [64, Dv], max, denominator and rescale factor [64]. The
+// panels are read by aligned loads: torch's allocator aligns them to 64 bytes.
+struct Scratch {
+  torch::Tensor buffer;
+  float *q_t, *keys, *s_t, *v_panel, *o, *m, *l, *alpha;
+  explicit Scratch(const Shape& s)
+      : buffer(torch::empty({(2 * s.dk + s.dv + 2 * TILE + 3) * TILE + 8 * 16})) {
+    float* next = buffer.data_ptr<float>();
+    auto take = [&](int64_t n) {  // n floats, starting on a cache line
+      float* part = next;
+      next += (n + 15) / 16 * 16;
+      return part;
+    };
+    q_t = take(s.dk * TILE), keys = take(TILE * s.dk), s_t = take(TILE * TILE), v_panel = take(TILE * TILE);
+    o = take(TILE * s.dv), m = take(TILE), l = take(TILE), alpha = take(TILE);
+  }
+};
+
+struct Item {
+  int64_t q0, k0, q_len, k_len, head, first;  // the sequence's rows, the head, the tile's first query
+  int64_t cost;                             // query-key pairs it scores
+};
+
+// Queries first..first+tq of one sequence and head, over keys 0..k_end of its context.
+template <typename T>
+void attend(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v, T* out, const Item& it,
+            const Shape& s, Scratch& w) {
+  const int64_t H = s.heads, Dk = s.dk, Dv = s.dv, h = it.head;
+  const int64_t tq = std::min(TILE, it.q_len - it.first);
+  const int64_t shift = it.k_len - it.q_len;  // causal: query i sees keys 0 .. shift + i
+  const int64_t k_end = s.causal ? std::min(it.k_len, shift + it.first + tq) : it.k_len;
+  std::fill(w.q_t, w.q_t + Dk * TILE, 0.0f);
+  for (int64_t i = 0; i < tq; ++i) {
+    const T* row = q.row(it.q0 + it.first + i, h);
+    for (int64_t d = 0; d < Dk; ++d) w.q_t[d * TILE + i] = static_cast<float>(row[d]) * s.scale;
+  }
+  std::fill(w.m, w.m + TILE, NEG_INF);
+  std::fill(w.l, w.l + TILE, 0.0f);
+  std::fill(w.o, w.o + tq * Dv, 0.0f);
+  __mmask16 all[TILE / 16];
+  std::fill(all, all + TILE / 16, __mmask16(0xFFFF));
+
+  for (int64_t ks = 0; ks < k_end; ks += TILE) {
+    const int64_t n = std::min(TILE, k_end - ks);
+    const float* keys;
+    int64_t ldk;
+    if constexpr (std::is_same_v<T, float>) {
+      keys = k.row(it.k0 + ks, h);
+      ldk = k.token;
+    } else {
+      for (int64_t j = 0; j < n; ++j) widen(k.row(it.k0 + ks + j, h), w.keys + j * Dk, Dk);
+      keys = w.keys;
+      ldk = Dk;
+    }
+    float* s_t = w.s_t;
+    panel_product(keys, ldk, 1, w.q_t, Dk, s_t, TILE, n, all, true);
+
+    for (int64_t c = 0; c < tq; c += 16) {  // online softmax down the keys, 16 queries at a time
+      const __m512i query_pos =
+          _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(shift + it.first + c)),
+                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+      auto visible = [&](int64_t j) -> __mmask16 {
+        if (!s.causal) return 0xFFFF;
+        return _mm512_cmpge_epi32_mask(query_pos, _mm512_set1_epi32(static_cast<int32_t>(ks + j)));
+      };
+      const __m512 old = _mm512_loadu_ps(w.m + c);
+      __m512 top = old;
+      for (int64_t j = 0; j < n; ++j)
+        top = _mm512_mask_max_ps(top, visible(j), top, _mm512_loadu_ps(s_t + j * TILE + c));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; ++j) {
+        const __m512 p =
+            _mm512_maskz_mov_ps(visible(j), exp16(_mm512_sub_ps(_mm512_loadu_ps(s_t + j * TILE + c), top)));
+        _mm512_storeu_ps(s_t + j * TILE + c, p);
+        sum = _mm512_add_ps(sum, p);
+      }
+      // Key 0 is visible to every query, so top is finite from the first step on; exp(-inf - top) there
+      // is about 0 (exp16's floor) and multiplies the zeros of l and o.
+      const __m512 alpha = exp16(_mm512_sub_ps(old, top));
+      _mm512_storeu_ps(w.l + c, _mm512_fmadd_ps(_mm512_loadu_ps(w.l + c), alpha, sum));
+      _mm512_storeu_ps(w.m + c, top);
+      _mm512_storeu_ps(w.alpha + c, alpha);
+    }
+    for (int64_t i = 0; i < tq; ++i)
+      for (int64_t d = 0; d < Dv; ++d) w.o[i * Dv + d] *= w.alpha[i];
+
+    for (int64_t c0 = 0; c0 < Dv; c0 += TILE) {  // o [tq, Dv] += p [tq, n] @ v [n, Dv], a panel at a time
+      const int64_t width = std::min(TILE, Dv - c0);
+      __mmask16 mask[TILE / 16];
+      for (int64_t c = 0; c < TILE; c += 16) mask[c / 16] = c < width ? tail_mask(c, width) : __mmask16(0);
+      for (int64_t j = 0; j < n; ++j) {
+        float* panel_row = w.v_panel + j * TILE;
+        std::fill(panel_row + width, panel_row + TILE, 0.0f);
+        widen(v.row(it.k0 + ks + j, h) + c0, panel_row, width);
+      }
+      panel_product(s_t, 1, TILE, w.v_panel, n, w.o + c0, Dv, tq, mask, false);
+    }
+  }
+  for (int64_t i = 0; i < tq; ++i) {
+    T* row = out + ((it.q0 + it.first + i) * H + h) * Dv;
+    const float inv = 1.0f / w.l[i];
+    for (int64_t d = 0; d < Dv; ++d) row[d] = static_cast<T>(w.o[i * Dv + d] * inv);
+  }
+}
+
+template <typename T>
+Operand<T> operand(const torch::Tensor& x) {
+  return {x.data_ptr<T>(), x.stride(0), x.stride(1)};
+}
+
+template <typename T>
+void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
+         std::vector<Item>& items, const Shape& s) {
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  const Operand<T> qo = operand<T>(q), ko = operand<T>(k), vo = operand<T>(v);
+  T* op = out.data_ptr<T>();
+  std::atomic<size_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), items.size());
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    Scratch w(s);
+    for (size_t i; (i = next++) < items.size();) attend(qo, ko, vo, op, items[i], s, w);
+  });
+}
+
+}  // namespace
+
+torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k,
+                                double scale, bool causal) {
+  TORCH_CHECK_VALUE(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be [tokens, heads, dim]");
+  TORCH_CHECK_VALUE(k.size(0) == v.size(0) && k.size(1) == v.size(1) && q.size(1) == k.size(1) &&
+                        q.size(2) == k.size(2),
+                    "incompatible q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK_VALUE(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
+                        (q.scalar_type() == torch::kFloat32 || q.scalar_type() == torch::kBFloat16),
+                    "q, k and v must all be float32 or all bfloat16");
+  TORCH_CHECK_VALUE(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK_VALUE(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
+                    "q, k and v must be contiguous in their last dimension");
+  TORCH_CHECK_VALUE(cu_seqlens_q.scalar_type() == torch::kInt32 &&
+                        cu_seqlens_k.scalar_type() == torch::kInt32 && cu_seqlens_q.is_contiguous() &&
+                        cu_seqlens_k.is_contiguous(),
+                    "cu_seqlens must be contiguous int32");
+  TORCH_CHECK_VALUE(cu_seqlens_q.dim() == 1 && cu_seqlens_q.sizes() == cu_seqlens_k.sizes() &&
+                        cu_seqlens_q.size(0) >= 1,
+                    "cu_seqlens_q and cu_seqlens_k must both be [batch + 1]");
+  const Shape s{q.size(1), q.size(2), v.size(2), static_cast<float>(scale), causal};
+  const int32_t* cq = cu_seqlens_q.data_ptr<int32_t>();
+  const int32_t* ck = cu_seqlens_k.data_ptr<int32_t>();
+  const int64_t batch = cu_seqlens_q.size(0) - 1;
+  TORCH_CHECK_VALUE(cq[0] == 0 && ck[0] == 0 && cq[batch] <= q.size(0) && ck[batch] <= k.size(0),
+                    "cu_seqlens must start at 0 and end within q's and k's rows");
+  std::vector<Item> items;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t q_len = cq[b + 1] - cq[b], k_len = ck[b + 1] - ck[b];
+    TORCH_CHECK_VALUE(q_len >= 0 && k_len >= 0, "cu_seqlens must not decrease");
+    if (q_len == 0) continue;
+    TORCH_CHECK_VALUE(k_len > 0 && (!causal || q_len <= k_len), "sequence ", b, ": ", q_len,
+                      " queries cannot attend to ", k_len, " keys");
+    for (int64_t first = 0; first < q_len; first += TILE) {
+      const int64_t tq = std::min(TILE, q_len - first);
+      const int64_t keys = causal ? std::min(k_len, k_len - q_len + first + tq) : k_len;
+      for (int64_t h = 0; h < s.heads; ++h)
+        items.push_back({cq[b], ck[b], q_len, k_len, h, first, tq * keys});
+    }
+  }
+  auto out = q.new_empty({q.size(0), s.heads, s.dv});  // rows of no sequence stay unset, as in torch's path
+  if (items.empty()) return out;
+  if (q.scalar_type() == torch::kFloat32)
+    run<float>(q, k, v, out, items, s);
+  else
+    run<at::BFloat16>(q, k, v, out, items, s);
+  return out;
+}
