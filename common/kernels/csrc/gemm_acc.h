@@ -24,7 +24,7 @@ template <typename W>
 void gemm_acc(const float* x, int64_t xr, int64_t xi, const W* w, int64_t ldw, float* out, int64_t ldo,
               int64_t M, int64_t K, int64_t c0, int64_t c1) {
   constexpr int64_t KB = 16;
-  constexpr int RB = 4;
+  constexpr int RB = 8;
   __m512 wv[KB];
   for (int64_t k = 0; k < K; k += KB) {
     const int64_t kn = std::min(KB, K - k);
@@ -34,6 +34,8 @@ void gemm_acc(const float* x, int64_t xr, int64_t xi, const W* w, int64_t ldw, f
       int64_t m = 0;
       for (; m + RB <= M; m += RB)
         fma_rows<RB>(x + m * xr + k * xi, xr, xi, wv, kn, out + m * ldo + n, ldo, mask);
+      for (; m + 4 <= M; m += 4)
+        fma_rows<4>(x + m * xr + k * xi, xr, xi, wv, kn, out + m * ldo + n, ldo, mask);
       for (; m < M; ++m) fma_rows<1>(x + m * xr + k * xi, xr, xi, wv, kn, out + m * ldo + n, ldo, mask);
     }
   }
