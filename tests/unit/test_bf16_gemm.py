@@ -53,6 +53,7 @@ def test_takes_bfloat16_and_strided_rows_and_answers_in_their_dtype():
     out = bf16_gemm.mm(x, w)
     assert out.dtype == torch.bfloat16 and out.shape == (2, 5, 40)
     torch.testing.assert_close(out, (x.float() @ w.float()).bfloat16())  # within bfloat16 rounding
+    assert torch.equal(out, bf16_gemm.mm(x.float(), w).bfloat16())  # the kernel rounds as torch does
 
 
 @needs_kernel

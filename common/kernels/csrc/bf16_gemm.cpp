@@ -28,13 +28,12 @@ void columns(const float* x, const W* w, float* out, int64_t M, int64_t K, int64
   gemm_packed(x, K, w, N, out, N, M, K, b0 * PANEL_COLUMNS, std::min(b1 * PANEL_COLUMNS, N));
 }
 
-void check_bf16_weight(const torch::Tensor& w) {
-  TORCH_CHECK_VALUE(w.scalar_type() == torch::kBFloat16, "w must be bfloat16");
-  TORCH_CHECK_VALUE(w.device().is_cpu() && w.is_contiguous(), "w must be a contiguous CPU tensor");
+// Columns c0..c1 of M rows of float32 sums, rounded to bfloat16 into out.
+void round_columns(const float* sums, at::BFloat16* out, int64_t M, int64_t N, int64_t c0, int64_t c1) {
+  for (int64_t m = 0; m < M; ++m) narrow(sums + m * N + c0, out + m * N + c0, c1 - c0);
 }
 
-}  // namespace
-
+// The float32 rows of x [..., K] (a float32 or bfloat16 CPU tensor) as a contiguous [rows, K] matrix.
 torch::Tensor float_rows(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK_VALUE(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
@@ -42,6 +41,12 @@ torch::Tensor float_rows(const torch::Tensor& x, int64_t K) {
   return x.reshape({-1, K}).to(torch::kFloat32).contiguous();
 }
 
+void check_bf16_weight(const torch::Tensor& w) {
+  TORCH_CHECK_VALUE(w.scalar_type() == torch::kBFloat16, "w must be bfloat16");
+  TORCH_CHECK_VALUE(w.device().is_cpu() && w.is_contiguous(), "w must be a contiguous CPU tensor");
+}
+
+}  // namespace
 
 // Work items: (e, a range of column blocks). An item reads its weight rows in runs as long as its column
 // range (a run of a few cache lines, a row apart, defeats the prefetchers), so an expert is cut into as
@@ -82,23 +87,31 @@ void grouped_product(const float* x, const float* w, float* out, const int64_t* 
   grouped(x, w, out, off, E, K, N);
 }
 
-// x [..., K] @ w [K, N] -> [..., N] in x's dtype: the projections.
+// x [..., K] @ w [K, N] -> [..., N] in x's dtype: the projections. A bfloat16 result is summed in float32
+// scratch and rounded by the thread that made its columns, while they are still in its cache.
 torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   check_bf16_weight(w);
   TORCH_CHECK_VALUE(w.dim() == 2 && x.dim() >= 1, "x [..., K] and w [K, N] expected");
   const int64_t K = w.size(0), N = w.size(1);
   TORCH_CHECK_VALUE(x.size(-1) == K, "x [..., K] and w [K, N] do not match: K = ", x.size(-1), " and ", K);
   const torch::Tensor rows = float_rows(x, K);
-  torch::Tensor out = torch::empty({rows.size(0), N}, rows.options());
-  const int64_t grain = std::max<int64_t>(1, GRAIN / std::max<int64_t>(1, PANEL_COLUMNS * K * rows.size(0)));
-  const float* xp = rows.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, (N + PANEL_COLUMNS - 1) / PANEL_COLUMNS, grain, [&](int64_t b0, int64_t b1) {
-    columns(xp, bf16_bits(w), op, rows.size(0), K, N, b0, b1);
-  });
+  const int64_t M = rows.size(0);
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = N;
-  return out.view(shape).to(x.scalar_type());
+  torch::Tensor out = torch::empty(shape, x.options());
+  const bool bf16_out = x.scalar_type() == torch::kBFloat16;
+  const torch::Tensor sums = bf16_out ? torch::empty({M, N}, rows.options()) : out;
+  const int64_t grain = std::max<int64_t>(1, GRAIN / std::max<int64_t>(1, PANEL_COLUMNS * K * M));
+  const float* xp = rows.data_ptr<float>();
+  float* sp = sums.data_ptr<float>();
+  at::parallel_for(0, (N + PANEL_COLUMNS - 1) / PANEL_COLUMNS, grain, [&](int64_t b0, int64_t b1) {
+    columns(xp, bf16_bits(w), sp, M, K, N, b0, b1);
+    if (bf16_out) {
+      const int64_t c0 = b0 * PANEL_COLUMNS, c1 = std::min(b1 * PANEL_COLUMNS, N);
+      round_columns(sp, out.data_ptr<at::BFloat16>(), M, N, c0, c1);
+    }
+  });
+  return out;
 }
 
 // x [B, M, K] @ w [B, K, N] -> [B, M, N] in x's dtype: the weight-absorbed MLA products, one weight per head.

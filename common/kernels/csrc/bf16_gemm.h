@@ -5,9 +5,6 @@
 
 #include <cstdint>
 
-// The float32 rows of x [..., K] (a float32 or bfloat16 CPU tensor) as a contiguous [rows, K] matrix.
-torch::Tensor float_rows(const torch::Tensor& x, int64_t K);
-
 inline const uint16_t* bf16_bits(const torch::Tensor& w) {
   return reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
 }

@@ -2,13 +2,16 @@
 // common/kernels/grouped_experts.grouped_swiglu (why: there) without its twenty-odd operators per layer.
 //
 // A counting sort groups the (token, expert) pairs by expert, keeping token order within an expert; the
-// pairs' rows are gathered in that order, each GEMM round runs every expert's rows in one grouped product
-// (bf16_gemm.cpp), SiLU-and-multiply runs on float32, and the weighted rows are added into their tokens in
-// the sorted order, as the torch path's index_add does.
+// pairs' rows are gathered (widened to float32) in that order, each GEMM round runs every expert's rows in
+// one grouped product (bf16_gemm.cpp), SiLU-and-multiply runs on float32, and each token sums its weighted
+// rows in the sorted order, as the torch path's index_add does. Gather, SiLU and sums run on every thread:
+// a prefill chunk has thousands of pairs.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "bf16_gemm.h"
@@ -35,6 +38,37 @@ void gate_up_then_down(const float* xs, const W* w13, const W* w2, float* gate_u
   grouped_product(act, w2, ys, off, E, I, h);
 }
 
+// The pairs' rows of x [T, h] in sorted order, as float32: xs [R, h].
+template <typename T>
+void gather(const T* x, const std::vector<int64_t>& pair, int64_t k, int64_t h, float* xs) {
+  at::parallel_for(0, pair.size(), 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) widen(x + pair[r] / k * h, xs + r * h, h);
+  });
+}
+
+// out [T, h] (x's dtype): token t's sum of ys[r] * gate over its pairs' rows r, in sorted order; row_of[p] is
+// pair p's row, -1 where another shard computes it.
+template <typename T>
+void weighted_sums(const float* ys, const float* gate, const std::vector<int64_t>& row_of, int64_t k,
+                   int64_t h, T* out) {
+  at::parallel_for(0, row_of.size() / k, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(h);
+    std::vector<std::pair<int64_t, float>> rows;
+    for (int64_t t = t0; t < t1; ++t) {
+      rows.clear();
+      for (int64_t p = t * k; p < (t + 1) * k; ++p)
+        if (row_of[p] >= 0) rows.emplace_back(row_of[p], gate[p]);
+      std::sort(rows.begin(), rows.end());
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (const auto& [r, g] : rows) {
+#pragma omp simd
+        for (int64_t d = 0; d < h; ++d) acc[d] += ys[r * h + d] * g;
+      }
+      narrow(acc.data(), out + t * h, h);
+    }
+  });
+}
+
 }  // namespace
 
 torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert_ids,
@@ -43,6 +77,9 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert
   TORCH_CHECK_VALUE(x.dim() == 2 && expert_ids.dim() == 2 && weights.sizes() == expert_ids.sizes() &&
                         expert_ids.size(0) == x.size(0),
                     "x [T, h], expert_ids [T, k] and weights [T, k] expected");
+  TORCH_CHECK_VALUE(x.device().is_cpu() &&
+                        (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+                    "x must be a float32 or bfloat16 CPU tensor");
   TORCH_CHECK_VALUE(expert_ids.scalar_type() == torch::kInt64 && weights.scalar_type() == torch::kFloat32,
                     "expert_ids must be int64 and weights float32");
   TORCH_CHECK_VALUE(w13.dim() == 3 && w2.dim() == 3 && w13.size(0) == w2.size(0) &&
@@ -55,8 +92,7 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert
                         w2.is_contiguous(),
                     "w13 and w2 must be contiguous CPU tensors");
   const int64_t T = x.size(0), k = expert_ids.size(1), h = x.size(1), E = w13.size(0), I = w2.size(1);
-  const torch::Tensor ids = expert_ids.contiguous(), gates = weights.contiguous();
-  const torch::Tensor rows = float_rows(x, h);
+  const torch::Tensor ids = expert_ids.contiguous(), gates = weights.contiguous(), xc = x.contiguous();
   const int64_t* id = ids.data_ptr<int64_t>();
   const float* gate = gates.data_ptr<float>();
 
@@ -67,18 +103,21 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert
   }
   for (int64_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
   const int64_t R = offsets[E];
-  std::vector<int64_t> pair(R), next(offsets.begin(), offsets.end() - 1);
+  std::vector<int64_t> pair(R), row_of(T * k, -1), next(offsets.begin(), offsets.end() - 1);
   for (int64_t p = 0; p < T * k; ++p)
-    if (id[p] >= 0) pair[next[id[p]]++] = p;
+    if (id[p] >= 0) pair[row_of[p] = next[id[p]]++] = p;
 
-  torch::Tensor xs = torch::empty({R, h}, rows.options());
-  const float* xp = rows.data_ptr<float>();
+  const auto floats = x.options().dtype(torch::kFloat32);
+  torch::Tensor xs = torch::empty({R, h}, floats);
   float* xsp = xs.data_ptr<float>();
-  for (int64_t r = 0; r < R; ++r) std::copy_n(xp + pair[r] / k * h, h, xsp + r * h);
+  if (x.scalar_type() == torch::kFloat32)
+    gather(xc.data_ptr<float>(), pair, k, h, xsp);
+  else
+    gather(xc.data_ptr<at::BFloat16>(), pair, k, h, xsp);
 
-  torch::Tensor gate_up = torch::empty({R, 2 * I}, rows.options());
-  torch::Tensor act = torch::empty({R, I}, rows.options());
-  torch::Tensor ys = torch::empty({R, h}, rows.options());
+  torch::Tensor gate_up = torch::empty({R, 2 * I}, floats);
+  torch::Tensor act = torch::empty({R, I}, floats);
+  torch::Tensor ys = torch::empty({R, h}, floats);
   float *gu = gate_up.data_ptr<float>(), *ap = act.data_ptr<float>(), *yp = ys.data_ptr<float>();
   const int64_t* off = offsets.data();
   if (w13.scalar_type() == torch::kBFloat16)
@@ -86,13 +125,10 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert
   else
     gate_up_then_down(xsp, w13.data_ptr<float>(), w2.data_ptr<float>(), gu, ap, yp, off, R, E, h, I);
 
-  torch::Tensor out = torch::zeros({T, h}, rows.options());
-  float* op = out.data_ptr<float>();
-  for (int64_t r = 0; r < R; ++r) {
-    const float g = gate[pair[r]];
-    float* o = op + pair[r] / k * h;
-#pragma omp simd
-    for (int64_t d = 0; d < h; ++d) o[d] += yp[r * h + d] * g;
-  }
-  return out.to(x.scalar_type());
+  torch::Tensor out = torch::empty({T, h}, x.options());
+  if (x.scalar_type() == torch::kFloat32)
+    weighted_sums(yp, gate, row_of, k, h, out.data_ptr<float>());
+  else
+    weighted_sums(yp, gate, row_of, k, h, out.data_ptr<at::BFloat16>());
+  return out;
 }

@@ -33,6 +33,23 @@ inline void widen(const at::BFloat16* p, float* out, int64_t n) {
   }
 }
 
+// n float32 values at p into out (float32 or bfloat16, rounded to nearest even with NaN kept a NaN, as
+// torch's conversion does).
+inline void narrow(const float* p, float* out, int64_t n) { std::copy_n(p, n, out); }
+inline void narrow(const float* p, at::BFloat16* out, int64_t n) {
+  auto* bits = reinterpret_cast<uint16_t*>(out);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = tail_mask(i, n);
+    const __m512 v = _mm512_maskz_loadu_ps(mask, p + i);
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                                    _mm512_set1_epi32(0x7FC00000));
+    _mm256_mask_storeu_epi16(bits + i, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+  }
+}
+
 // exp(x) for 16 floats at once: range reduction x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial
 // for exp(r), then 2^n by scalef; about 1 ulp. Above 88 it is inf, as exp is; below -87 about 1e-38
 // instead of 0 or a denormal, which no softmax or SiLU here can tell apart.
