@@ -111,6 +111,7 @@ class ExpertLoad:
         self.pending: list[tuple[int, torch.Tensor]] = []  # (row, the gate's ids) recorded this step
         self.window: collections.deque[torch.Tensor] = collections.deque(maxlen=window)
         self.window_sum = torch.zeros(len(moe_layers), num_experts, dtype=torch.int64)
+        self.unpublished = torch.zeros_like(self.window_sum)  # counted, not yet added to the counters
         self._children = [
             [EXPERT_TOKENS.labels(str(layer), str(e)) for e in range(num_experts)] for layer in moe_layers
         ]
@@ -139,8 +140,9 @@ class ExpertLoad:
         counts = torch.bincount(rows * self.num_experts + chosen, minlength=self.window_sum.numel())
         return counts.view_as(self.window_sum)
 
-    def flush(self) -> None:
-        """After a step: publish the step's counts and the windowed imbalance."""
+    def flush(self, publish: bool = True) -> None:
+        """After a step: count its choices into the window, and publish what is counted when asked (the
+        Python loop over every (layer, expert) would cost a one-sequence step several percent every step)."""
         with self._lock:
             pending, self.pending = self.pending, []
         counts = self.step_counts(pending)
@@ -148,12 +150,19 @@ class ExpertLoad:
             self.window_sum -= self.window[0]
         self.window.append(counts)
         self.window_sum += counts
+        self.unpublished += counts
+        if publish:
+            self.publish()
+
+    def publish(self) -> None:
+        """The counts since the last publish, and each layer's imbalance over the window."""
         total = 0
-        for i, row in enumerate(counts.tolist()):
+        for i, row in enumerate(self.unpublished.tolist()):
             for e, n in enumerate(row):
                 if n:
                     self._children[i][e].inc(n)
                     total += n
+        self.unpublished.zero_()
         ROUTED_TOKENS.inc(total)
         load = self.window_sum.double()
         mean = load.mean(dim=1)

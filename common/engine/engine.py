@@ -35,7 +35,7 @@ from common.model.decoder import DeepseekModel
 from common.model.moe import MoE
 
 log = logging.getLogger(__name__)
-BLOCK_STATS_INTERVAL_S = 0.25  # the KV gauges need not be fresher than this: Prometheus scrapes every few s
+METRICS_INTERVAL_S = 0.25  # while there is work, metrics need be no fresher: scrapes are seconds apart
 
 
 @dataclass
@@ -115,16 +115,18 @@ class LLMEngine:
                 )
         metrics.KV_BLOCKS.labels("total").set(self.blocks.num_blocks)
         self._published = {"prefix_queries": 0, "prefix_hits": 0, "preemptions": 0}
-        self._block_stats_time = -math.inf
+        self._metrics_time = -math.inf
 
     def _publish_step_metrics(self) -> None:
-        """Expert load every step; the block counters (a round trip when the block manager is remote) at most
-        every BLOCK_STATS_INTERVAL_S while there is work, and always once the engine runs out of it."""
-        self.expert_load.flush()
+        """Expert load is counted every step (its imbalance is over a window of steps); it and the block
+        counters (a round trip when the block manager is remote) are published at most every
+        METRICS_INTERVAL_S while there is work, and always once the engine runs out of it."""
         now = time.monotonic()
-        if self.scheduler.has_work and now - self._block_stats_time < BLOCK_STATS_INTERVAL_S:
+        due = not self.scheduler.has_work or now - self._metrics_time >= METRICS_INTERVAL_S
+        self.expert_load.flush(publish=due)
+        if not due:
             return
-        self._block_stats_time = now
+        self._metrics_time = now
         stats = self.blocks.stats()
         metrics.KV_BLOCKS.labels("used").set(stats.used)
         metrics.KV_BLOCKS.labels("cached").set(stats.cached)
