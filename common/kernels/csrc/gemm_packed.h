@@ -2,8 +2,9 @@
 // each weight meets several rows (batched decode, an expert's share of a batch). A thread widens a panel of
 // KC weight rows x 64 columns into float32 once (it stays in L1), then runs tiles of 4 rows x 64 columns
 // over it, the 16 accumulators in registers: per weight row 4 vector loads and 4 broadcasts feed 16
-// independent FMAs, where gemm_acc.h's scheme (accumulators in memory, 4 chains) reaches half the FMA rate.
-// Sums run over i in order, as in gemm_acc.h, so the bits do not depend on the scheme or the thread split.
+// independent FMAs, where gemm_acc.h's scheme (accumulators in memory, a few chains) reaches half the FMA
+// rate. Sums run over i in order, as in gemm_acc.h, so the bits do not depend on the scheme or the thread
+// split. panel_product, the tiles over one panel, also serves the prefill attention (varlen_attention.cpp).
 #pragma once
 
 #include <algorithm>

@@ -12,7 +12,6 @@
 #include <torch/extension.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <limits>
 #include <type_traits>
