@@ -16,6 +16,7 @@
 
 #include "bf16_gemm.h"
 #include "gemm_packed.h"
+#include "scratch.h"
 
 namespace {
 
@@ -33,12 +34,30 @@ void round_columns(const float* sums, at::BFloat16* out, int64_t M, int64_t N, i
   for (int64_t m = 0; m < M; ++m) narrow(sums + m * N + c0, out + m * N + c0, c1 - c0);
 }
 
-// The float32 rows of x [..., K] (a float32 or bfloat16 CPU tensor) as a contiguous [rows, K] matrix.
-torch::Tensor float_rows(const torch::Tensor& x, int64_t K) {
+// The rows of x [..., K] at their strides (up to two leading dimensions), widened to float32 into rows.
+template <typename T>
+void widen_rows(const torch::Tensor& x, int64_t K, float* rows) {
+  const T* p = x.data_ptr<T>();
+  const int64_t M = x.numel() / K, inner = x.dim() == 3 ? x.size(1) : 1;
+  const int64_t outer_stride = x.dim() >= 2 ? x.stride(0) : 0, inner_stride = x.dim() == 3 ? x.stride(1) : 0;
+  for (int64_t r = 0; r < M; ++r)
+    widen(p + r / inner * outer_stride + r % inner * inner_stride, rows + r * K, K);
+}
+
+// x [..., K] (float32 or bfloat16, on the CPU) as contiguous float32 rows [M, K]: x's own memory when it is
+// contiguous float32, otherwise widened into the calling thread's scratch (no torch operator either way).
+const float* float_rows(const torch::Tensor& x, int64_t K, Scratch use) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK_VALUE(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
                     "x must be float32 or bfloat16");
-  return x.reshape({-1, K}).to(torch::kFloat32).contiguous();
+  if (x.scalar_type() == torch::kFloat32 && x.is_contiguous()) return x.data_ptr<float>();
+  const torch::Tensor strided = x.dim() <= 3 && x.stride(-1) == 1 ? x : x.reshape({-1, K}).contiguous();
+  float* rows = scratch(use, x.numel());
+  if (x.scalar_type() == torch::kFloat32)
+    widen_rows<float>(strided, K, rows);
+  else
+    widen_rows<at::BFloat16>(strided, K, rows);
+  return rows;
 }
 
 void check_bf16_weight(const torch::Tensor& w) {
@@ -94,16 +113,14 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK_VALUE(w.dim() == 2 && x.dim() >= 1, "x [..., K] and w [K, N] expected");
   const int64_t K = w.size(0), N = w.size(1);
   TORCH_CHECK_VALUE(x.size(-1) == K, "x [..., K] and w [K, N] do not match: K = ", x.size(-1), " and ", K);
-  const torch::Tensor rows = float_rows(x, K);
-  const int64_t M = rows.size(0);
+  const int64_t M = x.numel() / K;
+  const float* xp = float_rows(x, K, Scratch::gemm_rows);
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = N;
   torch::Tensor out = torch::empty(shape, x.options());
   const bool bf16_out = x.scalar_type() == torch::kBFloat16;
-  const torch::Tensor sums = bf16_out ? torch::empty({M, N}, rows.options()) : out;
+  float* sp = bf16_out ? scratch(Scratch::gemm_sums, M * N) : out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, GRAIN / std::max<int64_t>(1, PANEL_COLUMNS * K * M));
-  const float* xp = rows.data_ptr<float>();
-  float* sp = sums.data_ptr<float>();
   at::parallel_for(0, (N + PANEL_COLUMNS - 1) / PANEL_COLUMNS, grain, [&](int64_t b0, int64_t b1) {
     columns(xp, bf16_bits(w), sp, M, K, N, b0, b1);
     if (bf16_out) {
@@ -120,10 +137,13 @@ torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK_VALUE(x.dim() == 3 && w.dim() == 3 && x.size(0) == w.size(0) && x.size(2) == w.size(1),
                     "x [B, M, K] and w [B, K, N] do not match: ", x.sizes(), " and ", w.sizes());
   const int64_t B = x.size(0), M = x.size(1), K = x.size(2), N = w.size(2);
-  const torch::Tensor rows = float_rows(x, K);
-  torch::Tensor out = torch::empty({B, M, N}, rows.options());
+  const float* xp = float_rows(x, K, Scratch::gemm_rows);
+  torch::Tensor out = torch::empty({B, M, N}, x.options());
+  const bool bf16_out = x.scalar_type() == torch::kBFloat16;
+  float* sp = bf16_out ? scratch(Scratch::gemm_sums, B * M * N) : out.data_ptr<float>();
   std::vector<int64_t> off(B + 1);
   for (int64_t b = 0; b <= B; ++b) off[b] = b * M;
-  grouped(rows.data_ptr<float>(), bf16_bits(w), out.data_ptr<float>(), off.data(), B, K, N);
-  return out.to(x.scalar_type());
+  grouped(xp, bf16_bits(w), sp, off.data(), B, K, N);
+  if (bf16_out) narrow(sp, out.data_ptr<at::BFloat16>(), B * M * N);
+  return out;
 }

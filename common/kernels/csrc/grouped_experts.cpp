@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "bf16_gemm.h"
+#include "scratch.h"
 #include "simd.h"
 
 namespace {
@@ -36,19 +37,6 @@ void gate_up_then_down(const float* xs, const W* w13, const W* w2, float* gate_u
       }
   });
   grouped_product(act, w2, ys, off, E, I, h);
-}
-
-// Float32 scratch of `floats` values, kept by the calling thread from one call to the next: at a prefill
-// chunk the pairs' rows take tens of MB, and memory allocated afresh at that size comes from the kernel page
-// by page on every call (measured: a quarter of the experts' time at 2,048 tokens). A thread keeps its
-// largest use so far, which is bounded by the chunk size (max_num_batched_tokens) times top-k.
-float* scratch(int64_t floats) {
-  thread_local std::vector<float> buffer;
-  if (buffer.size() < static_cast<size_t>(floats)) {
-    std::vector<float>().swap(buffer);  // give back the old one before the new one is touched
-    buffer.resize(floats);
-  }
-  return buffer.data();
 }
 
 // The pairs' rows of x [T, h] in sorted order, as float32: xs [R, h].
@@ -120,7 +108,8 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert
   for (int64_t p = 0; p < T * k; ++p)
     if (id[p] >= 0) pair[row_of[p] = next[id[p]]++] = p;
 
-  float* xsp = scratch(R * (2 * h + 3 * I));  // xs [R, h], gate_up [R, 2I], act [R, I], ys [R, h]
+  // xs [R, h], gate_up [R, 2I], act [R, I], ys [R, h]
+  float* xsp = scratch(Scratch::expert_rows, R * (2 * h + 3 * I));
   float *gu = xsp + R * h, *ap = gu + R * 2 * I, *yp = ap + R * I;
   if (x.scalar_type() == torch::kFloat32)
     gather(xc.data_ptr<float>(), pair, k, h, xsp);
