@@ -30,10 +30,22 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch, cache: BlockPool
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: AttentionBatch,
+        cache: BlockPool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output, added to the residual stream by this layer's first norm (the
+        first layer gets the embeddings and no residual). Returns (the MLP's output, the residual stream)."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, cos, sin, batch, cache), residual)
+        return self.mlp(x), residual
 
 
 class DeepseekModel(nn.Module):
@@ -69,10 +81,11 @@ class DeepseekModel(nn.Module):
         logits_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [T]. Returns float32 logits for the rows in logits_indices (all if None)."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         cos, sin = self.rotary(positions)
         for layer in self.layers:
-            x = layer(x, cos, sin, batch, cache)
+            x, residual = layer(x, residual, cos, sin, batch, cache)
         if logits_indices is not None:
-            x = x[logits_indices]
-        return self.lm_head(self.norm(x)).float()
+            x, residual = x[logits_indices], residual[logits_indices]
+        x, _ = self.norm(x, residual)
+        return self.lm_head(x).float()

@@ -160,11 +160,31 @@ def test_rms_norm_matches_the_torch_path(monkeypatch: pytest.MonkeyPatch, dtype:
     with torch.no_grad():
         got, want = layer(x), torch_path(monkeypatch, layer, x)
     assert got.dtype == dtype and got.is_contiguous()
-    if dtype == torch.float32:
+    assert_norms_agree(got, want)
+
+
+def assert_norms_agree(got: torch.Tensor, want: torch.Tensor) -> None:
+    if got.dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     else:  # rounded where the reference rounds; the mean of squares can differ in its last bit
         assert (got != want).float().mean() < 0.01
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_adds_into_the_residual_as_the_torch_path(monkeypatch, dtype: torch.dtype) -> None:
+    """The pre-norm layer's residual add: the sum is rounded to the dtype, kept, and what is normalised."""
+    gen = torch.Generator().manual_seed(2)
+    layer = norm.RMSNorm(96, eps=1e-6).to(dtype)
+    layer.weight.data = torch.randn(96, generator=gen).to(dtype)
+    x, residual = (torch.randn(7, 96, generator=gen).to(dtype) for _ in range(2))
+    with torch.no_grad():
+        want, want_sum = torch_path(monkeypatch, layer, x, residual.clone())
+        kept = residual.clone()
+        got, got_sum = layer(x, kept)
+    assert got_sum is kept and torch.equal(got_sum, x + residual)  # added in place, rounded like torch's add
+    assert torch.equal(got_sum, want_sum)
+    assert_norms_agree(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -13,7 +13,8 @@ torch::Tensor paged_latent_decode(const torch::Tensor& q, const torch::Tensor& p
 torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& cu_seqlens_q, const torch::Tensor& cu_seqlens_k,
                                 double scale, bool causal);
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps,
+                       const std::optional<torch::Tensor>& residual);
 torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                      bool interleaved);
 
@@ -26,6 +27,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_swiglu", &grouped_swiglu, "the routed experts of a layer, in one call", nogil);
   m.def("paged_latent_decode", &paged_latent_decode, "absorbed MLA decode over paged latents", nogil);
   m.def("flash_attn_varlen", &flash_attn_varlen, "attention over packed sequences (prefill)", nogil);
-  m.def("rms_norm", &rms_norm, "weight * x / rms(x), computed in float32", nogil);
+  m.def("rms_norm", &rms_norm, "weight * x / rms(x), computed in float32 (x first added into residual)",
+        py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none(), nogil);
   m.def("rotary", &rotary, "rotary embedding into the half-split layout, computed in float32", nogil);
 }

@@ -15,13 +15,19 @@ inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
 // out = weight * T(x * rsqrt(mean(x^2) + eps)): the normalised row is rounded to T before the weight
-// multiplies it (in T), as in the reference.
+// multiplies it (in T), as in the reference. With a residual (contiguous, like out), x is first added into
+// it, residual = T(x + residual), and the sum is what is normalised: the pre-norm layer's residual add.
 template <typename T>
-void rms_norm_rows(const T* x, int64_t row_stride, const T* weight, T* out, int64_t rows, int64_t dim,
-                   float eps) {
+void rms_norm_rows(const T* x, int64_t row_stride, T* residual, const T* weight, T* out, int64_t rows,
+                   int64_t dim, float eps) {
   at::parallel_for(0, rows, GRAIN_ROWS, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * row_stride;
+      if (residual != nullptr) {
+        T* res = residual + r * dim;
+        for (int64_t d = 0; d < dim; ++d) res[d] = static_cast<T>(to_float(xr[d]) + to_float(res[d]));
+        xr = res;
+      }
       float squares = 0.0f;
 #pragma omp simd reduction(+ : squares)
       for (int64_t d = 0; d < dim; ++d) squares += to_float(xr[d]) * to_float(xr[d]);
@@ -63,18 +69,26 @@ void check_float(const torch::Tensor& x) {
 
 }  // namespace
 
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+// weight * x / rms(x) -> [rows, dim]; with a residual [rows, dim] (contiguous, x's dtype), x is added into it
+// first (in place) and the sum normalised.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps,
+                       const std::optional<torch::Tensor>& residual) {
   check_float(x);
   TORCH_CHECK_VALUE(x.dim() == 2 && x.stride(1) == 1, "x must be [rows, dim] with unit column stride");
   TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous() &&
                         weight.scalar_type() == x.scalar_type(),
                     "weight must be a contiguous [", x.size(1), "] tensor of x's dtype");
+  TORCH_CHECK_VALUE(!residual || (residual->sizes() == x.sizes() && residual->is_contiguous() &&
+                                  residual->scalar_type() == x.scalar_type() && residual->device().is_cpu()),
+                    "residual must be a contiguous CPU tensor of x's shape and dtype");
   auto out = torch::empty(x.sizes(), x.options());
   if (x.scalar_type() == torch::kFloat32)
-    rms_norm_rows(x.data_ptr<float>(), x.stride(0), weight.data_ptr<float>(), out.data_ptr<float>(),
-                  x.size(0), x.size(1), static_cast<float>(eps));
+    rms_norm_rows(x.data_ptr<float>(), x.stride(0), residual ? residual->data_ptr<float>() : nullptr,
+                  weight.data_ptr<float>(), out.data_ptr<float>(), x.size(0), x.size(1),
+                  static_cast<float>(eps));
   else
-    rms_norm_rows(x.data_ptr<at::BFloat16>(), x.stride(0), weight.data_ptr<at::BFloat16>(),
+    rms_norm_rows(x.data_ptr<at::BFloat16>(), x.stride(0),
+                  residual ? residual->data_ptr<at::BFloat16>() : nullptr, weight.data_ptr<at::BFloat16>(),
                   out.data_ptr<at::BFloat16>(), x.size(0), x.size(1), static_cast<float>(eps));
   return out;
 }
