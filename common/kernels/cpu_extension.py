@@ -10,7 +10,8 @@ stays the reference and the path elsewhere:
     (common/kernels/grouped_experts.py);
   * varlen_attention.cpp and paged_decode.cpp: MLA prefill attention over packed sequences and absorbed
     decode over the paged latents (common/kernels/cpu_attention.py);
-  * norm_rope.cpp: RMSNorm (common/model/norm.py) and the rotary embedding (common/model/rope.py).
+  * norm_rope.cpp: RMSNorm (common/model/norm.py) and the rotary embedding (common/model/rope.py);
+  * activation.cpp: the SwiGLU's silu(gate) * up of the dense MLPs and shared experts (common/model/moe.py).
 
 The build (about a minute on two cores, cached per machine) needs a CPU with AVX-512 (F, BW, VL) and a
 compiler. Where it cannot run, `available()` is False and every caller keeps its torch path.

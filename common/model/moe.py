@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import ModelConfig
+from common.kernels import cpu_extension
 from common.kernels.grouped_experts import grouped_swiglu
 from common.model.linear import matmul
 
@@ -31,7 +32,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(intermediate, hidden))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = matmul(x, self.gate_up_proj).chunk(2, dim=-1)
+        gate_up = matmul(x, self.gate_up_proj)
+        if gate_up.dim() == 2 and cpu_extension.runs(gate_up):
+            return matmul(cpu_extension.module().silu_and_mul(gate_up), self.down_proj)
+        gate, up = gate_up.chunk(2, dim=-1)
         return matmul(F.silu(gate) * up, self.down_proj)
 
 
@@ -45,6 +49,7 @@ class Gate(nn.Module):
         self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", None)
+        self._float_weight: tuple | None = None  # (weight, its version, the weight in float32)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
@@ -53,9 +58,16 @@ class Gate(nn.Module):
             device = self.weight.device if self.weight.device.type != "meta" else None
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, device=device))
 
+    def float_weight(self) -> torch.Tensor:
+        """The weight in float32, converted once (the gate scores in float32 whatever the serving dtype)."""
+        w, cached = self.weight, self._float_weight
+        if cached is None or cached[0] is not w or cached[1] != w._version:
+            self._float_weight = cached = (w, w._version, w.float())
+        return cached[2]
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (weights float32 [T, k], expert ids int64 [T, k])."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), self.float_weight())
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.method != "greedy":
@@ -71,7 +83,7 @@ class Gate(nn.Module):
         weights = scores.gather(1, ids)
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.scaling, ids
+        return (weights if self.scaling == 1.0 else weights * self.scaling), ids
 
 
 class RoutedExperts(nn.Module):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from common.kernels import cpu_attention, cpu_extension, grouped_experts
 from common.model import norm, rope
+from common.model.moe import MLP
 from tests.unit.test_attention_kernels import (
     TOL,
     decode_lengths,
@@ -185,6 +186,22 @@ def test_rms_norm_adds_into_the_residual_as_the_torch_path(monkeypatch, dtype: t
     assert got_sum is kept and torch.equal(got_sum, x + residual)  # added in place, rounded like torch's add
     assert torch.equal(got_sum, want_sum)
     assert_norms_agree(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_matches_the_torch_path(monkeypatch, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(3)
+    mlp = MLP(64, 40).to(dtype)  # 40: a row ends in a partial vector
+    for weight in (mlp.gate_up_proj, mlp.down_proj):
+        weight.data = (torch.randn(weight.shape, generator=gen) * 0.2).to(dtype)
+    x = torch.randn(9, 64, generator=gen).to(dtype) * 3
+    with torch.no_grad():
+        got, want = mlp(x), torch_path(monkeypatch, mlp, x)
+    gate_up = x.float() @ mlp.gate_up_proj.float()
+    act = cpu_extension.module().silu_and_mul(gate_up)
+    torch.testing.assert_close(act, F.silu(gate_up[:, :40]) * gate_up[:, 40:], rtol=1e-6, atol=1e-6)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want)  # bfloat16: an activation may round the other way, rarely
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

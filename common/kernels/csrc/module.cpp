@@ -15,6 +15,7 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
                                 double scale, bool causal);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps,
                        const std::optional<torch::Tensor>& residual);
+torch::Tensor silu_and_mul(const torch::Tensor& x);
 torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                      bool interleaved);
 
@@ -29,5 +30,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("flash_attn_varlen", &flash_attn_varlen, "attention over packed sequences (prefill)", nogil);
   m.def("rms_norm", &rms_norm, "weight * x / rms(x), computed in float32 (x first added into residual)",
         py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none(), nogil);
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of [rows, 2I], computed in float32", nogil);
   m.def("rotary", &rotary, "rotary embedding into the half-split layout, computed in float32", nogil);
 }

@@ -33,20 +33,47 @@ inline void widen(const at::BFloat16* p, float* out, int64_t n) {
   }
 }
 
-// n float32 values at p into out (float32 or bfloat16, rounded to nearest even with NaN kept a NaN, as
-// torch's conversion does).
-inline void narrow(const float* p, float* out, int64_t n) { std::copy_n(p, n, out); }
-inline void narrow(const float* p, at::BFloat16* out, int64_t n) {
-  auto* bits = reinterpret_cast<uint16_t*>(out);
+// 16 values of a float32 or bfloat16 row as float32.
+inline __m512 load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 mask) {
+  return load_bf16(reinterpret_cast<const uint16_t*>(p), mask);
+}
+
+// 16 floats rounded to bfloat16 as torch rounds (to nearest even, a NaN stays a NaN), as the low halves of
+// 32-bit lanes.
+inline __m512i bf16_rounded_bits(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_srli_epi32(
+      _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000)),
+      16);
+}
+
+// 16 floats stored as float32, or rounded to bfloat16.
+inline void store16(float* p, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(p, mask, v); }
+inline void store16(at::BFloat16* p, __m512 v, __mmask16 mask) {
+  _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(p), mask, _mm512_cvtepi32_epi16(bf16_rounded_bits(v)));
+}
+
+// v as a T holds it: unchanged for float32, rounded to bfloat16 and widened back.
+template <typename T>
+inline __m512 rounded_as(__m512 v);
+template <>
+inline __m512 rounded_as<float>(__m512 v) {
+  return v;
+}
+template <>
+inline __m512 rounded_as<at::BFloat16>(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_rounded_bits(v), 16));
+}
+
+// n float32 values at p into out (float32, or rounded to bfloat16).
+template <typename T>
+inline void narrow(const float* p, T* out, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 mask = tail_mask(i, n);
-    const __m512 v = _mm512_maskz_loadu_ps(mask, p + i);
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
-                                    _mm512_set1_epi32(0x7FC00000));
-    _mm256_mask_storeu_epi16(bits + i, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+    store16(out + i, load16(p + i, mask), mask);
   }
 }
 
@@ -67,4 +94,9 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+
+// silu(g) = g / (1 + exp(-g)) for 16 floats.
+inline __m512 silu16(__m512 g) {
+  return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
 }
