@@ -16,6 +16,8 @@ cheaper absorbed); decodes always run absorbed on the pages.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -69,46 +71,41 @@ class AttentionBatch:
         block_size: int,
         device: torch.device | str = "cpu",
     ) -> AttentionBatch:
-        """prefills: (block_table, num_cached_tokens, num_new_tokens); decodes: (block_table, context_len)."""
-        tables = [t for t, _, _ in prefills] + [t for t, _ in decodes]
-        width = max((len(t) for t in tables), default=1)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables] or [[0]], dtype=torch.int64)
+        """prefills: (block_table, num_cached_tokens, num_new_tokens); decodes: (block_table, context_len).
 
-        starts = [c for _, c, _ in prefills] + [n - 1 for _, n in decodes]
-        q_lens = [n for _, _, n in prefills] + [1] * len(decodes)
+        The slots are worked out in Python lists, a handful of tensors made at the end: at a decode step of
+        a few sequences each tensor operator would cost more than the arithmetic."""
+        bs = block_size
+        slot_mapping = [s for t, c, n in prefills for s in _slots(t, c, c + n, bs)]
+        slot_mapping += [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in decodes]
+        context_slots = [s for t, c, n in prefills for s in _slots(t, 0, c + n, bs)]
+        q_lens = [n for _, _, n in prefills]
         k_lens = [c + n for _, c, n in prefills]
-
-        def slots(seq_starts: list[int], lengths: list[int]) -> torch.Tensor:
-            lengths_t = torch.tensor(lengths, dtype=torch.int64)
-            seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)
-            offsets = torch.cumsum(lengths_t, 0) - lengths_t
-            pos = (
-                torch.arange(int(lengths_t.sum()))
-                - offsets[seq]
-                + torch.tensor(seq_starts, dtype=torch.int64)[seq]
-            )
-            return table[seq, pos // block_size] * block_size + pos % block_size
-
-        slot_mapping = slots(starts, q_lens)
-        context_slots = slots([0] * len(prefills), k_lens)
-        zero = torch.zeros(1, dtype=torch.int32)
+        width = max((len(t) for t, _ in decodes), default=1)
+        decode_tables = [t + [0] * (width - len(t)) for t, _ in decodes]
         return cls(
-            slot_mapping=slot_mapping.to(device),
-            num_prefill_tokens=sum(q_lens[: len(prefills)]),
-            cu_seqlens_q=torch.cat([zero, torch.tensor(q_lens[: len(prefills)], dtype=torch.int64).cumsum(0)])
-            .int()
-            .to(device),
-            cu_seqlens_k=torch.cat([zero, torch.tensor(k_lens, dtype=torch.int64).cumsum(0)])
-            .int()
-            .to(device),
-            max_seqlen_q=max(q_lens[: len(prefills)], default=0),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+            num_prefill_tokens=sum(q_lens),
+            cu_seqlens_q=torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=device),
+            cu_seqlens_k=torch.tensor([0, *itertools.accumulate(k_lens)], dtype=torch.int32, device=device),
+            max_seqlen_q=max(q_lens, default=0),
             max_seqlen_k=max(k_lens, default=0),
-            context_slots=context_slots.to(device),
+            context_slots=torch.tensor(context_slots, dtype=torch.int64, device=device),
             prefill_qk=sum(q * k for q, k in zip(q_lens, k_lens)),
-            block_tables=table[len(prefills) :].int().to(device),
+            block_tables=torch.tensor(decode_tables, dtype=torch.int32, device=device).view(
+                len(decodes), width
+            ),
             context_lens=torch.tensor([n for _, n in decodes], dtype=torch.int32, device=device),
             block_size=block_size,
         )
+
+
+def _slots(table: list[int], start: int, stop: int, block_size: int) -> Iterator[int]:
+    """The cache slots of positions start .. stop - 1 of a sequence whose pages are `table`."""
+    first, last = start // block_size, (stop - 1) // block_size
+    pages = (range(b * block_size, (b + 1) * block_size) for b in table[first : last + 1])
+    offset = first * block_size
+    return itertools.islice(itertools.chain.from_iterable(pages), start - offset, stop - offset)
 
 
 class MLA(nn.Module):
