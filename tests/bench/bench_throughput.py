@@ -28,6 +28,7 @@ from common.checkpoint import write_random_checkpoint
 from common.config import EngineConfig
 from common.engine.engine import LLMEngine
 from common.engine.sampling_params import SamplingParams
+from common.rpc.allocator import reuse_freed_memory
 from services.bench import random_prompts
 
 OUT_DIR = Path("bench-results")
@@ -229,6 +230,9 @@ def main() -> None:
     parser.add_argument("--sections", default="concurrency,mixed,prefix,floor")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
+    # As every latentmoe process does (services/cli.py), so the figures are those the CLI gets; transformers,
+    # in the same process, gets it too.
+    reuse_freed_memory()
 
     from transformers import AutoModelForCausalLM
 
