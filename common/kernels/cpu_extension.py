@@ -11,7 +11,7 @@ stays the reference and the path elsewhere:
   * varlen_attention.cpp and paged_decode.cpp: MLA prefill attention over packed sequences and absorbed
     decode over the paged latents (common/kernels/cpu_attention.py);
   * norm_rope.cpp: RMSNorm (common/model/norm.py) and the rotary embedding (common/model/rope.py);
-  * activation.cpp: the SwiGLU's silu(gate) * up of the dense MLPs and shared experts (common/model/moe.py).
+  * activation.cpp: the SwiGLU activation, silu(gate) * up (common/kernels/activation.py).
 
 The build (about a minute on two cores, cached per machine) needs a CPU with AVX-512 (F, BW, VL) and a
 compiler. Where it cannot run, `available()` is False and every caller keeps its torch path.

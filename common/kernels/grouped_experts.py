@@ -14,9 +14,9 @@ the bfloat16 kernel of common/kernels/bf16_gemm.py, or its float32-weight twin.
 import itertools
 
 import torch
-import torch.nn.functional as F
 
 from common.kernels import bf16_gemm, cpu_extension
+from common.kernels.activation import silu_and_mul
 from common.model.linear import multiply_dtype
 
 # Rows per expert up to which the one C++ call beats one MKL GEMM pair per expert (mini's 32 experts, two
@@ -57,12 +57,6 @@ def _kernel_suits(x: torch.Tensor, w13: torch.Tensor, rows_per_expert: float) ->
     return w13.dtype == torch.float32 or bf16_gemm.available()  # native bfloat16 units: torch's GEMMs
 
 
-def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """One SiLU-and-multiply over every expert's rows (gate columns, then up columns)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate).mul_(up)
-
-
 def _per_expert(
     xs: torch.Tensor, per_expert: list[int], w13: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -76,7 +70,7 @@ def _per_expert(
     gate_up = xs.new_empty(xs.shape[0], w13.shape[2])
     for e, rows in spans:
         torch.mm(xs[rows], w13[e].to(dtype), out=gate_up[rows])
-    act = _swiglu(gate_up)
+    act = silu_and_mul(gate_up)  # one call over every expert's rows
     ys = torch.empty_like(xs)
     for e, rows in spans:
         torch.mm(act[rows], w2[e].to(dtype), out=ys[rows])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import ModelConfig
-from common.kernels import cpu_extension
+from common.kernels.activation import silu_and_mul
 from common.kernels.grouped_experts import grouped_swiglu
 from common.model.linear import matmul
 
@@ -32,11 +32,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(intermediate, hidden))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = matmul(x, self.gate_up_proj)
-        if gate_up.dim() == 2 and cpu_extension.runs(gate_up):
-            return matmul(cpu_extension.module().silu_and_mul(gate_up), self.down_proj)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return matmul(F.silu(gate) * up, self.down_proj)
+        return matmul(silu_and_mul(matmul(x, self.gate_up_proj)), self.down_proj)
 
 
 class Gate(nn.Module):
