@@ -14,6 +14,9 @@ anyway, and a tied lm_head (no DeepSeek checkpoint ties it) stays an nn.Linear.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
 import torch
 from torch import nn
 
@@ -37,6 +40,25 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if dtype == x.dtype:
         return x @ w
     return (x.to(dtype) @ w.to(dtype)).to(x.dtype)
+
+
+T = TypeVar("T")
+
+
+class DerivedWeight(Generic[T]):
+    """What a product needs worked out from a weight (a float32 copy, W_UK and W_UV split out of kv_b_proj),
+    computed once and again only when the weight is replaced or written in place (the loader fills weights
+    after the modules are built)."""
+
+    def __init__(self, derive: Callable[[torch.Tensor], T]) -> None:
+        self.derive = derive
+        self._source: tuple[torch.Tensor, int] | None = None
+        self._value: T | None = None
+
+    def __call__(self, weight: torch.Tensor) -> T:
+        if self._source is None or self._source[0] is not weight or self._source[1] != weight._version:
+            self._source, self._value = (weight, weight._version), self.derive(weight)
+        return self._value  # type: ignore[return-value]
 
 
 class Linear(nn.Module):

@@ -26,7 +26,7 @@ from torch import nn
 from common.config import ModelConfig
 from common.kernels import DecodePlan, decode_needs_plan, flash_attn_varlen, paged_latent_decode
 from common.kvcache import BlockPool
-from common.model.linear import Linear, matmul
+from common.model.linear import DerivedWeight, Linear, matmul
 from common.model.norm import RMSNorm
 from common.model.rope import apply_rotary
 
@@ -131,7 +131,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
         self.kv_b_proj = Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = Linear(self.num_heads * self.v_dim, h, bias=bias)
-        self._absorbed: tuple | None = None  # (weight, its version, W_UK, W_UV^T): derived from kv_b_proj
+        self._absorbed = DerivedWeight(self._split_kv_b)
 
     # ------------------------------------------------------------------ projections
     def queries(
@@ -154,13 +154,14 @@ class MLA(nn.Module):
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, d_nope, d_c] and W_UV^T [H, d_c, d_v], split out of kv_b_proj once and kept contiguous."""
-        w = self.kv_b_proj.weight_t  # [d_c, H * (d_nope + d_v)]
-        if self._absorbed is None or self._absorbed[0] is not w or self._absorbed[1] != w._version:
-            heads = w.view(self.kv_rank, self.num_heads, self.nope_dim + self.v_dim)
-            w_uk = heads[:, :, : self.nope_dim].permute(1, 2, 0).contiguous()
-            w_uv_t = heads[:, :, self.nope_dim :].transpose(0, 1).contiguous()
-            self._absorbed = (w, w._version, w_uk, w_uv_t)
-        return self._absorbed[2], self._absorbed[3]
+        return self._absorbed(self.kv_b_proj.weight_t)
+
+    def _split_kv_b(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """w: kv_b_proj's [d_c, H * (d_nope + d_v)]."""
+        heads = w.view(self.kv_rank, self.num_heads, self.nope_dim + self.v_dim)
+        w_uk = heads[:, :, : self.nope_dim].permute(1, 2, 0).contiguous()
+        w_uv_t = heads[:, :, self.nope_dim :].transpose(0, 1).contiguous()
+        return w_uk, w_uv_t
 
     # ------------------------------------------------------------------ attention
     def forward(

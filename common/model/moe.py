@@ -19,7 +19,7 @@ from torch import nn
 from common.config import ModelConfig
 from common.kernels.activation import silu_and_mul
 from common.kernels.grouped_experts import grouped_swiglu
-from common.model.linear import matmul
+from common.model.linear import DerivedWeight, matmul
 
 
 class MLP(nn.Module):
@@ -45,7 +45,7 @@ class Gate(nn.Module):
         self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", None)
-        self._float_weight: tuple | None = None  # (weight, its version, the weight in float32)
+        self._float_weight = DerivedWeight(torch.Tensor.float)  # it scores in float32 whatever the dtype
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
@@ -54,16 +54,9 @@ class Gate(nn.Module):
             device = self.weight.device if self.weight.device.type != "meta" else None
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, device=device))
 
-    def float_weight(self) -> torch.Tensor:
-        """The weight in float32, converted once (the gate scores in float32 whatever the serving dtype)."""
-        w, cached = self.weight, self._float_weight
-        if cached is None or cached[0] is not w or cached[1] != w._version:
-            self._float_weight = cached = (w, w._version, w.float())
-        return cached[2]
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (weights float32 [T, k], expert ids int64 [T, k])."""
-        logits = F.linear(x.float(), self.float_weight())
+        logits = F.linear(x.float(), self._float_weight(self.weight))
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.method != "greedy":
