@@ -270,6 +270,47 @@ def test_grouped_swiglu_takes_the_kernel_at_decode_and_agrees_with_the_torch_pat
     torch.testing.assert_close(got, want, **tolerance)
 
 
+def test_strip_order_puts_each_32_columns_of_every_row_together() -> None:
+    w = torch.arange(2 * 3 * 40, dtype=torch.float32).view(2, 3, 40)
+    strips = grouped_experts.strip_order(w)
+    assert strips.shape == (2, 2, 3, 32) and strips.is_contiguous()
+    assert torch.equal(strips[1, 0, 2], w[1, 2, :32])
+    assert torch.equal(strips[1, 1, 2, :8], w[1, 2, 32:]) and not strips[:, 1, :, 8:].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("tokens", "k", "experts", "hidden", "inter"),
+    [(64, 4, 32, 128, 64), (7, 2, 8, 72, 40), (50, 3, 4, 100, 24), (1, 4, 16, 64, 48), (200, 2, 6, 40, 20)],
+)
+def test_grouped_swiglu_gives_the_same_bits_from_the_strips(
+    dtype: torch.dtype, tokens: int, k: int, experts: int, hidden: int, inter: int
+) -> None:
+    """Experts with 1 to 12 rows (one tile), up to 24 (two) and beyond (the panels instead), widths that
+    leave a part strip (72, 40, 100, 20 columns): the strips' sums are the panels' sums, bit for bit."""
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+    ids[0, 0] = -1
+    weights = torch.rand(tokens, k, generator=gen)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    w13 = (torch.randn(experts, hidden, 2 * inter, generator=gen) / 10).to(dtype)
+    w2 = (torch.randn(experts, inter, hidden, generator=gen) / 10).to(dtype)
+    strips = grouped_experts.strip_order(w13), grouped_experts.strip_order(w2)
+    want = cpu_extension.module().grouped_swiglu(x, ids, weights, w13, w2)
+    assert torch.equal(cpu_extension.module().grouped_swiglu(x, ids, weights, w13, w2, *strips), want)
+    assert torch.equal(grouped_experts.grouped_swiglu(x, ids, weights, w13, w2, lambda: strips), want)
+
+
+def test_grouped_swiglu_rejects_strips_of_another_weight() -> None:
+    x, ids, weights = torch.randn(2, 8), torch.tensor([[0], [1]]), torch.ones(2, 1)
+    w13, w2 = torch.randn(2, 8, 48), torch.randn(2, 24, 8)
+    strips = grouped_experts.strip_order(w13), grouped_experts.strip_order(w2)
+    with pytest.raises(ValueError, match=r"strips of a weight \[2, 8, 48\] must be"):
+        cpu_extension.module().grouped_swiglu(x, ids, weights, w13, w2, strips[1], strips[1])
+    with pytest.raises(ValueError, match="must be a contiguous CPU tensor"):
+        cpu_extension.module().grouped_swiglu(x, ids, weights, w13, w2, strips[0].bfloat16(), strips[1])
+
+
 def test_grouped_swiglu_rejects_ids_it_does_not_hold() -> None:
     x, w13, w2 = torch.randn(2, 8), torch.randn(2, 8, 16), torch.randn(2, 8, 8)
     for bad in (2, -2):

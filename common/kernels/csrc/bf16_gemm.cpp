@@ -16,11 +16,13 @@
 
 #include "bf16_gemm.h"
 #include "gemm_packed.h"
+#include "gemm_strips.h"
 #include "scratch.h"
 
 namespace {
 
 constexpr int64_t GRAIN = 131072;  // multiply-adds a thread gets at least (forking costs microseconds)
+constexpr int64_t STRIPS_UP_TO = 24;  // rows up to which a grouped product's expert takes its strips
 
 // out [M, N] = x [M, K] @ w [K, N] over the column blocks b0..b1 (a thread's share).
 template <typename W>
@@ -70,10 +72,13 @@ void check_bf16_weight(const torch::Tensor& w) {
 // Work items: (e, a range of column blocks). An item reads its weight rows in runs as long as its column
 // range (a run of a few cache lines, a row apart, defeats the prefetchers), so an expert is cut into as
 // few items as keep every thread busy; experts without rows are never read. The experts' rows are uneven,
-// so threads take items as they finish, the largest first.
+// so threads take items as they finish, the largest first. An expert with few rows takes its weight in
+// strip order where the caller has it (gemm_strips.h): the same sums, faster.
 template <typename W>
-void grouped(const float* x, const W* w, float* out, const int64_t* off, int64_t E, int64_t K, int64_t N) {
+void grouped(const float* x, const W* w, const W* strips, float* out, const int64_t* off, int64_t E,
+             int64_t K, int64_t N) {
   const int64_t blocks = (N + PANEL_COLUMNS - 1) / PANEL_COLUMNS;
+  const int64_t strips_size = (N + STRIP_COLUMNS - 1) / STRIP_COLUMNS * STRIP_COLUMNS * K;  // per expert
   int64_t active = 0;
   for (int64_t e = 0; e < E; ++e) active += off[e + 1] > off[e];
   const int64_t threads = at::get_num_threads();
@@ -91,19 +96,24 @@ void grouped(const float* x, const W* w, float* out, const int64_t* off, int64_t
   at::parallel_for(0, std::clamp<int64_t>(work / GRAIN, 1, threads), 1, [&](int64_t, int64_t) {
     for (size_t i; (i = next++) < items.size();) {
       const auto [e, b0, b1] = items[i];
-      columns(x + off[e] * K, w + e * K * N, out + off[e] * N, off[e + 1] - off[e], K, N, b0, b1);
+      const int64_t M = off[e + 1] - off[e];
+      if (strips != nullptr && M <= STRIPS_UP_TO)
+        gemm_strips(x + off[e] * K, K, strips + e * strips_size, out + off[e] * N, N, M, K,
+                    b0 * PANEL_COLUMNS, std::min(b1 * PANEL_COLUMNS, N));
+      else
+        columns(x + off[e] * K, w + e * K * N, out + off[e] * N, M, K, N, b0, b1);
     }
   });
 }
 
-void grouped_product(const float* x, const uint16_t* w, float* out, const int64_t* off, int64_t E, int64_t K,
-                     int64_t N) {
-  grouped(x, w, out, off, E, K, N);
+void grouped_product(const float* x, const uint16_t* w, const uint16_t* strips, float* out,
+                     const int64_t* off, int64_t E, int64_t K, int64_t N) {
+  grouped(x, w, strips, out, off, E, K, N);
 }
 
-void grouped_product(const float* x, const float* w, float* out, const int64_t* off, int64_t E, int64_t K,
-                     int64_t N) {
-  grouped(x, w, out, off, E, K, N);
+void grouped_product(const float* x, const float* w, const float* strips, float* out, const int64_t* off,
+                     int64_t E, int64_t K, int64_t N) {
+  grouped(x, w, strips, out, off, E, K, N);
 }
 
 // x [..., K] @ w [K, N] -> [..., N] in x's dtype: the projections. A bfloat16 result is summed in float32
@@ -143,7 +153,7 @@ torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w) {
   float* sp = bf16_out ? scratch(Scratch::gemm_sums, B * M * N) : out.data_ptr<float>();
   std::vector<int64_t> off(B + 1);
   for (int64_t b = 0; b <= B; ++b) off[b] = b * M;
-  grouped(xp, bf16_bits(w), sp, off.data(), B, K, N);
+  grouped(xp, bf16_bits(w), static_cast<const uint16_t*>(nullptr), sp, off.data(), B, K, N);
   if (bf16_out) narrow(sp, out.data_ptr<at::BFloat16>(), B * M * N);
   return out;
 }

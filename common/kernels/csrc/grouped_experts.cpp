@@ -20,11 +20,13 @@
 
 namespace {
 
-// Rows off[e]..off[e+1] of xs through expert e's weights, as raw pointers of bfloat16 bits or float32.
+// Rows off[e]..off[e+1] of xs through expert e's weights, as raw pointers of bfloat16 bits or float32 (the
+// strips null where the caller has none).
 template <typename W>
-void gate_up_then_down(const float* xs, const W* w13, const W* w2, float* gate_up, float* act, float* ys,
-                       const int64_t* off, int64_t R, int64_t E, int64_t h, int64_t I) {
-  grouped_product(xs, w13, gate_up, off, E, h, 2 * I);
+void gate_up_then_down(const float* xs, const W* w13, const W* w2, const W* w13_strips, const W* w2_strips,
+                       float* gate_up, float* act, float* ys, const int64_t* off, int64_t R, int64_t E,
+                       int64_t h, int64_t I) {
+  grouped_product(xs, w13, w13_strips, gate_up, off, E, h, 2 * I);
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t i = 0; i < I; i += 16) {  // silu(g) * u
@@ -34,7 +36,7 @@ void gate_up_then_down(const float* xs, const W* w13, const W* w2, float* gate_u
         _mm512_mask_storeu_ps(act + r * I + i, mask, _mm512_mul_ps(silu16(g), u));
       }
   });
-  grouped_product(act, w2, ys, off, E, I, h);
+  grouped_product(act, w2, w2_strips, ys, off, E, I, h);
 }
 
 // The pairs' rows of x [T, h] in sorted order, as float32: xs [R, h].
@@ -70,9 +72,24 @@ void weighted_sums(const float* ys, const float* gate, const std::vector<int64_t
 
 }  // namespace
 
+// w in strip order (gemm_strips.h) [E, ceil(N / 32), K, 32] for w [E, K, N], as W's raw pointer; null
+// for none.
+template <typename W>
+const W* strips_of(const std::optional<torch::Tensor>& strips, const torch::Tensor& w) {
+  if (!strips) return nullptr;
+  const int64_t E = w.size(0), K = w.size(1), N = w.size(2);
+  TORCH_CHECK_VALUE(strips->sizes() == torch::IntArrayRef({E, (N + 31) / 32, K, 32}) &&
+                        strips->scalar_type() == w.scalar_type() && strips->is_contiguous() &&
+                        strips->device().is_cpu(),
+                    "strips of a weight ", w.sizes(), " must be a contiguous CPU tensor [", E, ", ",
+                    (N + 31) / 32, ", ", K, ", 32] of its dtype, got ", strips->sizes());
+  return static_cast<const W*>(strips->data_ptr());
+}
+
 torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert_ids,
-                             const torch::Tensor& weights, const torch::Tensor& w13,
-                             const torch::Tensor& w2) {
+                             const torch::Tensor& weights, const torch::Tensor& w13, const torch::Tensor& w2,
+                             const std::optional<torch::Tensor>& w13_strips,
+                             const std::optional<torch::Tensor>& w2_strips) {
   TORCH_CHECK_VALUE(x.dim() == 2 && expert_ids.dim() == 2 && weights.sizes() == expert_ids.sizes() &&
                         expert_ids.size(0) == x.size(0),
                     "x [T, h], expert_ids [T, k] and weights [T, k] expected");
@@ -116,9 +133,11 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert
 
   const int64_t* off = offsets.data();
   if (w13.scalar_type() == torch::kBFloat16)
-    gate_up_then_down(xsp, bf16_bits(w13), bf16_bits(w2), gu, ap, yp, off, R, E, h, I);
+    gate_up_then_down(xsp, bf16_bits(w13), bf16_bits(w2), strips_of<uint16_t>(w13_strips, w13),
+                      strips_of<uint16_t>(w2_strips, w2), gu, ap, yp, off, R, E, h, I);
   else
-    gate_up_then_down(xsp, w13.data_ptr<float>(), w2.data_ptr<float>(), gu, ap, yp, off, R, E, h, I);
+    gate_up_then_down(xsp, w13.data_ptr<float>(), w2.data_ptr<float>(), strips_of<float>(w13_strips, w13),
+                      strips_of<float>(w2_strips, w2), gu, ap, yp, off, R, E, h, I);
 
   torch::Tensor out = torch::empty({T, h}, x.options());
   if (x.scalar_type() == torch::kFloat32)
