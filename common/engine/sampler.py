@@ -63,7 +63,7 @@ class Sampler:
 def _sample(
     logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
 ) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p filtering, then the exponential race."""
+    """Temperature, then top-k, top-p and min-p filtering, then one inverse-CDF draw per row."""
     vocab, device = logits.shape[-1], logits.device
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
     logits = logits / temperature[:, None]
