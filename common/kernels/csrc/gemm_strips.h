@@ -86,7 +86,7 @@ void gemm_strips(const float* x, int64_t ldx, const W* w, float* out, int64_t ld
   const int64_t tiles = (M + STRIP_MAX_ROWS - 1) / STRIP_MAX_ROWS;
   for (int64_t n = c0; n < c1; n += STRIP_COLUMNS) {
     const __mmask32 mask = n + STRIP_COLUMNS <= c1 ? __mmask32(~0u) : __mmask32((1ull << (c1 - n)) - 1);
-    const W* strip = w + n * K;  // strip n / 32 starts K x 32 elements per strip in
+    const W* strip = w + n * K;  // strip n / 32, each K x 32 elements
     for (int64_t t = 0, m = 0; t < tiles; ++t) {
       const int64_t rows = (M - m) / (tiles - t);
       tile_of(int(rows), x + m * ldx, ldx, strip, K, out + m * ldo + n, ldo, mask);

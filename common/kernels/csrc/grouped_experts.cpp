@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "bf16_gemm.h"
+#include "gemm_strips.h"
 #include "scratch.h"
 #include "simd.h"
 
@@ -70,21 +71,22 @@ void weighted_sums(const float* ys, const float* gate, const std::vector<int64_t
   });
 }
 
-}  // namespace
-
 // w in strip order (gemm_strips.h) [E, ceil(N / 32), K, 32] for w [E, K, N], as W's raw pointer; null
 // for none.
 template <typename W>
 const W* strips_of(const std::optional<torch::Tensor>& strips, const torch::Tensor& w) {
   if (!strips) return nullptr;
-  const int64_t E = w.size(0), K = w.size(1), N = w.size(2);
-  TORCH_CHECK_VALUE(strips->sizes() == torch::IntArrayRef({E, (N + 31) / 32, K, 32}) &&
+  const int64_t E = w.size(0), K = w.size(1);
+  const int64_t strips_per_row = (w.size(2) + STRIP_COLUMNS - 1) / STRIP_COLUMNS;
+  TORCH_CHECK_VALUE(strips->sizes() == torch::IntArrayRef({E, strips_per_row, K, STRIP_COLUMNS}) &&
                         strips->scalar_type() == w.scalar_type() && strips->is_contiguous() &&
                         strips->device().is_cpu(),
                     "strips of a weight ", w.sizes(), " must be a contiguous CPU tensor [", E, ", ",
-                    (N + 31) / 32, ", ", K, ", 32] of its dtype, got ", strips->sizes());
+                    strips_per_row, ", ", K, ", ", STRIP_COLUMNS, "] of its dtype, got ", strips->sizes());
   return static_cast<const W*>(strips->data_ptr());
 }
+
+}  // namespace
 
 torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert_ids,
                              const torch::Tensor& weights, const torch::Tensor& w13, const torch::Tensor& w2,
