@@ -27,9 +27,7 @@ from common.model.linear import multiply_dtype
 # threads, bfloat16 / float32 weights: 2.9x / 1.4x at 8 rows, 1.7x / 1.3x at 64, 1.3x / 1.35x at 256, even
 # at 512).
 KERNEL_MAX_ROWS = 256
-
-
-STRIP = 32  # columns per strip: a cache line of bfloat16
+STRIP = 32  # columns per strip: csrc/gemm_strips.h's STRIP_COLUMNS (the C++ call checks the layout)
 
 
 def strip_order(w: torch.Tensor) -> torch.Tensor:
