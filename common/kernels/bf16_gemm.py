@@ -1,4 +1,4 @@
-"""bfloat16 weights times a few rows, on CPUs with AVX-512 but without bfloat16 units.
+"""bfloat16 weights times a few rows, on CPUs without bfloat16 units (AVX-512 or AVX2).
 
 There torch's bfloat16 GEMM is an emulation: 1.5-3x slower than float32 at decode's row counts. Upcasting
 the weight on every call and multiplying in float32 (common.config.matmul_dtype) costs a full float32 copy
@@ -11,7 +11,8 @@ to MAX_ROWS rows; beyond, MKL's float32 GEMM on the upcast operands, blocked for
 (tests/bench/bench_bf16_gemm.py).
 
 It is part of common/kernels/cpu_extension.py and used only where it can run: a CPU with AVX-512 (F, BW,
-VL), no bfloat16 units, and a compiler. Elsewhere `available()` is False and callers keep torch's path.
+VL) or AVX2 with FMA, no bfloat16 units, and a compiler. Elsewhere `available()` is False and callers keep
+torch's path.
 """
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ stays the reference and the path elsewhere:
   * norm_rope.cpp: RMSNorm (common/model/norm.py) and the rotary embedding (common/model/rope.py);
   * activation.cpp: the SwiGLU activation, silu(gate) * up (common/kernels/activation.py).
 
-The build (about a minute on two cores, cached per machine) needs a CPU with AVX-512 (F, BW, VL) and a
-compiler. Where it cannot run, `available()` is False and every caller keeps its torch path.
+The build (about a minute on two cores, cached per machine) needs a compiler and a CPU with AVX-512 (F, BW,
+VL) or AVX2 with FMA: the kernels are written once over csrc/simd.h's 16-lane vector, one AVX-512 register
+or two AVX2 ones, and built for the best the CPU has. Where they cannot run, `available()` is False and
+every caller keeps its torch path.
 """
 
 from __future__ import annotations
@@ -31,11 +33,22 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).parent / "csrc"
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp"]
-_NEEDS = {"avx512f", "avx512bw", "avx512vl"}
+FLAGS = ["-O3", "-fopenmp"]
+# The instruction sets the kernels are built for, best first: the CPU flags each needs and the compiler's.
+ISAS = (
+    ({"avx512f", "avx512bw", "avx512vl"}, ["-mavx512f", "-mavx512bw", "-mavx512vl"]),
+    ({"avx2", "fma"}, ["-mavx2", "-mfma"]),
+)
 
 
-def _build_sources() -> tuple[str, list[Path]]:
+def isa_flags() -> list[str] | None:
+    """The compiler flags of the best instruction set this CPU has for the kernels, None if it has none."""
+    from common.config import cpu_flags
+
+    return next((flags for needs, flags in ISAS if cpu_flags() >= needs), None)
+
+
+def _build_sources(flags: list[str]) -> tuple[str, list[Path]]:
     """The extension's name and its sources, copied under a directory named by their contents: the build
     then does not depend on where the code lives (a Ray job runs a copy of it elsewhere), so every copy of
     the same code finds the same build instead of rebuilding it."""
@@ -45,7 +58,7 @@ def _build_sources() -> tuple[str, list[Path]]:
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    digest.update(" ".join(FLAGS).encode())
+    digest.update(" ".join(flags).encode())
     name = f"latentmoe_cpu_{digest.hexdigest()[:16]}"
     copies = Path(_get_build_directory(name, verbose=False)) / "src"
     copies.mkdir(parents=True, exist_ok=True)
@@ -59,15 +72,14 @@ def _build_sources() -> tuple[str, list[Path]]:
 
 @functools.cache
 def module() -> ModuleType | None:
-    from common.config import cpu_flags
-
-    if not cpu_flags() >= _NEEDS:
+    flags = isa_flags()
+    if flags is None:
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        name, sources = _build_sources()
-        return load(name, [str(s) for s in sources], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
+        name, sources = _build_sources(FLAGS + flags)
+        return load(name, [str(s) for s in sources], extra_cflags=FLAGS + flags, extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, a failed build: torch's path still works
         log.warning("CPU kernels unavailable (%s): torch's operators run instead", e)
         return None

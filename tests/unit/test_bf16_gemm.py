@@ -8,7 +8,7 @@ from common.kernels import bf16_gemm
 from common.model.linear import matmul
 
 needs_kernel = pytest.mark.skipif(
-    not bf16_gemm.available(), reason="the kernel needs AVX-512 without bfloat16 units, and a compiler"
+    not bf16_gemm.available(), reason="the kernel needs AVX-512 or AVX2, no bfloat16 units, and a compiler"
 )
 
 

@@ -23,7 +23,7 @@ from tests.unit.test_attention_kernels import (
 )
 
 pytestmark = pytest.mark.skipif(
-    not cpu_extension.available(), reason="the CPU kernels need AVX-512 (F, BW, VL) and a compiler"
+    not cpu_extension.available(), reason="the CPU kernels need AVX-512 or AVX2 with FMA, and a compiler"
 )
 
 

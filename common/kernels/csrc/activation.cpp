@@ -17,9 +17,9 @@ void silu_and_mul_rows(const T* x, int64_t row_stride, T* out, int64_t rows, int
   at::parallel_for(0, rows, GRAIN_ROWS, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t i = 0; i < I; i += 16) {
-        const __mmask16 mask = tail_mask(i, I);
-        const __m512 silu = rounded_as<T>(silu16(load16(x + r * row_stride + i, mask)));
-        store16(out + r * I + i, _mm512_mul_ps(silu, load16(x + r * row_stride + I + i, mask)), mask);
+        const mask16 mask = tail_mask(i, I);
+        const f32x16 silu = rounded_as<T>(silu16(load16(x + r * row_stride + i, mask)));
+        store16(out + r * I + i, mul(silu, load16(x + r * row_stride + I + i, mask)), mask);
       }
   });
 }

@@ -1,6 +1,6 @@
 // out [M, N] float32 = x [M, K] float32 @ w [K, N] bfloat16 (input-major, row-major), for CPUs with AVX-512
-// but without bfloat16 units, at decode's row counts. Why: common/kernels/bf16_gemm.py. The grouped product
-// also takes float32 weights, for the routed experts of a float32 model (grouped_experts.cpp).
+// or AVX2 but without bfloat16 units, at decode's row counts. Why: common/kernels/bf16_gemm.py. The grouped
+// product also takes float32 weights, for the routed experts of a float32 model (grouped_experts.cpp).
 //
 // Each thread owns a range of 64-column blocks and multiplies them in the scheme of gemm_packed.h: a panel
 // of weight rows widened to float32 once, tiles of rows in registers over it. A bfloat16 is the top half of

@@ -11,25 +11,25 @@
 #include "simd.h"
 
 template <int R>
-inline void fma_rows(const float* x, int64_t xr, int64_t xi, const __m512* wv, int64_t kn, float* o,
-                     int64_t ldo, __mmask16 mask) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_maskz_loadu_ps(mask, o + r * ldo);
+inline void fma_rows(const float* x, int64_t xr, int64_t xi, const f32x16* wv, int64_t kn, float* o,
+                     int64_t ldo, mask16 mask) {
+  f32x16 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = load(o + r * ldo, mask);
   for (int64_t i = 0; i < kn; ++i)
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * xr + i * xi]), wv[i], acc[r]);
-  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(o + r * ldo, mask, acc[r]);
+    for (int r = 0; r < R; ++r) acc[r] = fmadd(splat(x[r * xr + i * xi]), wv[i], acc[r]);
+  for (int r = 0; r < R; ++r) store(o + r * ldo, acc[r], mask);
 }
 
 template <typename W>
 void gemm_acc(const float* x, int64_t xr, int64_t xi, const W* w, int64_t ldw, float* out, int64_t ldo,
               int64_t M, int64_t K, int64_t c0, int64_t c1) {
   constexpr int64_t KB = 16;
-  constexpr int RB = 8;
-  __m512 wv[KB];
+  constexpr int RB = VECTOR_REGISTERS >= 32 ? 8 : 4;  // with AVX2's 16 registers w's rows come from L1
+  f32x16 wv[KB];
   for (int64_t k = 0; k < K; k += KB) {
     const int64_t kn = std::min(KB, K - k);
     for (int64_t n = c0; n < c1; n += 16) {
-      const __mmask16 mask = tail_mask(n, c1);
+      const mask16 mask = tail_mask(n, c1);
       for (int64_t i = 0; i < kn; ++i) wv[i] = load_weights(w + (k + i) * ldw + n, mask);
       int64_t m = 0;
       for (; m + RB <= M; m += RB)

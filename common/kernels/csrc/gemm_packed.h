@@ -3,8 +3,9 @@
 // KC weight rows x 64 columns into float32 once (it stays in L1), then runs tiles of 4 rows x 64 columns
 // over it, the 16 accumulators in registers: per weight row 4 vector loads and 4 broadcasts feed 16
 // independent FMAs, where gemm_acc.h's scheme (accumulators in memory, a few chains) reaches half the FMA
-// rate. Sums run over i in order, as in gemm_acc.h, so the bits do not depend on the scheme or the thread
-// split. panel_product, the tiles over one panel, also serves the prefill attention (varlen_attention.cpp).
+// rate (with AVX2's 16 registers a tile is one row, its FMAs taking the weights from L1). Sums run over i
+// in order, as in gemm_acc.h, so the bits do not depend on the scheme or the thread split. panel_product,
+// the tiles over one panel, also serves the prefill attention (varlen_attention.cpp).
 #pragma once
 
 #include <algorithm>
@@ -18,6 +19,7 @@ namespace gemm_packed_detail {
 
 constexpr int64_t KC = 128;             // weight rows per panel at most: 128 x 64 float32 = 32 KiB
 constexpr int V = PANEL_COLUMNS / 16;   // 16-column vectors per panel
+constexpr int TILE_ROWS = VECTOR_REGISTERS >= 32 ? 4 : 1;  // a tile's accumulators: 4 x V of 32 registers
 constexpr int64_t ROW_BLOCK = 128;      // rows multiplied over a panel at a time (their x stays in L2)
 constexpr int64_t PREFETCH_PANELS = 3;  // how far ahead the weights are asked for (measured: 2-4 are close)
 
@@ -34,21 +36,30 @@ inline void prefetch_row(const W* p) {
 // holds x[r * ldx + i * incx] for i < kc.
 template <int R>
 inline void tile(const float* x, int64_t ldx, int64_t incx, const float* panel, int64_t kc, float* o,
-                 int64_t ldo, const __mmask16* mask, bool first) {
-  __m512 acc[R][V];
+                 int64_t ldo, const mask16* mask, bool first) {
+  f32x16 acc[R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v)
-      acc[r][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[v], o + r * ldo + 16 * v);
+    for (int v = 0; v < V; ++v) acc[r][v] = first ? zeros() : load(o + r * ldo + 16 * v, mask[v]);
   for (int64_t i = 0; i < kc; ++i) {
-    __m512 wv[V];
-    for (int v = 0; v < V; ++v) wv[v] = _mm512_load_ps(panel + i * PANEL_COLUMNS + 16 * v);
+    f32x16 wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = load(panel + i * PANEL_COLUMNS + 16 * v);
     for (int r = 0; r < R; ++r) {
-      const __m512 xb = _mm512_set1_ps(x[r * ldx + i * incx]);
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xb, wv[v], acc[r][v]);
+      const f32x16 xb = splat(x[r * ldx + i * incx]);
+      for (int v = 0; v < V; ++v) acc[r][v] = fmadd(xb, wv[v], acc[r][v]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(o + r * ldo + 16 * v, mask[v], acc[r][v]);
+    for (int v = 0; v < V; ++v) store(o + r * ldo + 16 * v, acc[r][v], mask[v]);
+}
+
+// tile<rows> for rows known at run time (1..R).
+template <int R>
+inline void tile_of(int rows, const float* x, int64_t ldx, int64_t incx, const float* panel, int64_t kc,
+                    float* o, int64_t ldo, const mask16* mask, bool first) {
+  if constexpr (R > 0) {
+    if (rows == R) return tile<R>(x, ldx, incx, panel, kc, o, ldo, mask, first);
+    tile_of<R - 1>(rows, x, ldx, incx, panel, kc, o, ldo, mask, first);
+  }
 }
 
 }  // namespace gemm_packed_detail
@@ -56,14 +67,13 @@ inline void tile(const float* x, int64_t ldx, int64_t incx, const float* panel, 
 // out [M, 64 columns] (= if first, += otherwise) from M rows of x (row r: x[r * ldx + i * incx], i < kc)
 // times a panel of kc rows x PANEL_COLUMNS float32 columns; mask: the columns that exist, 16 at a time.
 inline void panel_product(const float* x, int64_t ldx, int64_t incx, const float* panel, int64_t kc,
-                          float* o, int64_t ldo, int64_t M, const __mmask16* mask, bool first) {
-  using gemm_packed_detail::tile;
+                          float* o, int64_t ldo, int64_t M, const mask16* mask, bool first) {
+  using namespace gemm_packed_detail;
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile<4>(x + m * ldx, ldx, incx, panel, kc, o + m * ldo, ldo, mask, first);
-  const int64_t rest = M - m;
-  if (rest == 3) tile<3>(x + m * ldx, ldx, incx, panel, kc, o + m * ldo, ldo, mask, first);
-  if (rest == 2) tile<2>(x + m * ldx, ldx, incx, panel, kc, o + m * ldo, ldo, mask, first);
-  if (rest == 1) tile<1>(x + m * ldx, ldx, incx, panel, kc, o + m * ldo, ldo, mask, first);
+  for (; m + TILE_ROWS <= M; m += TILE_ROWS)
+    tile<TILE_ROWS>(x + m * ldx, ldx, incx, panel, kc, o + m * ldo, ldo, mask, first);
+  if (m < M)
+    tile_of<TILE_ROWS - 1>(int(M - m), x + m * ldx, ldx, incx, panel, kc, o + m * ldo, ldo, mask, first);
 }
 
 namespace gemm_packed_detail {
@@ -80,8 +90,8 @@ void gemm_packed_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, floa
   for (int64_t k = 0; k < K; k += kc_max) {
     const int64_t kc = std::min(kc_max, K - k);
     for (int64_t n = c0; n < c1; n += PANEL_COLUMNS) {
-      __mmask16 mask[V];
-      for (int v = 0; v < V; ++v) mask[v] = n + 16 * v < c1 ? tail_mask(n + 16 * v, c1) : __mmask16(0);
+      mask16 mask[V];
+      for (int v = 0; v < V; ++v) mask[v] = tail_mask(n + 16 * v, c1);
       // The panel the walk reaches PREFETCH_PANELS on: further along these rows, or the next rows down.
       const int64_t ahead = n - c0 + PREFETCH_PANELS * PANEL_COLUMNS;
       const int64_t ahead_k = ahead < span ? k : k + kc;
@@ -89,8 +99,7 @@ void gemm_packed_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, floa
       for (int64_t i = 0; i < kc; ++i) {  // columns past c1 widen to zeros and are never stored
         if (ahead_c < c1 && ahead_k + i < K) prefetch_row(w + (ahead_k + i) * ldw + ahead_c);
         for (int v = 0; v < V; ++v) {
-          const __m512 widened = load_weights(w + (k + i) * ldw + n + 16 * v, mask[v]);
-          _mm512_store_ps(panel + i * PANEL_COLUMNS + 16 * v, widened);
+          store(panel + i * PANEL_COLUMNS + 16 * v, load_weights(w + (k + i) * ldw + n + 16 * v, mask[v]));
         }
       }
       panel_product(x + k, ldx, 1, panel, kc, out + n, ldo, M, mask, k == 0);

@@ -2,14 +2,14 @@
 // for products where each weight meets only a few rows (an expert's share of a decode batch).
 //
 // Strip order keeps a weight [K, N] as [ceil(N / 32), K, 32]: strip s holds columns 32 s .. 32 s + 31 of
-// every row, zeros past N (common/kernels/grouped_experts.py makes it). A tile of up to 12 rows x one strip
-// keeps its 24 accumulators in registers down all K rows while the strip streams past in memory order, so
-// the weights arrive as one sequential stream (which the prefetchers follow) and are never written
-// anywhere: gemm_packed.h widens panels into L1 first, which pays off only when many rows reuse them, and
-// reads a [K, N] weight in runs of a panel's width. A bfloat16 strip row is one cache line, widened in
-// registers by two instructions (the even columns by a shift, the odd ones by a mask) and put back in
-// column order once, at the end. Sums run over i in order, as in gemm_packed.h, so the bits do not depend
-// on the scheme.
+// every row, zeros past N (common/kernels/grouped_experts.py makes it). A tile of up to STRIP_MAX_ROWS
+// rows x one strip keeps its accumulators in registers down all K rows while the strip streams past in
+// memory order, so the weights arrive as one sequential stream (which the prefetchers follow) and are never
+// written anywhere: gemm_packed.h widens panels into L1 first, which pays off only when many rows reuse
+// them, and reads a [K, N] weight in runs of a panel's width. A bfloat16 strip row is one cache line,
+// widened in registers by two instructions (the even columns by a shift, the odd ones by a mask) and put
+// back in column order once, at the end. Sums run over i in order, as in gemm_packed.h, so the bits do not
+// depend on the scheme.
 #pragma once
 
 #include <cstdint>
@@ -17,49 +17,46 @@
 #include "simd.h"
 
 constexpr int64_t STRIP_COLUMNS = 32;   // a strip's width: a cache line of bfloat16
-constexpr int64_t STRIP_MAX_ROWS = 12;  // rows a tile holds: 24 accumulators of the 32 vector registers
+// Rows a tile holds: 24 accumulators of AVX-512's 32 vector registers; of AVX2's 16, 8 (each vector is two).
+constexpr int64_t STRIP_MAX_ROWS = VECTOR_REGISTERS >= 32 ? 12 : 2;
 
 namespace gemm_strips_detail {
 
 constexpr int64_t PREFETCH_BYTES = 4096;  // how far ahead the stream is asked for (measured: 4-16 KiB close)
 
 // One strip row as two vectors: bfloat16 as its even and odd columns, float32 as its two halves.
-inline void load_row(const uint16_t* p, __m512& a, __m512& b) {
-  const __m512i line = _mm512_loadu_si512(p);
-  a = _mm512_castsi512_ps(_mm512_slli_epi32(line, 16));
-  b = _mm512_castsi512_ps(_mm512_and_si512(line, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
-}
-inline void load_row(const float* p, __m512& a, __m512& b) {
-  a = _mm512_loadu_ps(p);
-  b = _mm512_loadu_ps(p + 16);
+inline void load_row(const uint16_t* p, f32x16& a, f32x16& b) { load_bf16_pairs(p, a, b); }
+inline void load_row(const float* p, f32x16& a, f32x16& b) {
+  a = load(p);
+  b = load(p + 16);
 }
 
-// The 32 columns of what load_row made, in order, at o (masked past the product's last column).
-inline void store_row(const uint16_t*, __m512 even, __m512 odd, __mmask32 mask, float* o) {
-  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-  _mm512_mask_storeu_ps(o, __mmask16(mask), _mm512_permutex2var_ps(even, first, odd));
-  _mm512_mask_storeu_ps(o + 16, __mmask16(mask >> 16), _mm512_permutex2var_ps(even, second, odd));
+// The 32 columns of what load_row made, in order, at o (the columns past the product's last masked out).
+inline void store_row(const uint16_t*, f32x16 even, f32x16 odd, const mask16* mask, float* o) {
+  f32x16 first, second;
+  interleave(even, odd, first, second);
+  store(o, first, mask[0]);
+  store(o + 16, second, mask[1]);
 }
-inline void store_row(const float*, __m512 a, __m512 b, __mmask32 mask, float* o) {
-  _mm512_mask_storeu_ps(o, __mmask16(mask), a);
-  _mm512_mask_storeu_ps(o + 16, __mmask16(mask >> 16), b);
+inline void store_row(const float*, f32x16 a, f32x16 b, const mask16* mask, float* o) {
+  store(o, a, mask[0]);
+  store(o + 16, b, mask[1]);
 }
 
 // R rows of out x one strip (K rows of STRIP_COLUMNS at w). The loop walks pointers: with an index, GCC
 // keeps a copy of the accumulators on the stack, stored every iteration.
 template <int R, typename W>
-void tile(const float* x, int64_t ldx, const W* w, int64_t K, float* o, int64_t ldo, __mmask32 mask) {
-  __m512 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+void tile(const float* x, int64_t ldx, const W* w, int64_t K, float* o, int64_t ldo, const mask16* mask) {
+  f32x16 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = zeros();
   for (const float* const end = x + K; x < end; ++x, w += STRIP_COLUMNS) {
     _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH_BYTES, _MM_HINT_T0);
-    __m512 a, b;
+    f32x16 a, b;
     load_row(w, a, b);
     for (int r = 0; r < R; ++r) {
-      const __m512 xb = _mm512_set1_ps(x[r * ldx]);
-      acc[r][0] = _mm512_fmadd_ps(xb, a, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(xb, b, acc[r][1]);
+      const f32x16 xb = splat(x[r * ldx]);
+      acc[r][0] = fmadd(xb, a, acc[r][0]);
+      acc[r][1] = fmadd(xb, b, acc[r][1]);
     }
   }
   for (int r = 0; r < R; ++r) store_row(w, acc[r][0], acc[r][1], mask, o + r * ldo);
@@ -68,7 +65,7 @@ void tile(const float* x, int64_t ldx, const W* w, int64_t K, float* o, int64_t 
 // tile<rows> for a rows known at run time (1..R).
 template <int R = STRIP_MAX_ROWS, typename W>
 void tile_of(int rows, const float* x, int64_t ldx, const W* w, int64_t K, float* o, int64_t ldo,
-             __mmask32 mask) {
+             const mask16* mask) {
   if constexpr (R > 0) {
     if (rows == R) return tile<R>(x, ldx, w, K, o, ldo, mask);
     tile_of<R - 1>(rows, x, ldx, w, K, o, ldo, mask);
@@ -85,7 +82,7 @@ void gemm_strips(const float* x, int64_t ldx, const W* w, float* out, int64_t ld
   using namespace gemm_strips_detail;
   const int64_t tiles = (M + STRIP_MAX_ROWS - 1) / STRIP_MAX_ROWS;
   for (int64_t n = c0; n < c1; n += STRIP_COLUMNS) {
-    const __mmask32 mask = n + STRIP_COLUMNS <= c1 ? __mmask32(~0u) : __mmask32((1ull << (c1 - n)) - 1);
+    const mask16 mask[2] = {tail_mask(n, c1), tail_mask(n + 16, c1)};
     const W* strip = w + n * K;  // strip n / 32, each K x 32 elements
     for (int64_t t = 0, m = 0; t < tiles; ++t) {
       const int64_t rows = (M - m) / (tiles - t);

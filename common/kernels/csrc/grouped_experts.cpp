@@ -31,10 +31,9 @@ void gate_up_then_down(const float* xs, const W* w13, const W* w2, const W* w13_
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t i = 0; i < I; i += 16) {  // silu(g) * u
-        const __mmask16 mask = tail_mask(i, I);
-        const __m512 g = _mm512_maskz_loadu_ps(mask, gate_up + r * 2 * I + i);
-        const __m512 u = _mm512_maskz_loadu_ps(mask, gate_up + r * 2 * I + I + i);
-        _mm512_mask_storeu_ps(act + r * I + i, mask, _mm512_mul_ps(silu16(g), u));
+        const mask16 mask = tail_mask(i, I);
+        const f32x16 g = load(gate_up + r * 2 * I + i, mask), u = load(gate_up + r * 2 * I + I + i, mask);
+        store(act + r * I + i, mul(silu16(g), u), mask);
       }
   });
   grouped_product(act, w2, w2_strips, ys, off, E, I, h);

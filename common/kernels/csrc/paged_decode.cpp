@@ -67,22 +67,20 @@ void attend(const T* q, const T* pages, const int32_t* table, int64_t begin, int
     std::fill(scores, scores + n * H, 0.0f);
     gemm_acc(rows, D, 1, w.q_t.data(), H, scores, H, n, D, 0, H);
     for (int64_t c = 0; c < H; c += 16) {  // online softmax, 16 heads at a time
-      const __mmask16 mask = tail_mask(c, H);
-      const __m512 old = _mm512_maskz_loadu_ps(mask, m + c);
-      __m512 top = old;
-      for (int64_t t = 0; t < n; ++t)
-        top = _mm512_max_ps(top, _mm512_maskz_loadu_ps(mask, scores + t * H + c));
-      __m512 sum = _mm512_setzero_ps();
+      const mask16 mask = tail_mask(c, H);
+      const f32x16 old = load(m + c, mask);
+      f32x16 top = old;
+      for (int64_t t = 0; t < n; ++t) top = maximum(top, load(scores + t * H + c, mask));
+      f32x16 sum = zeros();
       for (int64_t t = 0; t < n; ++t) {
-        const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + t * H + c), top));
-        _mm512_mask_storeu_ps(scores + t * H + c, mask, p);
-        sum = _mm512_add_ps(sum, p);
+        const f32x16 p = exp16(sub(load(scores + t * H + c, mask), top));
+        store(scores + t * H + c, p, mask);
+        sum = add(sum, p);
       }
-      const __m512 correction = exp16(_mm512_sub_ps(old, top));  // about 0 on the first page (m = -inf)
-      const __m512 l_old = _mm512_maskz_loadu_ps(mask, l + c);
-      _mm512_mask_storeu_ps(l + c, mask, _mm512_fmadd_ps(l_old, correction, sum));
-      _mm512_mask_storeu_ps(m + c, mask, top);
-      _mm512_mask_storeu_ps(w.correction.data() + c, mask, correction);
+      const f32x16 correction = exp16(sub(old, top));  // about 0 on the first page (m = -inf)
+      store(l + c, fmadd(load(l + c, mask), correction, sum), mask);
+      store(m + c, top, mask);
+      store(w.correction.data() + c, correction, mask);
     }
     for (int64_t h = 0; h < H; ++h)
       for (int64_t d = 0; d < Dv; ++d) o[h * Dv + d] *= w.correction[h];

@@ -77,8 +77,8 @@ void attend(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v, T* ou
   std::fill(w.m, w.m + TILE, NEG_INF);
   std::fill(w.l, w.l + TILE, 0.0f);
   std::fill(w.o, w.o + tq * Dv, 0.0f);
-  __mmask16 all[TILE / 16];
-  std::fill(all, all + TILE / 16, __mmask16(0xFFFF));
+  mask16 all[TILE / 16];
+  std::fill(all, all + TILE / 16, first_lanes(16));
 
   for (int64_t ks = 0; ks < k_end; ks += TILE) {
     const int64_t n = std::min(TILE, k_end - ks);
@@ -96,38 +96,31 @@ void attend(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v, T* ou
     panel_product(keys, ldk, 1, w.q_t, Dk, s_t, TILE, n, all, true);
 
     for (int64_t c = 0; c < tq; c += 16) {  // online softmax down the keys, 16 queries at a time
-      const __m512i query_pos =
-          _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(shift + it.first + c)),
-                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-      auto visible = [&](int64_t j) -> __mmask16 {
-        if (!s.causal) return 0xFFFF;
-        return _mm512_cmpge_epi32_mask(query_pos, _mm512_set1_epi32(static_cast<int32_t>(ks + j)));
-      };
-      const __m512 old = _mm512_loadu_ps(w.m + c);
-      __m512 top = old;
-      for (int64_t j = 0; j < n; ++j)
-        top = _mm512_mask_max_ps(top, visible(j), top, _mm512_loadu_ps(s_t + j * TILE + c));
-      __m512 sum = _mm512_setzero_ps();
+      // Key ks + j is visible to the queries (lanes) at positions from it on.
+      auto visible = [&](int64_t j) { return lanes_from(s.causal ? ks + j - (shift + it.first + c) : 0); };
+      const f32x16 old = load(w.m + c);
+      f32x16 top = old;
+      for (int64_t j = 0; j < n; ++j) top = where(visible(j), maximum(top, load(s_t + j * TILE + c)), top);
+      f32x16 sum = zeros();
       for (int64_t j = 0; j < n; ++j) {
-        const __m512 p =
-            _mm512_maskz_mov_ps(visible(j), exp16(_mm512_sub_ps(_mm512_loadu_ps(s_t + j * TILE + c), top)));
-        _mm512_storeu_ps(s_t + j * TILE + c, p);
-        sum = _mm512_add_ps(sum, p);
+        const f32x16 p = where(visible(j), exp16(sub(load(s_t + j * TILE + c), top)), zeros());
+        store(s_t + j * TILE + c, p);
+        sum = add(sum, p);
       }
       // Key 0 is visible to every query, so top is finite from the first step on; exp(-inf - top) there
       // is about 0 (exp16's floor) and multiplies the zeros of l and o.
-      const __m512 alpha = exp16(_mm512_sub_ps(old, top));
-      _mm512_storeu_ps(w.l + c, _mm512_fmadd_ps(_mm512_loadu_ps(w.l + c), alpha, sum));
-      _mm512_storeu_ps(w.m + c, top);
-      _mm512_storeu_ps(w.alpha + c, alpha);
+      const f32x16 alpha = exp16(sub(old, top));
+      store(w.l + c, fmadd(load(w.l + c), alpha, sum));
+      store(w.m + c, top);
+      store(w.alpha + c, alpha);
     }
     for (int64_t i = 0; i < tq; ++i)
       for (int64_t d = 0; d < Dv; ++d) w.o[i * Dv + d] *= w.alpha[i];
 
     for (int64_t c0 = 0; c0 < Dv; c0 += TILE) {  // o [tq, Dv] += p [tq, n] @ v [n, Dv], a panel at a time
       const int64_t width = std::min(TILE, Dv - c0);
-      __mmask16 mask[TILE / 16];
-      for (int64_t c = 0; c < TILE; c += 16) mask[c / 16] = c < width ? tail_mask(c, width) : __mmask16(0);
+      mask16 mask[TILE / 16];
+      for (int64_t c = 0; c < TILE; c += 16) mask[c / 16] = tail_mask(c, width);
       for (int64_t j = 0; j < n; ++j) {
         float* panel_row = w.v_panel + j * TILE;
         std::fill(panel_row + width, panel_row + TILE, 0.0f);
