@@ -204,6 +204,19 @@ def test_silu_and_mul_matches_the_torch_path(monkeypatch, dtype: torch.dtype) ->
     torch.testing.assert_close(got, want)  # bfloat16: an activation may round the other way, rarely
 
 
+def test_silu_and_mul_at_the_edges_of_the_vector_exp() -> None:
+    """exp16's range (inf above 88, a floor below -87; on AVX2 its scaling by 2^n is two exact steps) and
+    bfloat16's rounding of non-finite values, in a row whose tail fills part of a vector."""
+    edges = [-200.0, -88.5, -87.5, -87.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 87.0, 88.5, 200.0]
+    gate = torch.tensor([*edges, float("inf"), float("-inf"), float("nan"), 3.0, -3.0])
+    gate_up = torch.cat([gate, torch.ones_like(gate)])[None]
+    got = cpu_extension.module().silu_and_mul(gate_up)
+    torch.testing.assert_close(got[0], F.silu(gate), rtol=1e-6, atol=1e-30, equal_nan=True)
+    got_bf16 = cpu_extension.module().silu_and_mul(gate_up.bfloat16())
+    want_bf16 = F.silu(gate.bfloat16().float()).bfloat16()
+    torch.testing.assert_close(got_bf16[0], want_bf16, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("shape", [(7, 32), (7, 4, 32)])

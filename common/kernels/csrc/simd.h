@@ -146,9 +146,11 @@ inline f32x16 round_to_integer(f32x16 x) {
   constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   return {_mm256_round_ps(x.lo, nearest), _mm256_round_ps(x.hi, nearest)};
 }
-// p * 2^n for integral n in -252..254, as two exact scalings by 2^(n/2) (each a normal float's exponent).
+// p * 2^n for integral n from -252 on, as two exact scalings by 2^(n/2) (each a normal float's exponent);
+// n is capped at 254, past which p * 2^n is inf anyway.
 inline __m256 times_power_of_two(__m256 p, __m256 n) {
-  const __m256i k = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(k, 1);
+  const __m256i k = _mm256_min_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(254));
+  const __m256i half = _mm256_srai_epi32(k, 1);
   auto power = [](__m256i e) {  // 2^e: e + 127 in the exponent's bits
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
   };
