@@ -20,6 +20,7 @@ namespace gemm_packed_detail {
 constexpr int64_t KC = 128;             // weight rows per panel at most: 128 x 64 float32 = 32 KiB
 constexpr int V = PANEL_COLUMNS / 16;   // 16-column vectors per panel
 constexpr int TILE_ROWS = VECTOR_REGISTERS >= 32 ? 4 : 1;  // a tile's accumulators: 4 x V of 32 registers
+constexpr bool DIRECT_ROW = VECTOR_REGISTERS < 32;        // a single row skips the panel (direct_row)
 constexpr int64_t ROW_BLOCK = 128;      // rows multiplied over a panel at a time (their x stays in L2)
 constexpr int64_t PREFETCH_PANELS = 3;  // how far ahead the weights are asked for (measured: 2-4 are close)
 
@@ -50,6 +51,21 @@ inline void tile(const float* x, int64_t ldx, int64_t incx, const float* panel, 
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) store(o + r * ldo + 16 * v, acc[r][v], mask[v]);
+}
+
+// One row x 64 columns of out (= on the first panel, += after) from kc weight rows read in place, rows ldw
+// apart, widened in registers: for a single row, which cannot repay widening a panel (with AVX2 a panel's
+// stores and loads cost more than the product; on AVX-512 the panels reach the memory's rate anyway).
+template <typename W>
+inline void direct_row(const float* x, const W* w, int64_t ldw, int64_t kc, float* o, const mask16* mask,
+                       bool first) {
+  f32x16 acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = first ? zeros() : load(o + 16 * v, mask[v]);
+  for (int64_t i = 0; i < kc; ++i) {
+    const f32x16 xb = splat(x[i]);
+    for (int v = 0; v < V; ++v) acc[v] = fmadd(xb, load_weights(w + i * ldw + 16 * v, mask[v]), acc[v]);
+  }
+  for (int v = 0; v < V; ++v) store(o + 16 * v, acc[v], mask[v]);
 }
 
 // tile<rows> for rows known at run time (1..R).
@@ -96,6 +112,12 @@ void gemm_packed_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, floa
       const int64_t ahead = n - c0 + PREFETCH_PANELS * PANEL_COLUMNS;
       const int64_t ahead_k = ahead < span ? k : k + kc;
       const int64_t ahead_c = c0 + (ahead < span ? ahead : ahead - span);
+      if (M == 1 && DIRECT_ROW) {
+        for (int64_t i = 0; i < kc; ++i)
+          if (ahead_c < c1 && ahead_k + i < K) prefetch_row(w + (ahead_k + i) * ldw + ahead_c);
+        direct_row(x + k, w + k * ldw + n, ldw, kc, out + n, mask, k == 0);
+        continue;
+      }
       for (int64_t i = 0; i < kc; ++i) {  // columns past c1 widen to zeros and are never stored
         if (ahead_c < c1 && ahead_k + i < K) prefetch_row(w + (ahead_k + i) * ldw + ahead_c);
         for (int v = 0; v < V; ++v) {

@@ -99,17 +99,25 @@ inline void store(float* p, f32x16 v) {
   _mm256_storeu_ps(p, v.lo);
   _mm256_storeu_ps(p + 8, v.hi);
 }
-inline bool all_lanes(mask16 m) { return _mm256_testc_si256(m.hi, _mm256_set1_epi32(-1)); }  // m.hi set
-// Masked lanes are neither read nor written (no fault past a row's end); a full mask takes plain moves,
-// which are cheaper than masked ones.
-inline f32x16 load(const float* p, mask16 m) {
-  if (all_lanes(m)) return load(p);
-  return {_mm256_maskload_ps(p, m.lo), _mm256_maskload_ps(p + 8, m.hi)};
+inline bool all_set(__m256i m) { return _mm256_testc_si256(m, _mm256_set1_epi32(-1)); }
+inline bool none_set(__m256i m) { return _mm256_testz_si256(m, m); }
+inline bool all_lanes(mask16 m) { return all_set(m.hi); }  // a mask of first lanes
+// Masked lanes are neither read nor written (no fault past a row's end). A half wholly in or out takes a
+// plain move or none: masked moves are slow (microcoded stores on some CPUs), and a row of 8 (mini's heads)
+// fills one half exactly.
+inline __m256 load(const float* p, __m256i m) {
+  return all_set(m) ? _mm256_loadu_ps(p) : none_set(m) ? _mm256_setzero_ps() : _mm256_maskload_ps(p, m);
 }
+inline void store(float* p, __m256 v, __m256i m) {
+  if (all_set(m))
+    _mm256_storeu_ps(p, v);
+  else if (!none_set(m))
+    _mm256_maskstore_ps(p, m, v);
+}
+inline f32x16 load(const float* p, mask16 m) { return {load(p, m.lo), load(p + 8, m.hi)}; }
 inline void store(float* p, f32x16 v, mask16 m) {
-  if (all_lanes(m)) return store(p, v);
-  _mm256_maskstore_ps(p, m.lo, v.lo);
-  _mm256_maskstore_ps(p + 8, m.hi, v.hi);
+  store(p, v.lo, m.lo);
+  store(p + 8, v.hi, m.hi);
 }
 inline f32x16 add(f32x16 a, f32x16 b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
 inline f32x16 sub(f32x16 a, f32x16 b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
@@ -160,18 +168,16 @@ inline f32x16 times_power_of_two(f32x16 p, f32x16 n) {
   return {times_power_of_two(p.lo, n.lo), times_power_of_two(p.hi, n.hi)};
 }
 
-// 16 bfloat16 bits (in 16-bit lanes) as float32, by a shift.
-inline f32x16 widen_bf16(__m256i bits) {
-  auto widen8 = [](__m128i half) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-  };
-  return {widen8(_mm256_castsi256_si128(bits)), widen8(_mm256_extracti128_si256(bits, 1))};
+// 8 bfloat16 as float32, by a shift.
+inline __m256 load_bf16(const uint16_t* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
 }
 inline f32x16 load_bf16(const uint16_t* p, mask16 m) {  // m: first lanes
-  if (all_lanes(m)) return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  alignas(32) uint16_t part[16] = {};
+  if (all_lanes(m)) return {load_bf16(p), load_bf16(p + 8)};
+  uint16_t part[16] = {};
   std::memcpy(part, p, sizeof(uint16_t) * count_lanes(m));
-  return widen_bf16(_mm256_load_si256(reinterpret_cast<const __m256i*>(part)));
+  return {load_bf16(part), load_bf16(part + 8)};
 }
 
 inline void load_bf16_pairs(const uint16_t* p, f32x16& even, f32x16& odd) {
