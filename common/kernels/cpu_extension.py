@@ -72,14 +72,15 @@ def _build_sources(flags: list[str]) -> tuple[str, list[Path]]:
 
 @functools.cache
 def module() -> ModuleType | None:
-    flags = isa_flags()
-    if flags is None:
+    isa = isa_flags()
+    if isa is None:
         return None
+    flags = FLAGS + isa
     try:
         from torch.utils.cpp_extension import load
 
-        name, sources = _build_sources(FLAGS + flags)
-        return load(name, [str(s) for s in sources], extra_cflags=FLAGS + flags, extra_ldflags=["-fopenmp"])
+        name, sources = _build_sources(flags)
+        return load(name, [str(s) for s in sources], extra_cflags=flags, extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, a failed build: torch's path still works
         log.warning("CPU kernels unavailable (%s): torch's operators run instead", e)
         return None
