@@ -64,6 +64,12 @@ inline void interleave(f32x16 even, f32x16 odd, f32x16& first, f32x16& second) {
   first = _mm512_permutex2var_ps(even, low, odd);
   second = _mm512_permutex2var_ps(even, high, odd);
 }
+inline void deinterleave(f32x16 first, f32x16 second, f32x16& even, f32x16& odd) {  // interleave undone
+  const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odds = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  even = _mm512_permutex2var_ps(first, evens, second);
+  odd = _mm512_permutex2var_ps(first, odds, second);
+}
 
 // 16 floats rounded to bfloat16 as torch rounds (to nearest even, a NaN stays a NaN), as the low halves of
 // 32-bit lanes.
@@ -196,6 +202,15 @@ inline void interleave(f32x16 even, f32x16 odd, f32x16& first, f32x16& second) {
   };
   zip(even.lo, odd.lo, first.lo, first.hi);
   zip(even.hi, odd.hi, second.lo, second.hi);
+}
+inline void deinterleave(f32x16 first, f32x16 second, f32x16& even, f32x16& odd) {  // interleave undone
+  auto unzip = [](__m256 a, __m256 b, __m256& e, __m256& o) {
+    const __m256 low = _mm256_permute2f128_ps(a, b, 0x20), high = _mm256_permute2f128_ps(a, b, 0x31);
+    e = _mm256_shuffle_ps(low, high, 0x88);
+    o = _mm256_shuffle_ps(low, high, 0xDD);
+  };
+  unzip(first.lo, first.hi, even.lo, odd.lo);
+  unzip(second.lo, second.hi, even.hi, odd.hi);
 }
 
 inline __m256i bf16_rounded_bits(__m256 v) {
