@@ -126,6 +126,8 @@ def layer_targets(layer: torch.nn.Module, i: int) -> Iterator[tuple[str, torch.T
 
 
 def expert_targets(experts: torch.nn.Module, layer_prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if experts.packed:
+        raise ValueError("routed experts packed in strip order take no checkpoint tensors: load, then pack")
     half = experts.w13.shape[2] // 2
     for local, e in enumerate(experts.expert_ids):
         base = f"{layer_prefix}.mlp.experts.{e}"
@@ -179,6 +181,7 @@ def load_model(
     model = model.to(dtype=dtype).to_empty(device=device)
     model.reset_buffers()
     load_weights(list(_hub_targets(model, config)), reader, progress)
+    _pack_experts(model)
     return config, model.eval().requires_grad_(False)
 
 
@@ -400,7 +403,18 @@ def load_expert_shard(
         shards[layer] = experts.eval().requires_grad_(False)
     targets = [t for layer, m in shards.items() for t in expert_targets(m, f"model.layers.{layer}")]
     load_weights(targets, reader, progress)
+    _pack_experts(*shards.values())
     return config, shards
+
+
+def _pack_experts(*modules: torch.nn.Module) -> None:
+    """The routed experts in the layout their kernel reads (RoutedExperts.pack), a layer at a time."""
+    from common.model.moe import RoutedExperts
+
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, RoutedExperts):
+                m.pack()
 
 
 def load_attention_layers(

@@ -5,17 +5,17 @@ runs its gate/up GEMM on a contiguous slice, one SiLU-and-multiply covers every 
 decode an expert gets a few rows, and per-expert elementwise ops cost more in dispatch than in arithmetic),
 each runs its down GEMM, and one index_add scatters the weighted results back. Experts nobody chose are never
 read, which is what makes fine-grained MoE decode cheap. (A padded all-experts batched GEMM was measured as
-no faster on CPU, so the simpler schedule stays.) Where the CPU kernels run (common/kernels/cpu_extension.py)
-and each expert gets up to KERNEL_MAX_ROWS rows (decode, and prefill chunks of the default size), all of it
-is one C++ call (csrc/grouped_experts.cpp), each GEMM round one grouped product over every expert's rows:
-the bfloat16 kernel of common/kernels/bf16_gemm.py, or its float32-weight twin. Given the weights a second
-time in strip order (`strip_order`), an expert with a few rows (decode) streams them in memory order instead
-(csrc/gemm_strips.h): the same sums, 1.3-1.4x faster at mini's 64-sequence decode; the copy costs the routed
-experts' memory once more, so it is the caller's choice (common/model/moe.py makes it where the kernel runs).
+no faster on CPU, so the simpler schedule stays.)
+
+Where the CPU kernels run (common/kernels/cpu_extension.py), the weights are kept in strip order instead
+(`strip_order`; common/model/moe.py packs them at load, `takes` says where) and all of it is one C++ call
+(csrc/grouped_experts.cpp), each GEMM round one grouped product over every expert's rows (the bfloat16 kernel
+of common/kernels/bf16_gemm.py, or its float32-weight twin): an expert with a few rows (decode) streams its
+weights in memory order (csrc/gemm_strips.h), 1.3-1.4x faster than [K, N] panels at mini's 64-sequence
+decode, and one with many widens panels from the strips.
 """
 
 import itertools
-from collections.abc import Callable
 
 import torch
 
@@ -23,11 +23,15 @@ from common.kernels import bf16_gemm, cpu_extension
 from common.kernels.activation import silu_and_mul
 from common.model.linear import multiply_dtype
 
-# Rows per expert up to which the one C++ call beats one MKL GEMM pair per expert (mini's 32 experts, two
-# threads, bfloat16 / float32 weights: 2.9x / 1.4x at 8 rows, 1.7x / 1.3x at 64, 1.3x / 1.35x at 256, even
-# at 512).
-KERNEL_MAX_ROWS = 256
 STRIP = 32  # columns per strip: csrc/gemm_strips.h's STRIP_COLUMNS (the C++ call checks the layout)
+
+
+def takes(w13: torch.Tensor) -> bool:
+    """Whether the C++ call multiplies by experts of w13's dtype and device (so they are kept in strip order):
+    bfloat16 where bf16_gemm runs (with native bfloat16 units torch's GEMMs are faster), or float32."""
+    if w13.device.type != "cpu" or not cpu_extension.available():
+        return False
+    return w13.dtype == torch.float32 or (w13.dtype == torch.bfloat16 and bf16_gemm.available())
 
 
 def strip_order(w: torch.Tensor) -> torch.Tensor:
@@ -35,7 +39,13 @@ def strip_order(w: torch.Tensor) -> torch.Tensor:
     past N, so a product over a strip reads it as one sequential stream."""
     experts, k, n = w.shape
     padded = torch.nn.functional.pad(w, (0, -n % STRIP))
-    return padded.view(experts, k, -1, STRIP).transpose(1, 2).contiguous()
+    return padded.view(experts, k, padded.shape[2] // STRIP, STRIP).transpose(1, 2).contiguous()
+
+
+def unstrip(strips: torch.Tensor, n: int) -> torch.Tensor:
+    """strip_order undone: [E, K, n] (a copy)."""
+    experts, count, k, _ = strips.shape
+    return strips.transpose(1, 2).reshape(experts, k, count * STRIP)[:, :, :n]
 
 
 def grouped_swiglu(
@@ -44,21 +54,21 @@ def grouped_swiglu(
     weights: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
-    strips: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) over the experts of this shard.
 
     x [T, h]; expert_ids [T, k] local expert index or -1 (routed to another shard); weights [T, k] float32;
     w13 [E, h, 2I] (gate columns then up columns); w2 [E, I, h]: input-major, so each GEMM is a plain
-    `rows @ weight` (see common/model/linear.py). Returns [T, h] in x.dtype, accumulated in float32. Each
-    expert's GEMMs run in multiply_dtype (float32 for half types on CPUs without units for them), or all in
-    one C++ call where it suits the rows each expert would get if the pairs spread evenly; that call takes
-    w13 and w2 in strip order from `strips()` if given.
+    `rows @ weight` (see common/model/linear.py); or both in strip order, [E, ceil(2I / 32), h, 32] and
+    [E, ceil(h / 32), I, 32]. Returns [T, h] in x.dtype, accumulated in float32. Weights in strip order go to
+    the C++ call; others, or x it cannot take (another dtype than the weights'), run one GEMM pair per expert
+    in multiply_dtype (float32 for half types on CPUs without units for them).
     """
+    if w13.dim() == 4:  # strip order
+        if x.dtype == w13.dtype and cpu_extension.runs(x):
+            return cpu_extension.module().grouped_swiglu(x, expert_ids, weights, w13, w2)
+        w13, w2 = unstrip(w13, 2 * w2.shape[2]), unstrip(w2, x.shape[1])
     num_experts, k = w13.shape[0], expert_ids.shape[1]
-    if _kernel_suits(x, w13, expert_ids.numel() / num_experts):
-        w13_strips, w2_strips = strips() if strips is not None else (None, None)
-        return cpu_extension.module().grouped_swiglu(x, expert_ids, weights, w13, w2, w13_strips, w2_strips)
     flat = expert_ids.flatten()
     counts = torch.bincount(flat + 1, minlength=num_experts + 1).tolist()  # bin 0: pairs of other shards
     order = torch.argsort(flat, stable=True)[counts[0] :]
@@ -68,13 +78,6 @@ def grouped_swiglu(
     ys = _per_expert(x[tokens], per_expert, w13, w2, multiply_dtype(x, rows_per_expert))
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     return out.index_add_(0, tokens, ys.float() * weights.flatten()[order, None]).to(x.dtype)
-
-
-def _kernel_suits(x: torch.Tensor, w13: torch.Tensor, rows_per_expert: float) -> bool:
-    """bfloat16 weights where bf16_gemm runs, or float32 ones, at up to KERNEL_MAX_ROWS rows per expert."""
-    if not 0 < rows_per_expert <= KERNEL_MAX_ROWS or x.dtype != w13.dtype or not cpu_extension.runs(x):
-        return False
-    return w13.dtype == torch.float32 or bf16_gemm.available()  # native bfloat16 units: torch's GEMMs
 
 
 def _per_expert(

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import ModelConfig
+from common.kernels import grouped_experts
 from common.kernels.activation import silu_and_mul
-from common.kernels.grouped_experts import grouped_swiglu, strip_order
 from common.model.linear import DerivedWeight, matmul
 
 
@@ -85,7 +85,6 @@ class RoutedExperts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(n, h, 2 * i))  # input-major, as in common/model/linear.py
         self.w2 = nn.Parameter(torch.empty(n, i, h))
         self.num_global = config.n_routed_experts
-        self._w13_strips, self._w2_strips = DerivedWeight(strip_order), DerivedWeight(strip_order)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
@@ -98,12 +97,21 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Weighted sum of this shard's experts over the (token, expert) pairs routed to it: [T, h]."""
-        return grouped_swiglu(x, self.global_to_local[ids], weights, self.w13, self.w2, self.strips)
+        return grouped_experts.grouped_swiglu(x, self.global_to_local[ids], weights, self.w13, self.w2)
 
-    def strips(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """w13 and w2 in strip order, for the C++ call (made when it first runs: a second copy of the
-        weights, which decode reads 1.3-1.4x faster)."""
-        return self._w13_strips(self.w13), self._w2_strips(self.w2)
+    @property
+    def packed(self) -> bool:
+        return self.w13.dim() == 4
+
+    def pack(self) -> None:
+        """Keep w13 and w2 in strip order where the C++ call takes their products (decode reads them 1.3-1.4x
+        faster so, common/kernels/grouped_experts.py): once the weights are loaded, in place of the
+        checkpoint's layout, which a packed shard no longer takes."""
+        if self.packed or not grouped_experts.takes(self.w13):
+            return
+        with torch.no_grad():
+            self.w13 = nn.Parameter(grouped_experts.strip_order(self.w13), requires_grad=False)
+            self.w2 = nn.Parameter(grouped_experts.strip_order(self.w2), requires_grad=False)
 
     def submit(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
         """forward() as a deferred result (remote experts compute while the caller goes on)."""

@@ -238,10 +238,14 @@ def test_rotary_matches_the_torch_path(monkeypatch, dtype, interleaved, shape) -
 # ------------------------------------------------------------------------------------------- routed experts
 
 
+def packed(*weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(grouped_experts.strip_order(w) for w in weights)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_swiglu_matches_one_product_pair_per_expert(dtype: torch.dtype) -> None:
-    """Experts with no pairs, one and many; pairs of another shard (-1) left out; float32 products of the
-    same values, up to the output's rounding."""
+    """Experts with no pairs, one and many (the panels read from the strips); pairs of another shard (-1)
+    left out; float32 products of the same values, up to the output's rounding."""
     gen = torch.Generator().manual_seed(7)
     tokens, k, experts, hidden, inter = 40, 3, 6, 96, 64
     ids = torch.randint(-1, experts - 1, (tokens, k), generator=gen)  # expert 5 never chosen
@@ -255,16 +259,18 @@ def test_grouped_swiglu_matches_one_product_pair_per_expert(dtype: torch.dtype) 
         if (e := int(ids[t, j])) >= 0:
             gate, up = (x[t].float() @ w13[e].float()).chunk(2)
             want[t] += weights[t, j] * ((F.silu(gate) * up) @ w2[e].float())
-    got = cpu_extension.module().grouped_swiglu(x, ids, weights, w13, w2)
+    got = cpu_extension.module().grouped_swiglu(x, ids, weights, *packed(w13, w2))
     assert got.dtype == dtype
     tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}  # else bfloat16's defaults
     torch.testing.assert_close(got, want.to(dtype), **tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_swiglu_takes_the_kernel_at_decode_and_agrees_with_the_torch_path(
+def test_grouped_swiglu_takes_the_kernel_for_packed_weights_and_agrees_with_the_torch_path(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
 ) -> None:
+    """Packed weights go to the C++ call; the checkpoint's layout, or packed weights with x the call cannot
+    take (float64), run the torch path: the same results up to the sums' order."""
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(4, 64, generator=gen).to(dtype)
     ids = torch.randint(0, 16, (4, 2), generator=gen)
@@ -273,14 +279,18 @@ def test_grouped_swiglu_takes_the_kernel_at_decode_and_agrees_with_the_torch_pat
         torch.randn(16, 64, 96, generator=gen).to(dtype),
         torch.randn(16, 48, 64, generator=gen).to(dtype),
     )
-    assert grouped_experts._kernel_suits(x, w13, ids.numel() / 16)
-    assert not grouped_experts._kernel_suits(x, w13, grouped_experts.KERNEL_MAX_ROWS + 1)
-    got = grouped_experts.grouped_swiglu(x, ids, weights, w13, w2)
-    with monkeypatch.context() as m:
-        m.setattr(grouped_experts, "_kernel_suits", lambda *_: False)
-        want = grouped_experts.grouped_swiglu(x, ids, weights, w13, w2)
+    assert grouped_experts.takes(w13)
+    calls = []
+    kernel = cpu_extension.module().grouped_swiglu
+    monkeypatch.setattr(cpu_extension.module(), "grouped_swiglu", lambda *a: calls.append(a) or kernel(*a))
+    got = grouped_experts.grouped_swiglu(x, ids, weights, *packed(w13, w2))
+    assert len(calls) == 1
+    want = grouped_experts.grouped_swiglu(x, ids, weights, w13, w2)
+    unpacked = grouped_experts.grouped_swiglu(x.double(), ids, weights, *packed(w13, w2))
+    assert len(calls) == 1  # neither went to the kernel
     tolerance = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {}
     torch.testing.assert_close(got, want, **tolerance)
+    assert torch.equal(unpacked, grouped_experts.grouped_swiglu(x.double(), ids, weights, w13, w2))
 
 
 def test_strip_order_puts_each_32_columns_of_every_row_together() -> None:
@@ -289,6 +299,8 @@ def test_strip_order_puts_each_32_columns_of_every_row_together() -> None:
     assert strips.shape == (2, 2, 3, 32) and strips.is_contiguous()
     assert torch.equal(strips[1, 0, 2], w[1, 2, :32])
     assert torch.equal(strips[1, 1, 2, :8], w[1, 2, 32:]) and not strips[:, 1, :, 8:].any()
+    assert torch.equal(grouped_experts.unstrip(strips, 40), w)
+    assert grouped_experts.strip_order(w[:0]).shape == (0, 2, 3, 32)  # a shard without experts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -296,11 +308,12 @@ def test_strip_order_puts_each_32_columns_of_every_row_together() -> None:
     ("tokens", "k", "experts", "hidden", "inter"),
     [(64, 4, 32, 128, 64), (7, 2, 8, 72, 40), (50, 3, 4, 100, 24), (1, 4, 16, 64, 48), (200, 2, 6, 40, 20)],
 )
-def test_grouped_swiglu_gives_the_same_bits_from_the_strips(
+def test_grouped_swiglu_gives_a_token_the_same_bits_alone_or_in_a_crowd(
     dtype: torch.dtype, tokens: int, k: int, experts: int, hidden: int, inter: int
 ) -> None:
-    """Experts with 1 to 12 rows (one tile), up to 24 (two) and beyond (the panels instead), widths that
-    leave a part strip (72, 40, 100, 20 columns): the strips' sums are the panels' sums, bit for bit."""
+    """Alone, a token's experts get one row each (strip tiles); with the others, 1 to 12 rows (one tile), up
+    to 24 (two) and beyond (panels widened from the strips), in widths that leave a part strip (72, 40, 100,
+    20 columns): the same sums in the same order, so the same bits."""
     gen = torch.Generator().manual_seed(9)
     ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
     ids[0, 0] = -1
@@ -308,24 +321,26 @@ def test_grouped_swiglu_gives_the_same_bits_from_the_strips(
     x = torch.randn(tokens, hidden, generator=gen).to(dtype)
     w13 = (torch.randn(experts, hidden, 2 * inter, generator=gen) / 10).to(dtype)
     w2 = (torch.randn(experts, inter, hidden, generator=gen) / 10).to(dtype)
-    strips = grouped_experts.strip_order(w13), grouped_experts.strip_order(w2)
-    want = cpu_extension.module().grouped_swiglu(x, ids, weights, w13, w2)
-    assert torch.equal(cpu_extension.module().grouped_swiglu(x, ids, weights, w13, w2, *strips), want)
-    assert torch.equal(grouped_experts.grouped_swiglu(x, ids, weights, w13, w2, lambda: strips), want)
+    strips = packed(w13, w2)
+    crowd = cpu_extension.module().grouped_swiglu(x, ids, weights, *strips)
+    for t in range(0, tokens, max(1, tokens // 7)):
+        one = slice(t, t + 1)
+        alone = cpu_extension.module().grouped_swiglu(x[one], ids[one], weights[one], *strips)
+        assert torch.equal(alone[0], crowd[t])
 
 
-def test_grouped_swiglu_rejects_strips_of_another_weight() -> None:
+def test_grouped_swiglu_rejects_weights_not_in_strip_order() -> None:
     x, ids, weights = torch.randn(2, 8), torch.tensor([[0], [1]]), torch.ones(2, 1)
     w13, w2 = torch.randn(2, 8, 48), torch.randn(2, 24, 8)
-    strips = grouped_experts.strip_order(w13), grouped_experts.strip_order(w2)
-    with pytest.raises(ValueError, match=r"strips of a weight \[2, 8, 48\] must be"):
-        cpu_extension.module().grouped_swiglu(x, ids, weights, w13, w2, strips[1], strips[1])
-    with pytest.raises(ValueError, match="must be a contiguous CPU tensor"):
-        cpu_extension.module().grouped_swiglu(x, ids, weights, w13, w2, strips[0].bfloat16(), strips[1])
+    with pytest.raises(ValueError, match=r"w2 must be \[E, I, h\] in strip order"):
+        cpu_extension.module().grouped_swiglu(x, ids, weights, w13, w2)
+    strips = packed(w13, w2)
+    with pytest.raises(ValueError, match=r"w13 must be 2 weights \[8, 48\] in strip order, \[2, 2, 8, 32\]"):
+        cpu_extension.module().grouped_swiglu(x, ids, weights, strips[1], strips[1])
 
 
 def test_grouped_swiglu_rejects_ids_it_does_not_hold() -> None:
-    x, w13, w2 = torch.randn(2, 8), torch.randn(2, 8, 16), torch.randn(2, 8, 8)
+    x, (w13, w2) = torch.randn(2, 8), packed(torch.randn(2, 8, 16), torch.randn(2, 8, 8))
     for bad in (2, -2):
         with pytest.raises(ValueError, match="outside -1..1"):
             cpu_extension.module().grouped_swiglu(x, torch.tensor([[0], [bad]]), torch.ones(2, 1), w13, w2)

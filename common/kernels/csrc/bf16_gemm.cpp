@@ -28,7 +28,7 @@ constexpr int64_t STRIPS_UP_TO = 24;  // rows up to which a grouped product's ex
 template <typename W>
 void columns(const float* x, const W* w, float* out, int64_t M, int64_t K, int64_t N, int64_t b0,
              int64_t b1) {
-  gemm_packed(x, K, w, N, out, N, M, K, b0 * PANEL_COLUMNS, std::min(b1 * PANEL_COLUMNS, N));
+  gemm_packed(x, K, RowMajor<W>{w, N}, out, N, M, K, b0 * PANEL_COLUMNS, std::min(b1 * PANEL_COLUMNS, N));
 }
 
 // Columns c0..c1 of M rows of float32 sums, rounded to bfloat16 into out.
@@ -72,13 +72,15 @@ void check_bf16_weight(const torch::Tensor& w) {
 // Work items: (e, a range of column blocks). An item reads its weight rows in runs as long as its column
 // range (a run of a few cache lines, a row apart, defeats the prefetchers), so an expert is cut into as
 // few items as keep every thread busy; experts without rows are never read. The experts' rows are uneven,
-// so threads take items as they finish, the largest first. An expert with few rows takes its weight in
-// strip order where the caller has it (gemm_strips.h): the same sums, faster.
+// so threads take items as they finish, the largest first. The weights are row-major [E, K, N] (MLA's
+// absorbed products) or in strip order (the routed experts, gemm_strips.h): there an expert with a few rows
+// streams its strips, one with many widens its panels from them; the same sums either way.
 template <typename W>
-void grouped(const float* x, const W* w, const W* strips, float* out, const int64_t* off, int64_t E,
-             int64_t K, int64_t N) {
+void grouped(const float* x, const W* w, bool strips, float* out, const int64_t* off, int64_t E, int64_t K,
+             int64_t N) {
   const int64_t blocks = (N + PANEL_COLUMNS - 1) / PANEL_COLUMNS;
-  const int64_t strips_size = (N + STRIP_COLUMNS - 1) / STRIP_COLUMNS * STRIP_COLUMNS * K;  // per expert
+  // an expert's weight: in strip order its columns padded to whole strips
+  const int64_t size = K * (strips ? (N + STRIP_COLUMNS - 1) / STRIP_COLUMNS * STRIP_COLUMNS : N);
   int64_t active = 0;
   for (int64_t e = 0; e < E; ++e) active += off[e + 1] > off[e];
   const int64_t threads = at::get_num_threads();
@@ -96,24 +98,27 @@ void grouped(const float* x, const W* w, const W* strips, float* out, const int6
   at::parallel_for(0, std::clamp<int64_t>(work / GRAIN, 1, threads), 1, [&](int64_t, int64_t) {
     for (size_t i; (i = next++) < items.size();) {
       const auto [e, b0, b1] = items[i];
-      const int64_t M = off[e + 1] - off[e];
-      if (strips != nullptr && M <= STRIPS_UP_TO)
-        gemm_strips(x + off[e] * K, K, strips + e * strips_size, out + off[e] * N, N, M, K,
-                    b0 * PANEL_COLUMNS, std::min(b1 * PANEL_COLUMNS, N));
+      const int64_t M = off[e + 1] - off[e], c0 = b0 * PANEL_COLUMNS, c1 = std::min(b1 * PANEL_COLUMNS, N);
+      const float* xe = x + off[e] * K;
+      float* oe = out + off[e] * N;
+      if (!strips)
+        gemm_packed(xe, K, RowMajor<W>{w + e * size, N}, oe, N, M, K, c0, c1);
+      else if (M <= STRIPS_UP_TO)
+        gemm_strips(xe, K, w + e * size, oe, N, M, K, c0, c1);
       else
-        columns(x + off[e] * K, w + e * K * N, out + off[e] * N, M, K, N, b0, b1);
+        gemm_packed(xe, K, StripOrder<W>{w + e * size, K}, oe, N, M, K, c0, c1);
     }
   });
 }
 
-void grouped_product(const float* x, const uint16_t* w, const uint16_t* strips, float* out,
-                     const int64_t* off, int64_t E, int64_t K, int64_t N) {
-  grouped(x, w, strips, out, off, E, K, N);
+void grouped_product(const float* x, const uint16_t* strips, float* out, const int64_t* off, int64_t E,
+                     int64_t K, int64_t N) {
+  grouped(x, strips, true, out, off, E, K, N);
 }
 
-void grouped_product(const float* x, const float* w, const float* strips, float* out, const int64_t* off,
-                     int64_t E, int64_t K, int64_t N) {
-  grouped(x, w, strips, out, off, E, K, N);
+void grouped_product(const float* x, const float* strips, float* out, const int64_t* off, int64_t E, int64_t K,
+                     int64_t N) {
+  grouped(x, strips, true, out, off, E, K, N);
 }
 
 // x [..., K] @ w [K, N] -> [..., N] in x's dtype: the projections. A bfloat16 result is summed in float32
@@ -153,7 +158,7 @@ torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w) {
   float* sp = bf16_out ? scratch(Scratch::gemm_sums, B * M * N) : out.data_ptr<float>();
   std::vector<int64_t> off(B + 1);
   for (int64_t b = 0; b <= B; ++b) off[b] = b * M;
-  grouped(xp, bf16_bits(w), static_cast<const uint16_t*>(nullptr), sp, off.data(), B, K, N);
+  grouped(xp, bf16_bits(w), false, sp, off.data(), B, K, N);
   if (bf16_out) narrow(sp, out.data_ptr<at::BFloat16>(), B * M * N);
   return out;
 }

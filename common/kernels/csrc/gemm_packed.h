@@ -1,4 +1,4 @@
-// out[r, c] = sum_i x[r * ldx + i] * w[i * ldw + c] for r < M, c0 <= c < c1: the scheme for products where
+// out[r, c] = sum_i x[r * ldx + i] * w[i, c] for r < M, c0 <= c < c1: the scheme for products where
 // each weight meets several rows (batched decode, an expert's share of a batch). A thread widens a panel of
 // KC weight rows x 64 columns into float32 once (it stays in L1), then runs tiles of 4 rows x 64 columns
 // over it, the 16 accumulators in registers: per weight row 4 vector loads and 4 broadcasts feed 16
@@ -16,6 +16,16 @@
 
 constexpr int64_t PANEL_COLUMNS = 64;  // a panel's width: callers split columns between threads by it
 
+// Where a weight's columns c..c+15 of row r start (c a multiple of 16; they lie side by side in memory): a
+// row-major [K, N] weight, ld elements a row. gemm_strips.h's StripOrder is the other layout.
+template <typename W>
+struct RowMajor {
+  using element = W;
+  const W* w;
+  int64_t ld;
+  const W* at(int64_t r, int64_t c) const { return w + r * ld + c; }
+};
+
 namespace gemm_packed_detail {
 
 constexpr int64_t KC = 128;             // weight rows per panel at most: 128 x 64 float32 = 32 KiB
@@ -27,11 +37,11 @@ constexpr int64_t PREFETCH_PANELS = 3;  // how far ahead the weights are asked f
 
 // Asks for one panel row's weights (the lines of 64 columns) ahead of their use: at a few rows per weight
 // the product waits on memory, and in a panel's short runs the hardware prefetchers fall behind.
-template <typename W>
-inline void prefetch_row(const W* p) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  for (size_t line = 0; line < sizeof(W) * PANEL_COLUMNS / 64; ++line)
-    _mm_prefetch(bytes + 64 * line, _MM_HINT_T0);
+template <typename Weights>
+inline void prefetch_row(const Weights& w, int64_t r, int64_t c) {
+  constexpr int64_t per_line = 64 / sizeof(typename Weights::element);
+  for (int64_t j = 0; j < PANEL_COLUMNS; j += per_line)
+    _mm_prefetch(reinterpret_cast<const char*>(w.at(r, c + j)), _MM_HINT_T0);
 }
 
 // R rows x 64 columns of out (= on the first panel, += after) from x's rows times one panel; x's row r
@@ -54,17 +64,17 @@ inline void tile(const float* x, int64_t ldx, int64_t incx, const float* panel, 
     for (int v = 0; v < V; ++v) store(o + r * ldo + 16 * v, acc[r][v], mask[v]);
 }
 
-// One row x 64 columns of out (= on the first panel, += after) from kc weight rows read in place, rows ldw
-// apart, widened in registers: for a single row, which cannot repay widening a panel (with AVX2 a panel's
-// stores and loads cost more than the product; on AVX-512 the panels reach the memory's rate anyway).
-template <typename W>
-inline void direct_row(const float* x, const W* w, int64_t ldw, int64_t kc, float* o, const mask16* mask,
-                       bool first) {
+// One row x 64 columns of out (= on the first panel, += after) from kc weight rows from row k, columns from
+// n, read in place, widened in registers: for a single row, which cannot repay widening a panel (with AVX2
+// a panel's stores and loads cost more than the product; on AVX-512 the panels reach the memory's rate).
+template <typename Weights>
+inline void direct_row(const float* x, const Weights& w, int64_t k, int64_t n, int64_t kc, float* o,
+                       const mask16* mask, bool first) {
   f32x16 acc[V];
   for (int v = 0; v < V; ++v) acc[v] = first ? zeros() : load(o + 16 * v, mask[v]);
   for (int64_t i = 0; i < kc; ++i) {
     const f32x16 xb = splat(x[i]);
-    for (int v = 0; v < V; ++v) acc[v] = fmadd(xb, load_weights(w + i * ldw + 16 * v, mask[v]), acc[v]);
+    for (int v = 0; v < V; ++v) acc[v] = fmadd(xb, load_weights(w.at(k + i, n + 16 * v), mask[v]), acc[v]);
   }
   for (int v = 0; v < V; ++v) store(o + 16 * v, acc[v], mask[v]);
 }
@@ -73,7 +83,9 @@ inline void direct_row(const float* x, const W* w, int64_t ldw, int64_t kc, floa
 // cache line, widened as its even and odd columns (load_bf16_pairs: a shift and an and for 16 columns, where
 // widening in column order takes a shuffle and a shift for 8, and on AVX2 CPUs those share few ports); the
 // sums go out of column order and back once per call. The same sums in the same order as direct_row's.
-inline void direct_row(const float* x, const uint16_t* w, int64_t ldw, int64_t kc, float* o, bool first) {
+template <typename Weights>
+inline void direct_row_pairs(const float* x, const Weights& w, int64_t k, int64_t n, int64_t kc, float* o,
+                             bool first) {
   f32x16 even[2], odd[2];
   for (int h = 0; h < 2; ++h) {
     if (first)
@@ -85,7 +97,7 @@ inline void direct_row(const float* x, const uint16_t* w, int64_t ldw, int64_t k
     const f32x16 xb = splat(x[i]);
     for (int h = 0; h < 2; ++h) {
       f32x16 e, d;
-      load_bf16_pairs(w + i * ldw + 32 * h, e, d);
+      load_bf16_pairs(w.at(k + i, n + 32 * h), e, d);
       even[h] = fmadd(xb, e, even[h]);
       odd[h] = fmadd(xb, d, odd[h]);
     }
@@ -127,9 +139,9 @@ namespace gemm_packed_detail {
 // Panels walk the weight KC rows at a time, left to right, so each of the KC rows streams from memory
 // (walking a column block down all K rows instead would stride across pages, which defeats the prefetchers
 // where the rows are long); KC grows with M (more rows amortise the accumulators' loads and stores).
-template <typename W>
-void gemm_packed_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int64_t ldo,
-                      int64_t M, int64_t K, int64_t c0, int64_t c1) {
+template <typename Weights>
+void gemm_packed_rows(const float* x, int64_t ldx, const Weights& w, float* out, int64_t ldo, int64_t M,
+                      int64_t K, int64_t c0, int64_t c1) {
   alignas(64) float panel[KC * PANEL_COLUMNS];
   const int64_t kc_max = std::clamp<int64_t>((M + 3) / 4 * 16, 16, KC);
   const int64_t span = (c1 - c0 + PANEL_COLUMNS - 1) / PANEL_COLUMNS * PANEL_COLUMNS;  // the panels' columns
@@ -144,21 +156,20 @@ void gemm_packed_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, floa
       const int64_t ahead_c = c0 + (ahead < span ? ahead : ahead - span);
       if (M == 1 && DIRECT_ROW) {
         for (int64_t i = 0; i < kc; ++i)
-          if (ahead_c < c1 && ahead_k + i < K) prefetch_row(w + (ahead_k + i) * ldw + ahead_c);
-        if constexpr (std::is_same_v<W, uint16_t>) {
+          if (ahead_c < c1 && ahead_k + i < K) prefetch_row(w, ahead_k + i, ahead_c);
+        if constexpr (std::is_same_v<typename Weights::element, uint16_t>) {
           if (n + PANEL_COLUMNS <= c1) {
-            direct_row(x + k, w + k * ldw + n, ldw, kc, out + n, k == 0);
+            direct_row_pairs(x + k, w, k, n, kc, out + n, k == 0);
             continue;
           }
         }
-        direct_row(x + k, w + k * ldw + n, ldw, kc, out + n, mask, k == 0);
+        direct_row(x + k, w, k, n, kc, out + n, mask, k == 0);
         continue;
       }
       for (int64_t i = 0; i < kc; ++i) {  // columns past c1 widen to zeros and are never stored
-        if (ahead_c < c1 && ahead_k + i < K) prefetch_row(w + (ahead_k + i) * ldw + ahead_c);
-        for (int v = 0; v < V; ++v) {
-          store(panel + i * PANEL_COLUMNS + 16 * v, load_weights(w + (k + i) * ldw + n + 16 * v, mask[v]));
-        }
+        if (ahead_c < c1 && ahead_k + i < K) prefetch_row(w, ahead_k + i, ahead_c);
+        for (int v = 0; v < V; ++v)
+          store(panel + i * PANEL_COLUMNS + 16 * v, load_weights(w.at(k + i, n + 16 * v), mask[v]));
       }
       panel_product(x + k, ldx, 1, panel, kc, out + n, ldo, M, mask, k == 0);
     }
@@ -167,11 +178,11 @@ void gemm_packed_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, floa
 
 }  // namespace gemm_packed_detail
 
-// The product over any number of rows, ROW_BLOCK rows at a time.
-template <typename W>
-void gemm_packed(const float* x, int64_t ldx, const W* w, int64_t ldw, float* out, int64_t ldo, int64_t M,
-                 int64_t K, int64_t c0, int64_t c1) {
+// The product over any number of rows, ROW_BLOCK rows at a time; w: RowMajor or StripOrder (gemm_strips.h).
+template <typename Weights>
+void gemm_packed(const float* x, int64_t ldx, const Weights& w, float* out, int64_t ldo, int64_t M, int64_t K,
+                 int64_t c0, int64_t c1) {
   using namespace gemm_packed_detail;
   for (int64_t m = 0; m < M; m += ROW_BLOCK)
-    gemm_packed_rows(x + m * ldx, ldx, w, ldw, out + m * ldo, ldo, std::min(ROW_BLOCK, M - m), K, c0, c1);
+    gemm_packed_rows(x + m * ldx, ldx, w, out + m * ldo, ldo, std::min(ROW_BLOCK, M - m), K, c0, c1);
 }

@@ -20,6 +20,18 @@ constexpr int64_t STRIP_COLUMNS = 32;   // a strip's width: a cache line of bflo
 // Rows a tile holds: 24 accumulators of AVX-512's 32 vector registers; of AVX2's 16, 8 (each vector is two).
 constexpr int64_t STRIP_MAX_ROWS = VECTOR_REGISTERS >= 32 ? 12 : 2;
 
+// Where columns c..c+15 of row r of a weight in strip order start (c a multiple of 16): the panels of
+// gemm_packed.h read strips through it, for the experts with many rows.
+template <typename W>
+struct StripOrder {
+  using element = W;
+  const W* w;
+  int64_t K;
+  const W* at(int64_t r, int64_t c) const {
+    return w + (c / STRIP_COLUMNS * K + r) * STRIP_COLUMNS + c % STRIP_COLUMNS;
+  }
+};
+
 namespace gemm_strips_detail {
 
 constexpr int64_t PREFETCH_BYTES = 4096;  // how far ahead the stream is asked for (measured: 4-16 KiB close)

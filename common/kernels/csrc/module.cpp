@@ -6,8 +6,7 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert_ids,
                              const torch::Tensor& weights, const torch::Tensor& w13,
-                             const torch::Tensor& w2, const std::optional<torch::Tensor>& w13_strips,
-                             const std::optional<torch::Tensor>& w2_strips);
+                             const torch::Tensor& w2);
 torch::Tensor paged_latent_decode(const torch::Tensor& q, const torch::Tensor& pages,
                                   const torch::Tensor& block_tables, const torch::Tensor& context_lens,
                                   double scale, int64_t value_dim, int64_t num_splits);
@@ -26,9 +25,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("bf16_mm", &bf16_mm, "x @ w for a bfloat16 w, in x's dtype", nogil);
   m.def("bf16_bmm", &bf16_bmm, "x[b] @ w[b] for a bfloat16 w, in x's dtype", nogil);
-  m.def("grouped_swiglu", &grouped_swiglu, "the routed experts of a layer, in one call", py::arg("x"),
-        py::arg("expert_ids"), py::arg("weights"), py::arg("w13"), py::arg("w2"),
-        py::arg("w13_strips") = py::none(), py::arg("w2_strips") = py::none(), nogil);
+  m.def("grouped_swiglu", &grouped_swiglu, "the routed experts of a layer (in strip order), in one call",
+        nogil);
   m.def("paged_latent_decode", &paged_latent_decode, "absorbed MLA decode over paged latents", nogil);
   m.def("flash_attn_varlen", &flash_attn_varlen, "attention over packed sequences (prefill)", nogil);
   m.def("rms_norm", &rms_norm, "weight * x / rms(x), computed in float32 (x first added into residual)",
