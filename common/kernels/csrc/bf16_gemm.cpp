@@ -116,8 +116,8 @@ void grouped_product(const float* x, const uint16_t* strips, float* out, const i
   grouped(x, strips, true, out, off, E, K, N);
 }
 
-void grouped_product(const float* x, const float* strips, float* out, const int64_t* off, int64_t E, int64_t K,
-                     int64_t N) {
+void grouped_product(const float* x, const float* strips, float* out, const int64_t* off, int64_t E,
+                     int64_t K, int64_t N) {
   grouped(x, strips, true, out, off, E, K, N);
 }
 

@@ -13,5 +13,5 @@ inline const uint16_t* bf16_bits(const torch::Tensor& w) {
 // bfloat16 (as bits) or float32 weights in strip order (gemm_strips.h): strips [E, ceil(N / 32), K, 32].
 void grouped_product(const float* x, const uint16_t* strips, float* out, const int64_t* off, int64_t E,
                      int64_t K, int64_t N);
-void grouped_product(const float* x, const float* strips, float* out, const int64_t* off, int64_t E, int64_t K,
-                     int64_t N);
+void grouped_product(const float* x, const float* strips, float* out, const int64_t* off, int64_t E,
+                     int64_t K, int64_t N);

@@ -81,7 +81,8 @@ void check_strips(const char* name, const torch::Tensor& w, int64_t E, int64_t K
 }  // namespace
 
 torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert_ids,
-                             const torch::Tensor& weights, const torch::Tensor& w13, const torch::Tensor& w2) {
+                             const torch::Tensor& weights, const torch::Tensor& w13,
+                             const torch::Tensor& w2) {
   TORCH_CHECK_VALUE(x.dim() == 2 && expert_ids.dim() == 2 && weights.sizes() == expert_ids.sizes() &&
                         expert_ids.size(0) == x.size(0),
                     "x [T, h], expert_ids [T, k] and weights [T, k] expected");
