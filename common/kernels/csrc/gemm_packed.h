@@ -16,8 +16,9 @@
 
 constexpr int64_t PANEL_COLUMNS = 64;  // a panel's width: callers split columns between threads by it
 
-// Where a weight's columns c..c+15 of row r start (c a multiple of 16; they lie side by side in memory): a
-// row-major [K, N] weight, ld elements a row. gemm_strips.h's StripOrder is the other layout.
+// Where a weight's columns c..c+15 of row r start (c a multiple of 16; they lie side by side in memory, as
+// c..c+31 do from a multiple of 32): a row-major [K, N] weight, ld elements a row. gemm_strips.h's StripOrder
+// is the other layout.
 template <typename W>
 struct RowMajor {
   using element = W;
