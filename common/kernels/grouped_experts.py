@@ -42,6 +42,11 @@ def strip_order(w: torch.Tensor) -> torch.Tensor:
     return padded.view(experts, k, padded.shape[2] // STRIP, STRIP).transpose(1, 2).contiguous()
 
 
+def in_strip_order(w: torch.Tensor) -> bool:
+    """Whether w holds experts in strip order ([E, strips, K, 32]) rather than [E, K, N]."""
+    return w.dim() == 4
+
+
 def unstrip(strips: torch.Tensor, n: int) -> torch.Tensor:
     """strip_order undone: [E, K, n] (a copy)."""
     experts, count, k, _ = strips.shape
@@ -64,7 +69,7 @@ def grouped_swiglu(
     the C++ call; others, or x it cannot take (another dtype than the weights'), run one GEMM pair per expert
     in multiply_dtype (float32 for half types on CPUs without units for them).
     """
-    if w13.dim() == 4:  # strip order
+    if in_strip_order(w13):
         if x.dtype == w13.dtype and cpu_extension.runs(x):
             return cpu_extension.module().grouped_swiglu(x, expert_ids, weights, w13, w2)
         w13, w2 = unstrip(w13, 2 * w2.shape[2]), unstrip(w2, x.shape[1])

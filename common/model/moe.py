@@ -101,7 +101,7 @@ class RoutedExperts(nn.Module):
 
     @property
     def packed(self) -> bool:
-        return self.w13.dim() == 4
+        return grouped_experts.in_strip_order(self.w13)
 
     def pack(self) -> None:
         """Keep w13 and w2 in strip order where the C++ call takes their products (decode reads them 1.3-1.4x
