@@ -37,8 +37,9 @@ def available() -> bool:
 def suits(x: torch.Tensor, w: torch.Tensor, rows_per_weight: float) -> bool:
     """Whether x's products with w (or with weights like it) should run here."""
     return (
-        x.dtype == w.dtype == torch.bfloat16
-        and x.device.type == "cpu"
+        x.dtype is torch.bfloat16
+        and w.dtype is torch.bfloat16
+        and x.is_cpu
         and 0 < rows_per_weight <= MAX_ROWS
         and available()
     )

@@ -93,9 +93,9 @@ def available() -> bool:
 
 def runs(x: torch.Tensor) -> bool:
     """Whether a kernel should take x: a float32 or bfloat16 CPU tensor, no gradient wanted, kernels built."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and not (torch.is_grad_enabled() and x.requires_grad)
+    return (  # cheapest tests first: a decode step asks this a few dozen times
+        x.is_cpu
+        and (x.dtype is torch.float32 or x.dtype is torch.bfloat16)
+        and not (x.requires_grad and torch.is_grad_enabled())
         and available()
     )
