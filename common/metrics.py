@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import threading
 
+import numpy as np
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -109,9 +110,11 @@ class ExpertLoad:
         self.row = {layer: i for i, layer in enumerate(moe_layers)}
         self.num_experts = num_experts
         self.pending: list[tuple[int, torch.Tensor]] = []  # (row, the gate's ids) recorded this step
-        self.window: collections.deque[torch.Tensor] = collections.deque(maxlen=window)
-        self.window_sum = torch.zeros(len(moe_layers), num_experts, dtype=torch.int64)
-        self.unpublished = torch.zeros_like(self.window_sum)  # counted, not yet added to the counters
+        # Counted in numpy: its calls cost a microsecond, a torch operator several (and some wake OpenMP's
+        # threads), which a one-sequence decode step would pay every step.
+        self.window: collections.deque[np.ndarray] = collections.deque(maxlen=window)
+        self.window_sum = np.zeros((len(moe_layers), num_experts), dtype=np.int64)
+        self.unpublished = np.zeros_like(self.window_sum)  # counted, not yet added to the counters
         self._children = [
             [EXPERT_TOKENS.labels(str(layer), str(e)) for e in range(num_experts)] for layer in moe_layers
         ]
@@ -129,16 +132,14 @@ class ExpertLoad:
         with self._lock:
             self.pending.clear()
 
-    def step_counts(self, pending: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    def step_counts(self, pending: list[tuple[int, torch.Tensor]]) -> np.ndarray:
         """[MoE layers, experts] choices counted from what record kept."""
         if not pending:
-            return torch.zeros_like(self.window_sum)
-        chosen = torch.cat([ids.flatten() for _, ids in pending]).cpu()
-        rows = torch.tensor([row for row, _ in pending]).repeat_interleave(
-            torch.tensor([ids.numel() for _, ids in pending])
-        )
-        counts = torch.bincount(rows * self.num_experts + chosen, minlength=self.window_sum.numel())
-        return counts.view_as(self.window_sum)
+            return np.zeros_like(self.window_sum)
+        chosen = np.concatenate([ids.cpu().numpy().ravel() for _, ids in pending])
+        rows = np.repeat([row for row, _ in pending], [ids.numel() for _, ids in pending])
+        counts = np.bincount(rows * self.num_experts + chosen, minlength=self.window_sum.size)
+        return counts.reshape(self.window_sum.shape)
 
     def flush(self, publish: bool = True) -> None:
         """After a step: count its choices into the window, and publish what is counted when asked (the
@@ -162,10 +163,9 @@ class ExpertLoad:
                 if n:
                     self._children[i][e].inc(n)
                     total += n
-        self.unpublished.zero_()
+        self.unpublished[:] = 0
         ROUTED_TOKENS.inc(total)
-        load = self.window_sum.double()
-        mean = load.mean(dim=1)
-        imbalance = torch.where(mean > 0, load.amax(dim=1) / mean.clamp_min(1e-9), torch.ones_like(mean))
+        mean = self.window_sum.mean(axis=1)
+        imbalance = np.where(mean > 0, self.window_sum.max(axis=1) / np.maximum(mean, 1e-9), 1.0)
         for gauge, value in zip(self._imbalance, imbalance.tolist()):
             gauge.set(value)
