@@ -11,6 +11,7 @@ stays the reference and the path elsewhere:
   * varlen_attention.cpp and paged_decode.cpp: MLA prefill attention over packed sequences and absorbed
     decode over the paged latents (common/kernels/cpu_attention.py);
   * norm_rope.cpp: RMSNorm (common/model/norm.py) and the rotary embedding (common/model/rope.py);
+  * moe_gate.cpp: the MoE gate's scores and top-k choice (common/model/moe.py);
   * activation.cpp: the SwiGLU activation, silu(gate) * up (common/kernels/activation.py).
 
 The build (about a minute on two cores, cached per machine) needs a compiler and a CPU with AVX-512 (F, BW,

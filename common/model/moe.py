@@ -13,11 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from common.config import ModelConfig
-from common.kernels import grouped_experts
+from common.kernels import cpu_extension, grouped_experts
 from common.kernels.activation import silu_and_mul
 from common.model.linear import DerivedWeight, matmul
 
@@ -45,7 +44,8 @@ class Gate(nn.Module):
         self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", None)
-        self._float_weight = DerivedWeight(torch.Tensor.float)  # it scores in float32 whatever the dtype
+        # It scores in float32 whatever the dtype, with the weight input-major like every other product's.
+        self._float_weight = DerivedWeight(lambda w: w.float().t().contiguous())
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
@@ -55,8 +55,23 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, device=device))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (weights float32 [T, k], expert ids int64 [T, k])."""
-        logits = F.linear(x.float(), self._float_weight(self.weight))
+        """Returns (weights float32 [T, k], expert ids int64 [T, k]); on CPU one C++ call (csrc/moe_gate.cpp)
+        where the kernels run (its ids best first by the choice)."""
+        weight = self._float_weight(self.weight)
+        if x.dim() == 2 and cpu_extension.runs(x):
+            return cpu_extension.module().moe_gate(
+                x,
+                weight,
+                self.e_score_correction_bias,
+                self.top_k,
+                self.scoring,
+                self.method,
+                self.n_group,
+                self.topk_group,
+                self.norm_topk_prob,
+                self.scaling,
+            )
+        logits = x.float() @ weight
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.method != "greedy":
@@ -94,10 +109,12 @@ class RoutedExperts(nn.Module):
             len(self.expert_ids), device="cpu"
         )
         self.register_buffer("global_to_local", local.to(self.w13.device), persistent=False)
+        self.holds_all = self.expert_ids == list(range(self.num_global))  # global ids are local ids
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Weighted sum of this shard's experts over the (token, expert) pairs routed to it: [T, h]."""
-        return grouped_experts.grouped_swiglu(x, self.global_to_local[ids], weights, self.w13, self.w2)
+        local = ids if self.holds_all else self.global_to_local[ids]
+        return grouped_experts.grouped_swiglu(x, local, weights, self.w13, self.w2)
 
     @property
     def packed(self) -> bool:

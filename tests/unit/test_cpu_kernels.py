@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.config import ModelConfig
 from common.kernels import cpu_attention, cpu_extension, grouped_experts
 from common.model import norm, rope
-from common.model.moe import MLP
+from common.model.moe import MLP, Gate
+from tests.model_configs import CONFIGS
 from tests.unit.test_attention_kernels import (
     TOL,
     decode_lengths,
@@ -348,3 +350,58 @@ def test_grouped_swiglu_rejects_ids_it_does_not_hold() -> None:
         cpu_extension.module().grouped_swiglu(
             x, torch.tensor([[0], [1]]), torch.ones(2, 1), w13, w2.bfloat16()
         )
+
+
+# ------------------------------------------------------------------------------------------------- gate
+
+
+def gate_of(name: str, dtype: torch.dtype, seed: int) -> Gate:
+    """The gate of a test model (tests/model_configs.py), with random weights and correction bias."""
+    gen = torch.Generator().manual_seed(seed)
+    gate = Gate(ModelConfig.from_dict(CONFIGS[name]))
+    gate.weight.data = torch.randn(gate.weight.shape, generator=gen).to(dtype)
+    if gate.e_score_correction_bias is not None:
+        gate.e_score_correction_bias.copy_(torch.randn(gate.num_experts, generator=gen) / 10)
+    return gate
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["v2_lite", "v2_group_yarn", "v3"])
+def test_gate_matches_the_torch_path(monkeypatch, name: str, dtype: torch.dtype) -> None:
+    """Greedy softmax (V2-Lite), group-limited with scaling (V2), sigmoid + bias over noaux_tc groups with
+    renormalised weights (V3): the same experts, and their weights up to float32 summation order."""
+    gate = gate_of(name, dtype, seed=4)
+    x = torch.randn(33, gate.weight.shape[1], generator=torch.Generator().manual_seed(5)).to(dtype)
+    with torch.no_grad():
+        weights, ids = gate(x)
+        want_weights, want_ids = torch_path(monkeypatch, gate, x)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    (ids, order), (want_ids, want_order) = ids.sort(dim=-1), want_ids.sort(dim=-1)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(
+        weights.gather(1, order), want_weights.gather(1, want_order), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("name", ["v2_group_yarn", "v3"])
+def test_gate_gives_a_token_the_same_bits_alone_or_in_a_crowd(name: str) -> None:
+    gate = gate_of(name, torch.float32, seed=6)
+    x = torch.randn(70, gate.weight.shape[1], generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        crowd = gate(x)
+        for t in (0, 13, 69):
+            alone = gate(x[t : t + 1])
+            assert all(torch.equal(a[0], c[t]) for a, c in zip(alone, crowd))
+
+
+def test_gate_rejects_what_it_cannot_score() -> None:
+    x, w = torch.randn(2, 8), torch.randn(8, 6)
+    gate = cpu_extension.module().moe_gate
+    with pytest.raises(ValueError, match="unknown top-k method nearest"):
+        gate(x, w, None, 2, "softmax", "nearest", 1, 1, False, 1.0)
+    with pytest.raises(ValueError, match="n_group must divide the 6 experts"):
+        gate(x, w, None, 2, "softmax", "noaux_tc", 4, 2, False, 1.0)
+    with pytest.raises(ValueError, match=r"weight must be contiguous float32 \[h, E\]"):
+        gate(x, w.t(), None, 2, "softmax", "greedy", 1, 1, False, 1.0)
+    with pytest.raises(ValueError, match=r"correction bias must be contiguous float32 \[6\]"):
+        gate(x, w, torch.zeros(5), 2, "sigmoid", "greedy", 1, 1, False, 1.0)

@@ -2,11 +2,20 @@
 
 #include <torch/extension.h>
 
+#include <optional>
+#include <string>
+#include <tuple>
+
 torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert_ids,
                              const torch::Tensor& weights, const torch::Tensor& w13,
                              const torch::Tensor& w2);
+std::tuple<torch::Tensor, torch::Tensor> moe_gate(const torch::Tensor& x, const torch::Tensor& weight,
+                                                  const std::optional<torch::Tensor>& bias, int64_t top_k,
+                                                  const std::string& scoring, const std::string& method,
+                                                  int64_t n_group, int64_t topk_group, bool norm_topk_prob,
+                                                  double routed_scaling_factor);
 torch::Tensor paged_latent_decode(const torch::Tensor& q, const torch::Tensor& pages,
                                   const torch::Tensor& block_tables, const torch::Tensor& context_lens,
                                   double scale, int64_t value_dim, int64_t num_splits);
@@ -26,6 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_mm", &bf16_mm, "x @ w for a bfloat16 w, in x's dtype", nogil);
   m.def("bf16_bmm", &bf16_bmm, "x[b] @ w[b] for a bfloat16 w, in x's dtype", nogil);
   m.def("grouped_swiglu", &grouped_swiglu, "the routed experts of a layer (in strip order), in one call",
+        nogil);
+  m.def("moe_gate", &moe_gate, "a MoE layer's gate: (weights, expert ids) of each token's top k experts",
         nogil);
   m.def("paged_latent_decode", &paged_latent_decode, "absorbed MLA decode over paged latents", nogil);
   m.def("flash_attn_varlen", &flash_attn_varlen, "attention over packed sequences (prefill)", nogil);

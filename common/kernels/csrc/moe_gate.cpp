@@ -1,0 +1,155 @@
+// The DeepSeekMoE gate of a layer in one call on CPU: the whole of common/model/moe.py's Gate.forward (the
+// variants are described there), which in torch is five operators for V2's greedy gate and a dozen for V3's,
+// together worth more than the arithmetic at a decode step's few tokens.
+//
+// Each thread takes a range of tokens: their logits, x (widened to float32) times the input-major float32
+// weight [h, E], through gemm_packed.h (a row's sums in the same order whatever the other rows), then per
+// token in float32: softmax or sigmoid scores; the correction bias added for choosing only; the best
+// `topk_group` groups kept; the top k experts by that choice, best first (ties: the lower id); their
+// unbiased scores, renormalised and scaled.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "gemm_packed.h"
+#include "scratch.h"
+#include "simd.h"
+
+namespace {
+
+constexpr int64_t GRAIN = 131072;  // multiply-adds a thread gets at least (forking costs microseconds)
+
+struct GateSpec {
+  int64_t experts, top_k, groups, top_groups;
+  bool softmax, grouped, top2_group_score;  // grouped: group-limited; top2: V3's noaux_tc group score
+  bool normalise;
+  float scaling;
+  const float* bias;  // nullptr, or the correction bias [experts]
+};
+
+// The indices of the n largest of v[0..size), best first, ties to the lower index, into out.
+void largest(const float* v, int64_t size, int64_t n, std::vector<char>& taken, int64_t* out) {
+  taken.assign(size, 0);
+  for (int64_t j = 0; j < n; ++j) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < size; ++e)
+      if (!taken[e] && (best < 0 || v[e] > v[best])) best = e;
+    taken[best] = 1;
+    out[j] = best;
+  }
+}
+
+// One token: logits [E] -> ids [k] (best first) and their weights [k].
+void choose(const float* logits, const GateSpec& g, std::vector<float>& scores, std::vector<float>& choice,
+            std::vector<float>& group_scores, std::vector<int64_t>& kept, std::vector<char>& taken,
+            int64_t* ids, float* weights) {
+  const int64_t E = g.experts;
+  if (g.softmax) {
+    float top = logits[0], sum = 0.0f;
+    for (int64_t e = 1; e < E; ++e) top = std::max(top, logits[e]);
+    for (int64_t e = 0; e < E; ++e) sum += scores[e] = std::exp(logits[e] - top);
+    for (int64_t e = 0; e < E; ++e) scores[e] /= sum;
+  } else {
+    for (int64_t e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + std::exp(-logits[e]));
+  }
+  for (int64_t e = 0; e < E; ++e) choice[e] = g.bias ? scores[e] + g.bias[e] : scores[e];
+  if (g.grouped) {
+    const int64_t size = E / g.groups;
+    for (int64_t q = 0; q < g.groups; ++q) {
+      const float* c = choice.data() + q * size;
+      if (g.top2_group_score) {
+        int64_t two[2];
+        largest(c, size, 2, taken, two);
+        group_scores[q] = c[two[0]] + c[two[1]];
+      } else {
+        group_scores[q] = c[0];
+        for (int64_t e = 1; e < size; ++e) group_scores[q] = std::max(group_scores[q], c[e]);
+      }
+    }
+    largest(group_scores.data(), g.groups, g.top_groups, taken, kept.data());  // taken: the kept groups
+    for (int64_t e = 0; e < E; ++e)
+      if (!taken[e / size]) choice[e] = -std::numeric_limits<float>::infinity();
+  }
+  largest(choice.data(), E, g.top_k, taken, ids);
+  float sum = 0.0f;
+  for (int64_t j = 0; j < g.top_k; ++j) sum += weights[j] = scores[ids[j]];
+  for (int64_t j = 0; j < g.top_k; ++j) {
+    if (g.normalise && g.top_k > 1) weights[j] /= sum + 1e-20f;
+    if (g.scaling != 1.0f) weights[j] *= g.scaling;
+  }
+}
+
+template <typename T>
+void gate_rows(const T* x, const float* w, int64_t T_, int64_t h, const GateSpec& g, int64_t* ids,
+               float* weights) {
+  const int64_t E = g.experts;
+  const int64_t grain = std::max<int64_t>(1, GRAIN / std::max<int64_t>(1, h * E));
+  at::parallel_for(0, T_, grain, [&](int64_t t0, int64_t t1) {
+    const int64_t rows = t1 - t0;
+    float* xs = scratch(Scratch::gemm_rows, rows * h);
+    for (int64_t t = t0; t < t1; ++t) widen(x + t * h, xs + (t - t0) * h, h);
+    float* logits = scratch(Scratch::gemm_sums, rows * E);
+    for (int64_t c = 0; c < E; c += PANEL_COLUMNS)
+      gemm_packed(xs, h, RowMajor<float>{w, E}, logits, E, rows, h, c, std::min(c + PANEL_COLUMNS, E));
+    std::vector<float> scores(E), choice(E), group_scores(g.groups);
+    std::vector<int64_t> kept(g.groups);
+    std::vector<char> taken;
+    for (int64_t t = t0; t < t1; ++t)
+      choose(logits + (t - t0) * E, g, scores, choice, group_scores, kept, taken, ids + t * g.top_k,
+             weights + t * g.top_k);
+  });
+}
+
+}  // namespace
+
+// x [T, h] float32 or bfloat16, weight [h, E] float32 -> (weights float32 [T, k], expert ids int64 [T, k]).
+// method: greedy, group_limited_greedy (V2) or noaux_tc (V3); scoring: softmax or sigmoid.
+std::tuple<torch::Tensor, torch::Tensor> moe_gate(const torch::Tensor& x, const torch::Tensor& weight,
+                                                  const std::optional<torch::Tensor>& bias, int64_t top_k,
+                                                  const std::string& scoring, const std::string& method,
+                                                  int64_t n_group, int64_t topk_group, bool norm_topk_prob,
+                                                  double routed_scaling_factor) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.device().is_cpu() &&
+                        (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+                    "x must be a float32 or bfloat16 CPU tensor [T, h]");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == x.size(1) &&
+                        weight.scalar_type() == torch::kFloat32 && weight.is_contiguous(),
+                    "weight must be contiguous float32 [h, E] for x [T, h]; got ", weight.sizes());
+  const int64_t T = x.size(0), h = x.size(1), E = weight.size(1);
+  TORCH_CHECK_VALUE(scoring == "softmax" || scoring == "sigmoid", "unknown scoring ", scoring);
+  TORCH_CHECK_VALUE(method == "greedy" || method == "group_limited_greedy" || method == "noaux_tc",
+                    "unknown top-k method ", method);
+  const bool grouped = method != "greedy";
+  TORCH_CHECK_VALUE(!grouped || (n_group >= 1 && E % n_group == 0 && 1 <= topk_group &&
+                                 topk_group <= n_group),
+                    "n_group must divide the ", E, " experts and topk_group lie in 1..n_group");
+  TORCH_CHECK_VALUE(1 <= top_k && top_k <= E, "top_k must lie in 1..", E);
+  TORCH_CHECK_VALUE(!bias || (bias->scalar_type() == torch::kFloat32 && bias->numel() == E &&
+                              bias->is_contiguous() && bias->device().is_cpu()),
+                    "the correction bias must be contiguous float32 [", E, "]");
+  const GateSpec g{E,
+                   top_k,
+                   grouped ? n_group : 1,
+                   grouped ? topk_group : 1,
+                   scoring == "softmax",
+                   grouped,
+                   method == "noaux_tc",
+                   norm_topk_prob,
+                   static_cast<float>(routed_scaling_factor),
+                   bias ? bias->data_ptr<float>() : nullptr};
+  const torch::Tensor xc = x.contiguous();
+  torch::Tensor weights = torch::empty({T, top_k}, x.options().dtype(torch::kFloat32));
+  torch::Tensor ids = torch::empty({T, top_k}, x.options().dtype(torch::kInt64));
+  const float* w = weight.data_ptr<float>();
+  if (x.scalar_type() == torch::kFloat32)
+    gate_rows(xc.data_ptr<float>(), w, T, h, g, ids.data_ptr<int64_t>(), weights.data_ptr<float>());
+  else
+    gate_rows(xc.data_ptr<at::BFloat16>(), w, T, h, g, ids.data_ptr<int64_t>(), weights.data_ptr<float>());
+  return {weights, ids};
+}
