@@ -144,12 +144,12 @@ class MLA(nn.Module):
             else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         )
         q = q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_nope, q_pe = q.split_with_sizes([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rotary(q_pe, cos, sin, self.interleaved)
 
     def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The per-token cache entry [T, d_c + d_R]: normalised c_kv and rotated k_pe."""
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split_with_sizes([self.kv_rank, self.rope_dim], dim=-1)
         return torch.cat([self.kv_a_layernorm(c_kv), apply_rotary(k_pe, cos, sin, self.interleaved)], dim=-1)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,9 +186,9 @@ class MLA(nn.Module):
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, context: torch.Tensor, batch: AttentionBatch
     ) -> torch.Tensor:
         """Up-project the context latents to per-head K/V and run causal flash attention: [Tq, H, d_v]."""
-        c_kv, k_pe = context.split([self.kv_rank, self.rope_dim], dim=-1)
+        c_kv, k_pe = context.split_with_sizes([self.kv_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(c_kv).view(-1, self.num_heads, self.nope_dim + self.v_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k_nope, v = kv.split_with_sizes([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         return flash_attn_varlen(

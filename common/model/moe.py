@@ -156,4 +156,4 @@ class MoE(nn.Module):
         if self.shared_experts is None:
             return routed()
         shared = self.shared_experts(x)
-        return routed() + shared
+        return shared.add_(routed())
