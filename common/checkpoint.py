@@ -408,12 +408,13 @@ def load_expert_shard(
 
 
 def _pack_experts(*modules: torch.nn.Module) -> None:
-    """The routed experts in the layout their kernel reads (RoutedExperts.pack), a layer at a time."""
-    from common.model.moe import RoutedExperts
+    """The routed experts in the layout their kernel reads, with their layer's shared experts where they are
+    all here (MoE.pack, RoutedExperts.pack), a layer at a time."""
+    from common.model.moe import MoE, RoutedExperts
 
     for module in modules:
-        for m in module.modules():
-            if isinstance(m, RoutedExperts):
+        for m in list(module.modules()):
+            if isinstance(m, MoE | RoutedExperts):
                 m.pack()
 
 

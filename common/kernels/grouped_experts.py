@@ -59,8 +59,10 @@ def grouped_swiglu(
     weights: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
+    shared: int = 0,
 ) -> torch.Tensor:
-    """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) over the experts of this shard.
+    """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) over the experts of this shard, plus the last `shared`
+    experts of w13 and w2 (shared experts) with weight 1 for every token.
 
     x [T, h]; expert_ids [T, k] local expert index or -1 (routed to another shard); weights [T, k] float32;
     w13 [E, h, 2I] (gate columns then up columns); w2 [E, I, h]: input-major, so each GEMM is a plain
@@ -71,8 +73,13 @@ def grouped_swiglu(
     """
     if in_strip_order(w13):
         if x.dtype == w13.dtype and cpu_extension.runs(x):
-            return cpu_extension.module().grouped_swiglu(x, expert_ids, weights, w13, w2)
+            return cpu_extension.module().grouped_swiglu(x, expert_ids, weights, w13, w2, shared)
         w13, w2 = unstrip(w13, 2 * w2.shape[2]), unstrip(w2, x.shape[1])
+    if shared:
+        first = w13.shape[0] - shared
+        every = torch.arange(first, first + shared, device=x.device).expand(x.shape[0], shared)
+        expert_ids = torch.cat([expert_ids, every], dim=1)
+        weights = torch.cat([weights, weights.new_ones(every.shape)], dim=1)
     num_experts, k = w13.shape[0], expert_ids.shape[1]
     flat = expert_ids.flatten()
     counts = torch.bincount(flat + 1, minlength=num_experts + 1).tolist()  # bin 0: pairs of other shards

@@ -33,6 +33,15 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return matmul(silu_and_mul(matmul(x, self.gate_up_proj)), self.down_proj)
 
+    def as_experts(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This MLP as intermediate // width experts of that intermediate width (w13 [n, h, 2 width], w2
+        [n, width, h]), whose outputs sum to its own: a SwiGLU is a sum over its intermediate columns."""
+        hidden, intermediate = self.down_proj.shape[1], self.down_proj.shape[0]
+        n = intermediate // width
+        gate, up = self.gate_up_proj.view(hidden, 2, n, width).unbind(1)
+        w13 = torch.cat([gate, up], dim=-1).transpose(0, 1)
+        return w13.contiguous(), self.down_proj.view(n, width, hidden)
+
 
 class Gate(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -100,6 +109,7 @@ class RoutedExperts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(n, h, 2 * i))  # input-major, as in common/model/linear.py
         self.w2 = nn.Parameter(torch.empty(n, i, h))
         self.num_global = config.n_routed_experts
+        self.num_shared = 0  # shared experts packed after the routed ones (MoE.pack), taken by every token
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
@@ -114,21 +124,27 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Weighted sum of this shard's experts over the (token, expert) pairs routed to it: [T, h]."""
         local = ids if self.holds_all else self.global_to_local[ids]
-        return grouped_experts.grouped_swiglu(x, local, weights, self.w13, self.w2)
+        return grouped_experts.grouped_swiglu(x, local, weights, self.w13, self.w2, self.num_shared)
 
     @property
     def packed(self) -> bool:
         return grouped_experts.in_strip_order(self.w13)
 
-    def pack(self) -> None:
+    def pack(self, shared: MLP | None = None) -> None:
         """Keep w13 and w2 in strip order where the C++ call takes their products (decode reads them 1.3-1.4x
         faster so, common/kernels/grouped_experts.py): once the weights are loaded, in place of the
-        checkpoint's layout, which a packed shard no longer takes."""
+        checkpoint's layout, which a packed shard no longer takes. A layer's `shared` experts, given, join
+        the shard after the routed ones, as experts of the same width (MLP.as_experts)."""
         if self.packed or not grouped_experts.takes(self.w13):
             return
+        w13, w2 = self.w13, self.w2
+        if shared is not None:
+            shared_w13, shared_w2 = shared.as_experts(w2.shape[1])
+            w13, w2 = torch.cat([w13, shared_w13]), torch.cat([w2, shared_w2])
+            self.num_shared = shared_w2.shape[0]
         with torch.no_grad():
-            self.w13 = nn.Parameter(grouped_experts.strip_order(self.w13), requires_grad=False)
-            self.w2 = nn.Parameter(grouped_experts.strip_order(self.w2), requires_grad=False)
+            self.w13 = nn.Parameter(grouped_experts.strip_order(w13), requires_grad=False)
+            self.w2 = nn.Parameter(grouped_experts.strip_order(w2), requires_grad=False)
 
     def submit(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
         """forward() as a deferred result (remote experts compute while the caller goes on)."""
@@ -149,6 +165,22 @@ class MoE(nn.Module):
             if config.n_shared_experts
             else None
         )
+
+    def pack(self) -> None:
+        """Once loaded: the routed experts in their kernel's layout (RoutedExperts.pack). Where this process
+        holds them all, the shared experts join them (SGLang's shared-experts fusion): a layer's experts are
+        then one call, where a one-sequence decode step made four more (two GEMMs, the activation, the add)
+        and read the shared weights more slowly than the routed ones in strip order."""
+        experts, shared = self.experts, self.shared_experts
+        fuse = (
+            shared is not None
+            and experts.holds_all
+            and not experts.packed
+            and shared.down_proj.shape[0] % experts.w2.shape[1] == 0
+        )
+        experts.pack(shared if fuse else None)
+        if experts.num_shared:
+            self.shared_experts = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)

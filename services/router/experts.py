@@ -208,6 +208,11 @@ class ExpertPool:
         """Route every MoE layer of `model` through the actors."""
         for i, layer in enumerate(model.layers):
             if isinstance(layer.mlp, MoE):
+                if getattr(layer.mlp.experts, "num_shared", 0):
+                    raise ValueError(
+                        f"layer {i}: its shared experts were packed with local routed experts; load the "
+                        "model without routed experts (expert_ids=[]) to route them through the actors"
+                    )
                 layer.mlp.experts = RemoteExperts(i, self.shards, self.owners)
 
     def shutdown(self) -> None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from common.config import ModelConfig
 from common.kernels import cpu_attention, cpu_extension, grouped_experts
 from common.model import norm, rope
-from common.model.moe import MLP, Gate
+from common.model.moe import MLP, Gate, MoE
 from tests.model_configs import CONFIGS
 from tests.unit.test_attention_kernels import (
     TOL,
@@ -350,6 +350,56 @@ def test_grouped_swiglu_rejects_ids_it_does_not_hold() -> None:
         cpu_extension.module().grouped_swiglu(
             x, torch.tensor([[0], [1]]), torch.ones(2, 1), w13, w2.bfloat16()
         )
+
+
+def moe_of(name: str, dtype: torch.dtype, expert_ids: list[int] | None = None) -> MoE:
+    """A MoE layer of a test model (tests/model_configs.py) with random weights, not yet packed."""
+    gen = torch.Generator().manual_seed(10)
+    moe = MoE(ModelConfig.from_dict(CONFIGS[name]), expert_ids)
+    for p in moe.parameters():
+        p.data = (torch.randn(p.shape, generator=gen) / 4).to(dtype)
+    return moe
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["v2_lite", "v3"])
+def test_a_moe_layer_packs_its_shared_experts_with_its_routed_ones(name: str, dtype: torch.dtype) -> None:
+    """Where the layer holds every routed expert, MoE.pack appends its shared MLP as experts of the routed
+    width, which every token takes with weight 1: the layer's experts in one C++ call, the same output up to
+    the sums' order (float32) or rounded once instead of three times (bfloat16); the torch path (an x of
+    another dtype) gets it too."""
+    moe = moe_of(name, dtype)
+    x = torch.randn(9, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(11)).to(dtype)
+    with torch.no_grad():
+        want = moe(x)
+        moe.pack()
+        assert moe.shared_experts is None and moe.experts.num_shared == 2 and moe.experts.packed
+        got, torch_path = moe(x), moe(x.double())
+    assert got.dtype == dtype
+    scale = want.abs().max().item()
+    tolerance = (
+        {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.02, "atol": 0.02 * scale}
+    )
+    torch.testing.assert_close(got, want, **tolerance)
+    torch.testing.assert_close(torch_path.to(dtype), got, **tolerance)
+
+
+def test_a_shard_of_some_experts_keeps_the_shared_experts_apart() -> None:
+    """The router's layers (no local routed expert) and an expert worker's shard: the shared experts stay
+    where every token passes (the router), not with the routed experts that run elsewhere."""
+    moe = moe_of("v2_lite", torch.float32, expert_ids=[0, 3])
+    moe.pack()
+    assert moe.experts.packed and moe.experts.num_shared == 0 and moe.shared_experts is not None
+
+
+def test_grouped_swiglu_takes_no_routed_id_among_the_shared_experts() -> None:
+    x, (w13, w2) = torch.randn(2, 8), packed(torch.randn(3, 8, 16), torch.randn(3, 8, 8))
+    call = cpu_extension.module().grouped_swiglu
+    assert call(x, torch.tensor([[0], [1]]), torch.ones(2, 1), w13, w2, shared=1).shape == (2, 8)
+    with pytest.raises(ValueError, match="outside -1..1"):
+        call(x, torch.tensor([[0], [2]]), torch.ones(2, 1), w13, w2, shared=1)
+    with pytest.raises(ValueError, match="shared must lie in 0..3"):
+        call(x, torch.tensor([[0], [1]]), torch.ones(2, 1), w13, w2, shared=4)
 
 
 # ------------------------------------------------------------------------------------------------- gate

@@ -1,12 +1,13 @@
 // Routed experts in one call on CPU, for bfloat16 or float32 weights: the whole of
 // common/kernels/grouped_experts.grouped_swiglu (why: there) without its twenty-odd operators per layer.
 //
-// The weights come in strip order (gemm_strips.h; common/model/moe.py packs them so at load). A counting
-// sort groups the (token, expert) pairs by expert, keeping token order within an expert; the pairs' rows are
-// gathered (widened to float32) in that order, each GEMM round runs every expert's rows in one grouped
-// product (bf16_gemm.cpp), SiLU-and-multiply runs on float32, and each token sums its weighted rows in the
-// sorted order, as the torch path's index_add does. Gather, SiLU and sums run on every thread: a prefill
-// chunk has thousands of pairs.
+// The weights come in strip order (gemm_strips.h; common/model/moe.py packs them so at load); the last
+// `shared` of them are shared experts, which every token takes with weight 1 besides its routed ones. A
+// counting sort groups the (token, expert) pairs by expert, keeping token order within an expert; the pairs'
+// rows are gathered (widened to float32) in that order, each GEMM round runs every expert's rows in one
+// grouped product (bf16_gemm.cpp), SiLU-and-multiply runs on float32, and each token sums its weighted rows
+// in the sorted order, as the torch path's index_add does. Gather, SiLU and sums run on every thread: a
+// prefill chunk has thousands of pairs.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -81,8 +82,8 @@ void check_strips(const char* name, const torch::Tensor& w, int64_t E, int64_t K
 }  // namespace
 
 torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert_ids,
-                             const torch::Tensor& weights, const torch::Tensor& w13,
-                             const torch::Tensor& w2) {
+                             const torch::Tensor& weights, const torch::Tensor& w13, const torch::Tensor& w2,
+                             int64_t shared) {
   TORCH_CHECK_VALUE(x.dim() == 2 && expert_ids.dim() == 2 && weights.sizes() == expert_ids.sizes() &&
                         expert_ids.size(0) == x.size(0),
                     "x [T, h], expert_ids [T, k] and weights [T, k] expected");
@@ -93,7 +94,8 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert
                     "expert_ids must be int64 and weights float32");
   TORCH_CHECK_VALUE(w2.dim() == 4, "w2 must be [E, I, h] in strip order, [E, ceil(h / 32), I, 32]; got ",
                     w2.sizes());
-  const int64_t T = x.size(0), k = expert_ids.size(1), h = x.size(1), E = w2.size(0), I = w2.size(2);
+  const int64_t T = x.size(0), h = x.size(1), E = w2.size(0), I = w2.size(2);
+  TORCH_CHECK_VALUE(0 <= shared && shared <= E, "shared must lie in 0..", E, ", the experts w2 holds");
   check_strips("w13", w13, E, h, 2 * I);
   check_strips("w2", w2, E, I, h);
   TORCH_CHECK_VALUE(w13.scalar_type() == w2.scalar_type() && (w13.scalar_type() == torch::kBFloat16 ||
@@ -102,15 +104,29 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert
   TORCH_CHECK_VALUE(w13.device().is_cpu() && w2.device().is_cpu() && w13.is_contiguous() &&
                         w2.is_contiguous(),
                     "w13 and w2 must be contiguous CPU tensors");
-  const torch::Tensor ids = expert_ids.contiguous(), gates = weights.contiguous(), xc = x.contiguous();
-  const int64_t* id = ids.data_ptr<int64_t>();
-  const float* gate = gates.data_ptr<float>();
+  const torch::Tensor xc = x.contiguous();
+  // Every token's pairs: its routed ones, then one per shared expert (weight 1).
+  const int64_t routed = E - shared, k_routed = expert_ids.size(1), k = k_routed + shared;
+  std::vector<int64_t> id(T * k);
+  std::vector<float> gate(T * k, 1.0f);
+  {
+    const torch::Tensor ids = expert_ids.contiguous(), gates = weights.contiguous();
+    const int64_t* ip = ids.data_ptr<int64_t>();
+    const float* gp = gates.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t j = 0; j < k_routed; ++j) {
+        const int64_t e = ip[t * k_routed + j];
+        TORCH_CHECK_VALUE(-1 <= e && e < routed, "expert id ", e, " outside -1..", routed - 1);
+        id[t * k + j] = e;
+        gate[t * k + j] = gp[t * k_routed + j];
+      }
+      for (int64_t j = 0; j < shared; ++j) id[t * k + k_routed + j] = routed + j;
+    }
+  }
 
   std::vector<int64_t> offsets(E + 1, 0);  // counting sort of the pairs by expert (-1: another shard's)
-  for (int64_t p = 0; p < T * k; ++p) {
-    TORCH_CHECK_VALUE(-1 <= id[p] && id[p] < E, "expert id ", id[p], " outside -1..", E - 1);
+  for (int64_t p = 0; p < T * k; ++p)
     if (id[p] >= 0) ++offsets[id[p] + 1];
-  }
   for (int64_t e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
   const int64_t R = offsets[E];
   std::vector<int64_t> pair(R), row_of(T * k, -1), next(offsets.begin(), offsets.end() - 1);
@@ -133,8 +149,8 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert
 
   torch::Tensor out = torch::empty({T, h}, x.options());
   if (x.scalar_type() == torch::kFloat32)
-    weighted_sums(yp, gate, row_of, k, h, out.data_ptr<float>());
+    weighted_sums(yp, gate.data(), row_of, k, h, out.data_ptr<float>());
   else
-    weighted_sums(yp, gate, row_of, k, h, out.data_ptr<at::BFloat16>());
+    weighted_sums(yp, gate.data(), row_of, k, h, out.data_ptr<at::BFloat16>());
   return out;
 }

@@ -9,8 +9,8 @@
 torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert_ids,
-                             const torch::Tensor& weights, const torch::Tensor& w13,
-                             const torch::Tensor& w2);
+                             const torch::Tensor& weights, const torch::Tensor& w13, const torch::Tensor& w2,
+                             int64_t shared);
 std::tuple<torch::Tensor, torch::Tensor> moe_gate(const torch::Tensor& x, const torch::Tensor& weight,
                                                   const std::optional<torch::Tensor>& bias, int64_t top_k,
                                                   const std::string& scoring, const std::string& method,
@@ -34,8 +34,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("bf16_mm", &bf16_mm, "x @ w for a bfloat16 w, in x's dtype", nogil);
   m.def("bf16_bmm", &bf16_bmm, "x[b] @ w[b] for a bfloat16 w, in x's dtype", nogil);
-  m.def("grouped_swiglu", &grouped_swiglu, "the routed experts of a layer (in strip order), in one call",
-        nogil);
+  m.def("grouped_swiglu", &grouped_swiglu, "a layer's experts (in strip order) in one call",
+        py::arg("x"), py::arg("expert_ids"), py::arg("weights"), py::arg("w13"), py::arg("w2"),
+        py::arg("shared") = 0, nogil);
   m.def("moe_gate", &moe_gate, "a MoE layer's gate: (weights, expert ids) of each token's top k experts",
         nogil);
   m.def("paged_latent_decode", &paged_latent_decode, "absorbed MLA decode over paged latents", nogil);
