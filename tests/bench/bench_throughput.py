@@ -183,7 +183,8 @@ def section_floor(engine: LLMEngine, vocab: int, levels: list[int], results: dic
     hook = RoutedExperts.forward
 
     def spy(self, x, weights, ids):  # type: ignore[no-untyped-def]
-        chosen.append(ids.unique().numel() * (self.w13[0].nbytes + self.w2[0].nbytes))
+        experts = ids.unique().numel() + self.num_shared  # shared experts packed with the routed ones
+        chosen.append(experts * (self.w13[0].nbytes + self.w2[0].nbytes))
         return hook(self, x, weights, ids)
 
     routed = sum(p.nbytes for n, p in model.named_parameters() if ".experts." in n)
