@@ -175,11 +175,12 @@ class ModelRunner:
             sampling.append(seq)
             logits_rows.append(len(ids) - 1)
         batch, cache = attention
+        every_row = len(logits_rows) == len(ids)  # a decode-only step samples every row: no rows to pick
         logits = self.model(
             torch.tensor(ids, device=self.device),
             torch.tensor(positions, device=self.device),
             batch,
             cache,
-            torch.tensor(logits_rows, dtype=torch.long, device=self.device),
+            None if every_row else torch.tensor(logits_rows, dtype=torch.long, device=self.device),
         )
         return logits, sampling
