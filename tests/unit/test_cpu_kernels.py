@@ -451,6 +451,8 @@ def test_gate_rejects_what_it_cannot_score() -> None:
         gate(x, w, None, 2, "softmax", "nearest", 1, 1, False, 1.0)
     with pytest.raises(ValueError, match="n_group must divide the 6 experts"):
         gate(x, w, None, 2, "softmax", "noaux_tc", 4, 2, False, 1.0)
+    with pytest.raises(ValueError, match="noaux_tc scores a group by its best two experts"):
+        gate(x, w, None, 2, "sigmoid", "noaux_tc", 6, 2, False, 1.0)
     with pytest.raises(ValueError, match=r"weight must be contiguous float32 \[h, E\]"):
         gate(x, w.t(), None, 2, "softmax", "greedy", 1, 1, False, 1.0)
     with pytest.raises(ValueError, match=r"correction bias must be contiguous float32 \[6\]"):

@@ -129,6 +129,8 @@ std::tuple<torch::Tensor, torch::Tensor> moe_gate(const torch::Tensor& x, const 
   TORCH_CHECK_VALUE(!grouped || (n_group >= 1 && E % n_group == 0 && 1 <= topk_group &&
                                  topk_group <= n_group),
                     "n_group must divide the ", E, " experts and topk_group lie in 1..n_group");
+  TORCH_CHECK_VALUE(method != "noaux_tc" || E / n_group >= 2,
+                    "noaux_tc scores a group by its best two experts: groups of one expert cannot");
   TORCH_CHECK_VALUE(1 <= top_k && top_k <= E, "top_k must lie in 1..", E);
   TORCH_CHECK_VALUE(!bias || (bias->scalar_type() == torch::kFloat32 && bias->numel() == E &&
                               bias->is_contiguous() && bias->device().is_cpu()),
