@@ -21,7 +21,6 @@
 
 namespace {
 
-constexpr int64_t GRAIN = 131072;  // multiply-adds a thread gets at least (forking costs microseconds)
 constexpr int64_t STRIPS_UP_TO = 24;  // rows up to which a grouped product's expert takes its strips
 
 // out [M, N] = x [M, K] @ w [K, N] over the column blocks b0..b1 (a thread's share).
@@ -95,7 +94,7 @@ void grouped(const float* x, const W* w, bool strips, float* out, const int64_t*
   });
   const int64_t work = off[E] * K * N;
   std::atomic<size_t> next{0};
-  at::parallel_for(0, std::clamp<int64_t>(work / GRAIN, 1, threads), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::clamp<int64_t>(work / GEMM_GRAIN, 1, threads), 1, [&](int64_t, int64_t) {
     for (size_t i; (i = next++) < items.size();) {
       const auto [e, b0, b1] = items[i];
       const int64_t M = off[e + 1] - off[e], c0 = b0 * PANEL_COLUMNS, c1 = std::min(b1 * PANEL_COLUMNS, N);
@@ -135,7 +134,7 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   torch::Tensor out = torch::empty(shape, x.options());
   const bool bf16_out = x.scalar_type() == torch::kBFloat16;
   float* sp = bf16_out ? scratch(Scratch::gemm_sums, M * N) : out.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, GRAIN / std::max<int64_t>(1, PANEL_COLUMNS * K * M));
+  const int64_t grain = std::max<int64_t>(1, GEMM_GRAIN / std::max<int64_t>(1, PANEL_COLUMNS * K * M));
   at::parallel_for(0, (N + PANEL_COLUMNS - 1) / PANEL_COLUMNS, grain, [&](int64_t b0, int64_t b1) {
     columns(xp, bf16_bits(w), sp, M, K, N, b0, b1);
     if (bf16_out) {

@@ -15,6 +15,8 @@
 #include "simd.h"
 
 constexpr int64_t PANEL_COLUMNS = 64;  // a panel's width: callers split columns between threads by it
+// The multiply-adds a caller gives a thread at least: forking the threads costs microseconds.
+constexpr int64_t GEMM_GRAIN = 131072;
 
 // Where a weight's columns c..c+15 of row r start (c a multiple of 16; they lie side by side in memory, as
 // c..c+31 do from a multiple of 32): a row-major [K, N] weight, ld elements a row. gemm_strips.h's StripOrder

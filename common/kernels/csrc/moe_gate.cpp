@@ -23,8 +23,6 @@
 
 namespace {
 
-constexpr int64_t GRAIN = 131072;  // multiply-adds a thread gets at least (forking costs microseconds)
-
 struct GateSpec {
   int64_t experts, top_k, groups, top_groups;
   bool softmax, grouped, top2_group_score;  // grouped: group-limited; top2: V3's noaux_tc group score
@@ -89,14 +87,13 @@ template <typename T>
 void gate_rows(const T* x, const float* w, int64_t T_, int64_t h, const GateSpec& g, int64_t* ids,
                float* weights) {
   const int64_t E = g.experts;
-  const int64_t grain = std::max<int64_t>(1, GRAIN / std::max<int64_t>(1, h * E));
+  const int64_t grain = std::max<int64_t>(1, GEMM_GRAIN / std::max<int64_t>(1, h * E));
   at::parallel_for(0, T_, grain, [&](int64_t t0, int64_t t1) {
     const int64_t rows = t1 - t0;
     float* xs = scratch(Scratch::gemm_rows, rows * h);
     for (int64_t t = t0; t < t1; ++t) widen(x + t * h, xs + (t - t0) * h, h);
     float* logits = scratch(Scratch::gemm_sums, rows * E);
-    for (int64_t c = 0; c < E; c += PANEL_COLUMNS)
-      gemm_packed(xs, h, RowMajor<float>{w, E}, logits, E, rows, h, c, std::min(c + PANEL_COLUMNS, E));
+    gemm_packed(xs, h, RowMajor<float>{w, E}, logits, E, rows, h, 0, E);
     std::vector<float> scores(E), choice(E), group_scores(g.groups);
     std::vector<int64_t> kept(g.groups);
     std::vector<char> taken;
