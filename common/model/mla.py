@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 from common.config import ModelConfig
-from common.kernels import DecodePlan, decode_needs_plan, flash_attn_varlen, paged_latent_decode
+from common.kernels import (
+    DecodePlan,
+    bf16_gemm,
+    cpu_extension,
+    decode_needs_plan,
+    flash_attn_varlen,
+    paged_latent_decode,
+)
 from common.kvcache import BlockPool
 from common.model.linear import DerivedWeight, Linear, matmul
 from common.model.norm import RMSNorm
@@ -134,10 +141,37 @@ class MLA(nn.Module):
         self._absorbed = DerivedWeight(self._split_kv_b)
 
     # ------------------------------------------------------------------ projections
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether the projections around the attention run as one C++ call each (csrc/mla.cpp, the same
+        products as below): on CPU where the kernels build, in float32, or in bfloat16 where x's products go
+        through the bf16 kernel (common/model/linear.py's matmul)."""
+        return cpu_extension.runs(x) and (
+            x.dtype is torch.float32 or bf16_gemm.suits(x, self.o_proj.weight_t, x.shape[0])
+        )
+
     def queries(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q_nope [T, H, d_nope] and the rotated q_pe [T, H, d_R]."""
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, absorb: bool, fused: bool = False
+    ) -> torch.Tensor:
+        """[T, H, d_nope + d_R] with q_pe rotated; absorbed, [T, H, d_c + d_R] (absorb_query). fused: as
+        self.fused(x) says, asked once a layer by the caller (each of these checks costs microseconds)."""
+        if fused:
+            w_uk = self.absorbed_weights()[0] if absorb else None
+            lora = self.q_lora_rank is not None
+            return cpu_extension.module().mla_queries(
+                x,
+                None if lora else self.q_proj.weight_t,
+                self.q_a_proj.weight_t if lora else None,
+                self.q_a_proj.bias if lora else None,
+                self.q_a_layernorm.weight if lora else None,
+                self.q_b_proj.weight_t if lora else None,
+                self.q_a_layernorm.eps if lora else 0.0,
+                cos,
+                sin,
+                self.interleaved,
+                self.num_heads,
+                self.rope_dim,
+                w_uk,
+            )
         q = (
             self.q_proj(x)
             if self.q_lora_rank is None
@@ -145,12 +179,46 @@ class MLA(nn.Module):
         )
         q = q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split_with_sizes([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, apply_rotary(q_pe, cos, sin, self.interleaved)
+        q = torch.cat([q_nope, apply_rotary(q_pe, cos, sin, self.interleaved)], dim=-1)
+        return self.absorb_query(q) if absorb else q
 
     def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The per-token cache entry [T, d_c + d_R]: normalised c_kv and rotated k_pe."""
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split_with_sizes([self.kv_rank, self.rope_dim], dim=-1)
         return torch.cat([self.kv_a_layernorm(c_kv), apply_rotary(k_pe, cos, sin, self.interleaved)], dim=-1)
+
+    def cache_latents(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        cache: BlockPool,
+        fused: bool = False,
+    ) -> None:
+        """Write the new tokens' latents into their cache slots."""
+        if fused and cache.dtype is x.dtype and slots.dtype is torch.int64:
+            cpu_extension.module().mla_cache_latents(
+                x,
+                self.kv_a_proj_with_mqa.weight_t,
+                self.kv_a_proj_with_mqa.bias,
+                self.kv_a_layernorm.weight,
+                self.kv_a_layernorm.eps,
+                cos,
+                sin,
+                self.interleaved,
+                cache.layer(self.layer),
+                slots,
+            )
+        else:
+            cache.write(self.layer, slots, self.latents(x, cos, sin))
+
+    def output(self, o_latent: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """Absorbed attention's latent outputs [T, H, d_c] -> [T, hidden]: W_UV, then o_proj."""
+        if fused:
+            _, w_uv_t = self.absorbed_weights()
+            return cpu_extension.module().mla_output(o_latent, w_uv_t, self.o_proj.weight_t, self.o_proj.bias)
+        return self.o_proj(self.absorb_output(o_latent).flatten(1))
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, d_nope, d_c] and W_UV^T [H, d_c, d_v], split out of kv_b_proj once and kept contiguous."""
@@ -167,30 +235,32 @@ class MLA(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch, cache: BlockPool
     ) -> torch.Tensor:
-        q_nope, q_pe = self.queries(x, cos, sin)
-        cache.write(self.layer, batch.slot_mapping, self.latents(x, cos, sin))
         p = batch.num_prefill_tokens
+        naive = p > 0 and not self.absorbed_prefill_is_cheaper(batch)
+        fused = self.fused(x)
+        q = self.queries(x, cos, sin, absorb=not naive, fused=fused)
+        self.cache_latents(x, cos, sin, batch.slot_mapping, cache, fused)
+        context = cache.gather(self.layer, batch.context_slots) if p else None
+        pages = cache.layer(self.layer)
+        if naive:  # the prefill's outputs come per head; the decodes' through W_UV to join them
+            out = self.attend_naive(q[:p], context, batch)
+            if p < x.shape[0]:
+                decoded = self.attend_absorbed(self.absorb_query(q[p:]), pages, batch)
+                out = torch.cat([out, self.absorb_output(decoded)])
+            return self.o_proj(out.flatten(1))
         parts = []
         if p:
-            context = cache.gather(self.layer, batch.context_slots)
-            prefill = (
-                self.attend_absorbed_prefill if self.absorbed_prefill_is_cheaper(batch) else self.attend_naive
-            )
-            parts.append(prefill(q_nope[:p], q_pe[:p], context, batch))
+            parts.append(self.attend_absorbed_prefill(q[:p], context, batch))
         if p < x.shape[0]:
-            parts.append(self.attend_absorbed(q_nope[p:], q_pe[p:], cache.layer(self.layer), batch))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return self.o_proj(out.flatten(1))
+            parts.append(self.attend_absorbed(q[p:], pages, batch))
+        return self.output(parts[0] if len(parts) == 1 else torch.cat(parts), fused)
 
-    def attend_naive(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, context: torch.Tensor, batch: AttentionBatch
-    ) -> torch.Tensor:
+    def attend_naive(self, q: torch.Tensor, context: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """Up-project the context latents to per-head K/V and run causal flash attention: [Tq, H, d_v]."""
         c_kv, k_pe = context.split_with_sizes([self.kv_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(c_kv).view(-1, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split_with_sizes([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1)
         return flash_attn_varlen(
             q,
             k,
@@ -212,9 +282,11 @@ class MLA(nn.Module):
         absorbed = q * fold + qk * (2 * self.kv_rank + self.rope_dim)
         return absorbed < naive
 
-    def absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
-        """[T, H, d_c + d_R]: W_UK folded into the query, so it scores latents directly."""
+    def absorb_query(self, q: torch.Tensor) -> torch.Tensor:
+        """[T, H, d_nope + d_R] -> [T, H, d_c + d_R]: W_UK folded into the query, so it scores latents
+        directly."""
         w_uk, _ = self.absorbed_weights()
+        q_nope, q_pe = q.split_with_sizes([self.nope_dim, self.rope_dim], dim=-1)
         return torch.cat([matmul(q_nope.transpose(0, 1), w_uk).transpose(0, 1), q_pe], dim=-1)
 
     def absorb_output(self, o_latent: torch.Tensor) -> torch.Tensor:
@@ -223,13 +295,14 @@ class MLA(nn.Module):
         return matmul(o_latent.transpose(0, 1), w_uv_t).transpose(0, 1)
 
     def attend_absorbed_prefill(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, context: torch.Tensor, batch: AttentionBatch
+        self, q: torch.Tensor, context: torch.Tensor, batch: AttentionBatch
     ) -> torch.Tensor:
-        """Causal flash attention of absorbed queries over the gathered latents, one head for all (MQA)."""
+        """Causal flash attention of absorbed queries [Tq, H, d_c + d_R] over the gathered latents, one head
+        for all (MQA): latent outputs [Tq, H, d_c]."""
         k = context[:, None, :].expand(-1, self.num_heads, -1)
         v = context[:, None, : self.kv_rank].expand(-1, self.num_heads, -1)
-        o_latent = flash_attn_varlen(
-            self.absorb_query(q_nope, q_pe),
+        return flash_attn_varlen(
+            q,
             k,
             v,
             batch.cu_seqlens_q,
@@ -238,15 +311,11 @@ class MLA(nn.Module):
             batch.max_seqlen_k,
             self.scale,
         )
-        return self.absorb_output(o_latent)
 
-    def attend_absorbed(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, pages: torch.Tensor, batch: AttentionBatch
-    ) -> torch.Tensor:
-        """Decode on the paged latents directly (W_UK folded into q, W_UV into the output): [Td, H, d_v]."""
-        q = self.absorb_query(q_nope, q_pe)
+    def attend_absorbed(self, q: torch.Tensor, pages: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """Decode of absorbed queries [Td, H, d_c + d_R] on the paged latents directly: latent outputs
+        [Td, H, d_c]."""
         plan = batch.decode_plan if decode_needs_plan(q) else None
-        o_latent = paged_latent_decode(
+        return paged_latent_decode(
             q, pages, batch.block_tables, batch.context_lens, self.scale, self.kv_rank, plan=plan
         )
-        return self.absorb_output(o_latent)

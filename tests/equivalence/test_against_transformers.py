@@ -89,11 +89,11 @@ def test_absorbed_prefill_equals_naive_prefill(pair):
     positions = torch.cat([torch.arange(len(p) - 3, len(p)) for p in PROMPTS[1:]])
     cos, sin = ours.rotary(positions)
     with torch.no_grad():
-        q_nope, q_pe = attn.queries(x, cos, sin)
-        pool.write(0, batch.slot_mapping, attn.latents(x, cos, sin))
+        q = attn.queries(x, cos, sin, absorb=False)
+        attn.cache_latents(x, cos, sin, batch.slot_mapping, pool)
         context = pool.gather(0, batch.context_slots)
-        naive = attn.attend_naive(q_nope, q_pe, context, batch)
-        absorbed = attn.attend_absorbed_prefill(q_nope, q_pe, context, batch)
+        naive = attn.attend_naive(q, context, batch)
+        absorbed = attn.absorb_output(attn.attend_absorbed_prefill(attn.absorb_query(q), context, batch))
     assert sum(map(len, chunks)) == batch.num_tokens
     assert (naive - absorbed).abs().max().item() < 1e-5
 

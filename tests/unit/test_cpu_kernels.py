@@ -1,7 +1,7 @@
 """The C++ CPU kernels of common/kernels/cpu_extension.py against the torch code they replace: the prefill
-and the paged latent decode attention against the float64 references; RMSNorm and the rotary embedding
-against the model's torch path; the routed experts against one product pair per (token, expert). (The
-bfloat16 GEMMs: test_bf16_gemm.py.)"""
+and the paged latent decode attention against the float64 references; RMSNorm, the rotary embedding, the
+gate and MLA's projections against the model's torch path; the routed experts against one product pair per
+(token, expert). (The bfloat16 GEMMs: test_bf16_gemm.py.)"""
 
 import itertools
 
@@ -11,8 +11,11 @@ import torch.nn.functional as F
 
 from common.config import ModelConfig
 from common.kernels import cpu_attention, cpu_extension, grouped_experts
+from common.kvcache import BlockPool
 from common.model import norm, rope
+from common.model.mla import MLA, AttentionBatch
 from common.model.moe import MLP, Gate, MoE
+from common.model.rope import RotaryEmbedding
 from tests.model_configs import CONFIGS
 from tests.unit.test_attention_kernels import (
     TOL,
@@ -457,3 +460,53 @@ def test_gate_rejects_what_it_cannot_score() -> None:
         gate(x, w.t(), None, 2, "softmax", "greedy", 1, 1, False, 1.0)
     with pytest.raises(ValueError, match=r"correction bias must be contiguous float32 \[6\]"):
         gate(x, w, torch.zeros(5), 2, "sigmoid", "greedy", 1, 1, False, 1.0)
+
+
+# -------------------------------------------------------------------------------------------------- mla
+
+
+def mla_case(name: str, dtype: torch.dtype, bias: bool) -> tuple[MLA, RotaryEmbedding, BlockPool]:
+    """Layer 0's MLA of a test model with random weights (biases too, if asked), and random pages."""
+    gen = torch.Generator().manual_seed(8)
+    config = ModelConfig.from_dict({**CONFIGS[name], "attention_bias": bias})
+    attn = MLA(config, 0)
+    for p in attn.parameters():
+        p.data = (torch.randn(p.shape, generator=gen) / 4).to(dtype)
+    pool = BlockPool(1, 12, 4, config.latent_dim, dtype, "cpu")
+    pool.pages.copy_(torch.randn(pool.pages.shape, generator=gen))
+    return attn, RotaryEmbedding(config), pool
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name, bias", [("v2_lite", False), ("v3", False), ("v2_group_yarn", True)])
+@pytest.mark.parametrize("batch", ["decodes", "naive prefill", "absorbed prefill"])
+def test_mla_projections_give_the_torch_paths_bits(monkeypatch, name, bias, dtype, batch) -> None:
+    """csrc/mla.cpp's calls (queries, cache entries, output) against MLA's torch code on the same kernels:
+    with and without a low-rank query, interleaved rope, biases; decodes alone, and beside a prefill chunk
+    attended naively (short context) or absorbed (a chunk of one after a long prefix)."""
+    attn, rotary, pool = mla_case(name, dtype, bias)
+    decodes = [([0, 1], 7), ([2], 1), ([3, 4, 5], 9)]
+    prefills = {"decodes": [], "naive prefill": [([6, 7], 0, 6)], "absorbed prefill": [([6, 7, 8], 10, 1)]}
+    step = AttentionBatch.build(prefills[batch], decodes, pool.block_size)
+    positions = [c + i for _, c, n in prefills[batch] for i in range(n)] + [n - 1 for _, n in decodes]
+    cos, sin = rotary(torch.tensor(positions))
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(step.num_tokens, attn.o_proj.weight_t.shape[1], generator=gen).to(dtype)
+    assert attn.fused(x)
+    assert (batch == "absorbed prefill") == (batch != "decodes" and attn.absorbed_prefill_is_cheaper(step))
+    with torch.no_grad():
+        out, pages = attn(x, cos, sin, step, pool), pool.pages.clone()
+        monkeypatch.setattr(MLA, "fused", lambda self, x: False)
+        assert torch.equal(attn(x, cos, sin, step, pool), out)
+    assert torch.equal(pool.pages, pages)
+
+
+def test_mla_cache_latents_checks_every_slot_before_writing() -> None:
+    attn, rotary, pool = mla_case("v2_lite", torch.float32, False)
+    cos, sin = rotary(torch.tensor([3, 4]))
+    x, before = torch.randn(2, attn.o_proj.weight_t.shape[1]), pool.pages.clone()
+    with pytest.raises(IndexError, match="slot 48 outside 0..47"):
+        attn.cache_latents(x, cos, sin, torch.tensor([5, 48]), pool, fused=True)
+    with pytest.raises(ValueError, match=r"slots must be contiguous int64 \[2\]"):
+        attn.cache_latents(x, cos, sin, torch.tensor([5]), pool, fused=True)
+    assert torch.equal(pool.pages, before)
