@@ -46,7 +46,9 @@ def inverse_frequencies(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float
 
 
 class RotaryEmbedding(nn.Module):
-    """Computes cos/sin once per forward for the step's token positions; shared by every layer."""
+    """cos/sin of every position up to max_position_embeddings, worked out once (vLLM's cos_sin_cache): a
+    step looks its positions up, shared by every layer, where working them out would cost it half a dozen
+    operators (a fifth of a millisecond of a one-sequence decode step here)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -54,15 +56,17 @@ class RotaryEmbedding(nn.Module):
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        inv_freq, self.magnitude = inverse_frequencies(self.config.rope, self.config.qk_rope_head_dim)
-        old = getattr(self, "inv_freq", None)
+        inv_freq, magnitude = inverse_frequencies(self.config.rope, self.config.qk_rope_head_dim)
+        old = getattr(self, "cos_table", None)
         device = old.device if old is not None and old.device.type != "meta" else "cpu"
-        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        positions = torch.arange(self.config.max_position_embeddings, dtype=torch.float32, device="cpu")
+        freqs = positions[:, None] * inv_freq[None, :]
+        self.register_buffer("cos_table", (freqs.cos() * magnitude).to(device), persistent=False)
+        self.register_buffer("sin_table", (freqs.sin() * magnitude).to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [T, dim/2] in float32."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        return freqs.cos() * self.magnitude, freqs.sin() * self.magnitude
+        """cos, sin of shape [T, dim/2] in float32; positions must lie below max_position_embeddings."""
+        return self.cos_table[positions], self.sin_table[positions]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

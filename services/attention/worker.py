@@ -148,6 +148,8 @@ class AttentionWorker:
                 raise ValueError(f"a span of {computed} + {new} tokens does not fit its {len(table)} blocks")
             if any(not 0 <= b < n for b in table):
                 raise ValueError(f"block ids must be in 0..{n - 1}")
+            if computed + new > (limit := self.config.max_position_embeddings):
+                raise ValueError(f"a span reaches past the model's {limit} positions")
         if any(new != 1 for _, _, new in decodes):
             raise ValueError("a decode computes exactly one new token")
         if any(not 0 <= b < n for b in pull):
