@@ -9,7 +9,6 @@ expert or attention worker, `reason` one of stop|length|abort.
 from __future__ import annotations
 
 import collections
-import threading
 
 import numpy as np
 import torch
@@ -103,15 +102,20 @@ ROUTED_TOKENS = Counter(
 
 
 class ExpertLoad:
-    """Counts the gate's choices per (layer, expert) and tracks each layer's imbalance over a window."""
+    """Counts the gates' choices per (layer, expert) and tracks each layer's imbalance over a window.
 
-    def __init__(self, moe_layers: list[int], num_experts: int, window: int = 64) -> None:
+    Each MoE layer's gate adds its choices into its row of `step` (Gate.counts) inside its own call, where
+    reading every gate's output after it (a forward hook per gate, then the ids counted per step) cost a
+    one-sequence decode step 2-3% here."""
+
+    def __init__(
+        self, moe_layers: list[int], num_experts: int, window: int = 64, device: torch.device | str = "cpu"
+    ) -> None:
         self.layers = moe_layers
         self.row = {layer: i for i, layer in enumerate(moe_layers)}
         self.num_experts = num_experts
-        self.pending: list[tuple[int, torch.Tensor]] = []  # (row, the gate's ids) recorded this step
-        # Counted in numpy: its calls cost a microsecond, a torch operator several (and some wake OpenMP's
-        # threads), which a one-sequence decode step would pay every step.
+        self.step = torch.zeros(len(moe_layers), num_experts, dtype=torch.int64, device=device)
+        # Kept in numpy: its calls cost a microsecond, a torch operator several.
         self.window: collections.deque[np.ndarray] = collections.deque(maxlen=window)
         self.window_sum = np.zeros((len(moe_layers), num_experts), dtype=np.int64)
         self.unpublished = np.zeros_like(self.window_sum)  # counted, not yet added to the counters
@@ -119,34 +123,20 @@ class ExpertLoad:
             [EXPERT_TOKENS.labels(str(layer), str(e)) for e in range(num_experts)] for layer in moe_layers
         ]
         self._imbalance = [EXPERT_IMBALANCE.labels(str(layer)) for layer in moe_layers]
-        self._lock = threading.Lock()  # micro-batches of one step record from their own threads
 
-    def record(self, layer: int, expert_ids: torch.Tensor) -> None:
-        """Called with the gate's top-k ids [T, k] of one layer, inside the forward pass. It only keeps them:
-        flush counts every layer's at once (counting per layer would cost the step operators per layer)."""
-        with self._lock:
-            self.pending.append((self.row[layer], expert_ids))
+    def counts_of(self, layer: int) -> torch.Tensor:
+        """The row [experts] that the gate of MoE layer `layer` adds its choices into."""
+        return self.step[self.row[layer]]
 
     def discard(self) -> None:
-        """Forget what was recorded since the last flush: the step is being run again (or failed)."""
-        with self._lock:
-            self.pending.clear()
-
-    def step_counts(self, pending: list[tuple[int, torch.Tensor]]) -> np.ndarray:
-        """[MoE layers, experts] choices counted from what record kept."""
-        if not pending:
-            return np.zeros_like(self.window_sum)
-        chosen = np.concatenate([ids.cpu().numpy().ravel() for _, ids in pending])
-        rows = np.repeat([row for row, _ in pending], [ids.numel() for _, ids in pending])
-        counts = np.bincount(rows * self.num_experts + chosen, minlength=self.window_sum.size)
-        return counts.reshape(self.window_sum.shape)
+        """Forget this step's counts: the step is being run again (or failed)."""
+        self.step.zero_()
 
     def flush(self, publish: bool = True) -> None:
         """After a step: count its choices into the window, and publish what is counted when asked (the
         Python loop over every (layer, expert) would cost a one-sequence step several percent every step)."""
-        with self._lock:
-            pending, self.pending = self.pending, []
-        counts = self.step_counts(pending)
+        counts = self.step.cpu().numpy().copy()
+        self.step.zero_()
         if len(self.window) == self.window.maxlen:
             self.window_sum -= self.window[0]
         self.window.append(counts)

@@ -98,7 +98,9 @@ class LLMEngine:
             attention.max_blocks_per_sequence * self.blocks.block_size,
         )
         self.scheduler = Scheduler(config, self.blocks)
-        self.expert_load = metrics.ExpertLoad(model_config.moe_layers, model_config.n_routed_experts)
+        self.expert_load = metrics.ExpertLoad(
+            model_config.moe_layers, model_config.n_routed_experts, device=device
+        )
         self.runner = ModelRunner(model, attention, device, before_attempt=self.expert_load.discard)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
@@ -107,12 +109,10 @@ class LLMEngine:
         self._install_metrics(model)
 
     def _install_metrics(self, model: DeepseekModel) -> None:
-        """Expert load is read off the gate's output by forward hooks: the model math stays untouched."""
+        """Each gate counts its choices into the expert-load row of its layer."""
         for i, layer in enumerate(model.layers):
             if isinstance(layer.mlp, MoE):
-                layer.mlp.gate.register_forward_hook(
-                    lambda _module, _args, out, i=i: self.expert_load.record(i, out[1])
-                )
+                layer.mlp.gate.counts = self.expert_load.counts_of(i)
         metrics.KV_BLOCKS.labels("total").set(self.blocks.num_blocks)
         self._published = {"prefix_queries": 0, "prefix_hits": 0, "preemptions": 0}
         self._metrics_time = -math.inf

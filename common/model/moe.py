@@ -10,6 +10,7 @@ Gate variants (all scored in float32):
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -43,6 +44,9 @@ class MLP(nn.Module):
         return w13.contiguous(), self.down_proj.view(n, width, hidden)
 
 
+_COUNTING = threading.Lock()
+
+
 class Gate(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -55,6 +59,7 @@ class Gate(nn.Module):
         self.register_buffer("e_score_correction_bias", None)
         # It scores in float32 whatever the dtype, with the weight input-major like every other product's.
         self._float_weight = DerivedWeight(lambda w: w.float().t().contiguous())
+        self.counts: torch.Tensor | None = None  # int64 [experts], given: each step's choices added in
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
@@ -64,8 +69,9 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, device=device))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (weights float32 [T, k], expert ids int64 [T, k]); on CPU one C++ call (csrc/moe_gate.cpp)
-        where the kernels run (its ids best first by the choice)."""
+        """Returns (weights float32 [T, k], expert ids int64 [T, k]), and adds the choices into self.counts
+        if given; on CPU one C++ call (csrc/moe_gate.cpp) where the kernels run (its ids best first by the
+        choice)."""
         weight = self._float_weight(self.weight)
         if x.dim() == 2 and cpu_extension.runs(x):
             return cpu_extension.module().moe_gate(
@@ -79,6 +85,7 @@ class Gate(nn.Module):
                 self.topk_group,
                 self.norm_topk_prob,
                 self.scaling,
+                self.counts,
             )
         logits = x.float() @ weight
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
@@ -93,6 +100,9 @@ class Gate(nn.Module):
             keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1, sorted=False).indices, True)
             choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, self.num_experts)
         ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        if self.counts is not None:
+            with _COUNTING:  # micro-batches run a layer's gate side by side
+                self.counts += torch.bincount(ids.flatten(), minlength=self.num_experts)
         weights = scores.gather(1, ids)
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

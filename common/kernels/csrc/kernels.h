@@ -16,7 +16,8 @@ std::tuple<torch::Tensor, torch::Tensor> moe_gate(const torch::Tensor& x, const 
                                                   const std::optional<torch::Tensor>& bias, int64_t top_k,
                                                   const std::string& scoring, const std::string& method,
                                                   int64_t n_group, int64_t topk_group, bool norm_topk_prob,
-                                                  double routed_scaling_factor);
+                                                  double routed_scaling_factor,
+                                                  const std::optional<torch::Tensor>& counts);
 torch::Tensor paged_latent_decode(const torch::Tensor& q, const torch::Tensor& pages,
                                   const torch::Tensor& block_tables, const torch::Tensor& context_lens,
                                   double scale, int64_t value_dim, int64_t num_splits);

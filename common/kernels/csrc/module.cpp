@@ -14,7 +14,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("expert_ids"), py::arg("weights"), py::arg("w13"), py::arg("w2"),
         py::arg("shared") = 0, nogil);
   m.def("moe_gate", &moe_gate, "a MoE layer's gate: (weights, expert ids) of each token's top k experts",
-        nogil);
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("top_k"), py::arg("scoring"),
+        py::arg("method"), py::arg("n_group"), py::arg("topk_group"), py::arg("norm_topk_prob"),
+        py::arg("routed_scaling_factor"), py::arg("counts") = py::none(), nogil);
   m.def("paged_latent_decode", &paged_latent_decode, "absorbed MLA decode over paged latents", nogil);
   m.def("flash_attn_varlen", &flash_attn_varlen, "attention over packed sequences (prefill)", nogil);
   m.def("rms_norm", &rms_norm, "weight * x / rms(x), computed in float32 (x first added into residual)",

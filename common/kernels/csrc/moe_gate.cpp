@@ -106,12 +106,14 @@ void gate_rows(const T* x, const float* w, int64_t T_, int64_t h, const GateSpec
 }  // namespace
 
 // x [T, h] float32 or bfloat16, weight [h, E] float32 -> (weights float32 [T, k], expert ids int64 [T, k]).
-// method: greedy, group_limited_greedy (V2) or noaux_tc (V3); scoring: softmax or sigmoid.
+// method: greedy, group_limited_greedy (V2) or noaux_tc (V3); scoring: softmax or sigmoid. counts, given
+// (int64 [E]), gets each expert's choices added, atomically: micro-batches run a layer's gate side by side.
 std::tuple<torch::Tensor, torch::Tensor> moe_gate(const torch::Tensor& x, const torch::Tensor& weight,
                                                   const std::optional<torch::Tensor>& bias, int64_t top_k,
                                                   const std::string& scoring, const std::string& method,
                                                   int64_t n_group, int64_t topk_group, bool norm_topk_prob,
-                                                  double routed_scaling_factor) {
+                                                  double routed_scaling_factor,
+                                                  const std::optional<torch::Tensor>& counts) {
   TORCH_CHECK_VALUE(x.dim() == 2 && x.device().is_cpu() &&
                         (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
                     "x must be a float32 or bfloat16 CPU tensor [T, h]");
@@ -132,6 +134,9 @@ std::tuple<torch::Tensor, torch::Tensor> moe_gate(const torch::Tensor& x, const 
   TORCH_CHECK_VALUE(!bias || (bias->scalar_type() == torch::kFloat32 && bias->numel() == E &&
                               bias->is_contiguous() && bias->device().is_cpu()),
                     "the correction bias must be contiguous float32 [", E, "]");
+  TORCH_CHECK_VALUE(!counts || (counts->scalar_type() == torch::kInt64 && counts->numel() == E &&
+                                counts->is_contiguous() && counts->device().is_cpu()),
+                    "counts must be contiguous int64 [", E, "]");
   const GateSpec g{E,
                    top_k,
                    grouped ? n_group : 1,
@@ -150,5 +155,10 @@ std::tuple<torch::Tensor, torch::Tensor> moe_gate(const torch::Tensor& x, const 
     gate_rows(xc.data_ptr<float>(), w, T, h, g, ids.data_ptr<int64_t>(), weights.data_ptr<float>());
   else
     gate_rows(xc.data_ptr<at::BFloat16>(), w, T, h, g, ids.data_ptr<int64_t>(), weights.data_ptr<float>());
+  if (counts) {
+    int64_t* c = counts->data_ptr<int64_t>();
+    const int64_t* chosen = ids.data_ptr<int64_t>();
+    for (int64_t i = 0; i < T * top_k; ++i) __atomic_fetch_add(c + chosen[i], 1, __ATOMIC_RELAXED);
+  }
   return {weights, ids};
 }
