@@ -179,8 +179,8 @@ class MLA(nn.Module):
         )
         q = q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split_with_sizes([self.nope_dim, self.rope_dim], dim=-1)
-        q = torch.cat([q_nope, apply_rotary(q_pe, cos, sin, self.interleaved)], dim=-1)
-        return self.absorb_query(q) if absorb else q
+        q_pe = apply_rotary(q_pe, cos, sin, self.interleaved)
+        return self.absorb_query(q_nope, q_pe) if absorb else torch.cat([q_nope, q_pe], dim=-1)
 
     def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The per-token cache entry [T, d_c + d_R]: normalised c_kv and rotated k_pe."""
@@ -245,7 +245,8 @@ class MLA(nn.Module):
         if naive:  # the prefill's outputs come per head; the decodes' through W_UV to join them
             out = self.attend_naive(q[:p], context, batch)
             if p < x.shape[0]:
-                decoded = self.attend_absorbed(self.absorb_query(q[p:]), pages, batch)
+                q_nope, q_pe = q[p:].split_with_sizes([self.nope_dim, self.rope_dim], dim=-1)
+                decoded = self.attend_absorbed(self.absorb_query(q_nope, q_pe), pages, batch)
                 out = torch.cat([out, self.absorb_output(decoded)])
             return self.o_proj(out.flatten(1))
         parts = []
@@ -282,11 +283,9 @@ class MLA(nn.Module):
         absorbed = q * fold + qk * (2 * self.kv_rank + self.rope_dim)
         return absorbed < naive
 
-    def absorb_query(self, q: torch.Tensor) -> torch.Tensor:
-        """[T, H, d_nope + d_R] -> [T, H, d_c + d_R]: W_UK folded into the query, so it scores latents
-        directly."""
+    def absorb_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """[T, H, d_c + d_R]: W_UK folded into the query, so it scores latents directly."""
         w_uk, _ = self.absorbed_weights()
-        q_nope, q_pe = q.split_with_sizes([self.nope_dim, self.rope_dim], dim=-1)
         return torch.cat([matmul(q_nope.transpose(0, 1), w_uk).transpose(0, 1), q_pe], dim=-1)
 
     def absorb_output(self, o_latent: torch.Tensor) -> torch.Tensor:
