@@ -70,6 +70,11 @@ class LLMEngine:
         """attention: where the latent pages live and attention runs (default: a pool in this process; the
         distributed router passes its attention workers, whose block manager is the KV-cache service's)."""
         self.model_config, self.config, self.tokenizer = model_config, config, tokenizer
+        if (config.max_model_len or 0) > model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} is beyond the model's "
+                f"{model_config.max_position_embeddings} positions (max_position_embeddings)"
+            )
         device = next(model.parameters()).device
         if attention is None:
             num_blocks = self._num_blocks(model_config, config, device)

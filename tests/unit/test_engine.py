@@ -178,6 +178,13 @@ def test_streaming_deltas_and_cancellation(engine):
     assert_all_pages_released(engine)
 
 
+def test_a_context_beyond_the_models_positions_is_refused(checkpoint_dir):
+    """The rotary tables end at max_position_embeddings (512 for the test models): vLLM refuses too."""
+    config = EngineConfig(**{**vars(CONFIG), "max_model_len": 513})
+    with pytest.raises(ValueError, match="max_model_len 513 is beyond the model's 512 positions"):
+        LLMEngine.from_checkpoint(checkpoint_dir("v2_lite"), config)
+
+
 @pytest.mark.parametrize("block_size", [1, 2, 256])
 def test_every_block_size_gives_the_same_tokens(checkpoint_dir, block_size):
     path = checkpoint_dir("v2_lite")
