@@ -12,6 +12,8 @@ stays the reference and the path elsewhere:
     decode over the paged latents (common/kernels/cpu_attention.py);
   * norm_rope.cpp: RMSNorm (common/model/norm.py) and the rotary embedding (common/model/rope.py);
   * moe_gate.cpp: the MoE gate's scores and top-k choice (common/model/moe.py);
+  * mla.cpp: MLA's queries, cache entries and absorbed output, each a composition of the above and ATen's
+    matmul (common/model/mla.py);
   * activation.cpp: the SwiGLU activation, silu(gate) * up (common/kernels/activation.py).
 
 The build (about a minute on two cores, cached per machine) needs a compiler and a CPU with AVX-512 (F, BW,

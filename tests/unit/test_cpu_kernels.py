@@ -462,6 +462,19 @@ def test_gate_rejects_what_it_cannot_score() -> None:
         gate(x, w, torch.zeros(5), 2, "sigmoid", "greedy", 1, 1, False, 1.0)
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+def test_gate_adds_its_choices_into_its_counts(monkeypatch, kernel: bool) -> None:
+    """The expert load of a step (common/metrics.py's ExpertLoad): every call's choices added in."""
+    gate = gate_of("v3", torch.float32, seed=10)
+    gate.counts = torch.zeros(gate.num_experts, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(11)
+    xs = [torch.randn(n, gate.weight.shape[1], generator=gen) for n in (1, 7, 40)]
+    with torch.no_grad():
+        ids = [gate(x)[1] if kernel else torch_path(monkeypatch, gate, x)[1] for x in xs]
+    want = torch.bincount(torch.cat(ids).flatten(), minlength=gate.num_experts)
+    assert gate.counts.sum().item() == 48 * gate.top_k and torch.equal(gate.counts, want)
+
+
 # -------------------------------------------------------------------------------------------------- mla
 
 
@@ -510,16 +523,3 @@ def test_mla_cache_latents_checks_every_slot_before_writing() -> None:
     with pytest.raises(ValueError, match=r"slots must be contiguous int64 \[2\]"):
         attn.cache_latents(x, cos, sin, torch.tensor([5]), pool, fused=True)
     assert torch.equal(pool.pages, before)
-
-
-@pytest.mark.parametrize("kernel", [True, False])
-def test_gate_adds_its_choices_into_its_counts(monkeypatch, kernel: bool) -> None:
-    """The expert load of a step (common/metrics.py's ExpertLoad): every call's choices added in."""
-    gate = gate_of("v3", torch.float32, seed=10)
-    gate.counts = torch.zeros(gate.num_experts, dtype=torch.int64)
-    gen = torch.Generator().manual_seed(11)
-    xs = [torch.randn(n, gate.weight.shape[1], generator=gen) for n in (1, 7, 40)]
-    with torch.no_grad():
-        ids = [gate(x)[1] if kernel else torch_path(monkeypatch, gate, x)[1] for x in xs]
-    want = torch.bincount(torch.cat(ids).flatten(), minlength=gate.num_experts)
-    assert gate.counts.sum().item() == 48 * gate.top_k and torch.equal(gate.counts, want)
