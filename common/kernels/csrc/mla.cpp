@@ -21,7 +21,8 @@ torch::Tensor product(const torch::Tensor& x, const torch::Tensor& w) {
   return w.dim() == 2 ? bf16_mm(x, w) : bf16_bmm(x, w);
 }
 
-torch::Tensor projection(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& bias) {
+torch::Tensor projection(const torch::Tensor& x, const torch::Tensor& w,
+                         const std::optional<torch::Tensor>& bias) {
   torch::Tensor y = product(x, w);
   return bias ? y.add_(*bias) : y;
 }
@@ -43,10 +44,11 @@ torch::Tensor mla_queries(const torch::Tensor& x, const std::optional<torch::Ten
                     "give q_proj, or q_a_proj, q_a_norm and q_b_proj");
   const torch::Tensor q_flat =
       q_proj ? product(x, *q_proj)
-             : product(rms_norm(projection(x, *q_a_proj, q_a_bias), *q_a_norm, eps, std::nullopt), *q_b_proj);
+             : product(rms_norm(projection(x, *q_a_proj, q_a_bias), *q_a_norm, eps, std::nullopt),
+                       *q_b_proj);
   TORCH_CHECK_VALUE(heads > 0 && q_flat.size(1) % heads == 0 && q_flat.size(1) / heads > rope_dim,
-                    "the query projection's ", q_flat.size(1), " columns are not ", heads, " heads wider than ",
-                    rope_dim);
+                    "the query projection's ", q_flat.size(1), " columns are not ", heads,
+                    " heads wider than ", rope_dim);
   const torch::Tensor q = q_flat.view({x.size(0), heads, -1});
   const int64_t nope_dim = q.size(2) - rope_dim;
   const torch::Tensor q_nope = q.narrow(2, 0, nope_dim);
@@ -59,8 +61,8 @@ torch::Tensor mla_queries(const torch::Tensor& x, const std::optional<torch::Ten
 // slots of one layer's pages [num_blocks, block_size, d_c + d_R] (vLLM's concat_and_cache_mla with the
 // projection before it). Every slot is checked before any is written.
 void mla_cache_latents(const torch::Tensor& x, const torch::Tensor& kv_a_proj,
-                       const std::optional<torch::Tensor>& kv_a_bias, const torch::Tensor& kv_a_norm, double eps,
-                       const torch::Tensor& cos, const torch::Tensor& sin, bool interleaved,
+                       const std::optional<torch::Tensor>& kv_a_bias, const torch::Tensor& kv_a_norm,
+                       double eps, const torch::Tensor& cos, const torch::Tensor& sin, bool interleaved,
                        const torch::Tensor& pages, const torch::Tensor& slots) {
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be [T, hidden]");
   TORCH_CHECK_VALUE(pages.dim() == 3 && pages.is_contiguous() && pages.device().is_cpu() &&
@@ -78,19 +80,22 @@ void mla_cache_latents(const torch::Tensor& x, const torch::Tensor& kv_a_proj,
     TORCH_CHECK_INDEX(0 <= slot[t] && slot[t] < capacity, "slot ", slot[t], " outside 0..", capacity - 1);
   const torch::Tensor c_kv = rms_norm(kv.narrow(1, 0, rank), kv_a_norm, eps, std::nullopt);
   const torch::Tensor k_pe = rotary(kv.narrow(1, rank, entry_dim - rank), cos, sin, interleaved);
-  const int64_t size = pages.element_size();
+  // Each row as bytes: c_kv and k_pe have the pages' dtype.
+  const int64_t c_bytes = c_kv.size(1) * c_kv.element_size(), k_bytes = k_pe.size(1) * k_pe.element_size();
+  const char* c = static_cast<const char*>(c_kv.data_ptr());
+  const char* k = static_cast<const char*>(k_pe.data_ptr());
   char* base = static_cast<char*>(pages.data_ptr());
   for (int64_t t = 0; t < x.size(0); ++t) {
-    char* entry = base + slot[t] * entry_dim * size;
-    std::memcpy(entry, static_cast<const char*>(c_kv.data_ptr()) + t * rank * size, rank * size);
-    std::memcpy(entry + rank * size, static_cast<const char*>(k_pe.data_ptr()) + t * (entry_dim - rank) * size,
-                (entry_dim - rank) * size);
+    char* entry = base + slot[t] * (c_bytes + k_bytes);
+    std::memcpy(entry, c + t * c_bytes, c_bytes);
+    std::memcpy(entry + c_bytes, k + t * k_bytes, k_bytes);
   }
 }
 
-// Absorbed attention's latent outputs [T, H, d_c] through W_UV (w_uv_t [H, d_c, d_v]) and o_proj: [T, hidden].
-torch::Tensor mla_output(const torch::Tensor& o_latent, const torch::Tensor& w_uv_t, const torch::Tensor& o_proj,
-                         const std::optional<torch::Tensor>& o_bias) {
+// Absorbed attention's latent outputs [T, H, d_c] through W_UV (w_uv_t [H, d_c, d_v]) and o_proj:
+// [T, hidden].
+torch::Tensor mla_output(const torch::Tensor& o_latent, const torch::Tensor& w_uv_t,
+                         const torch::Tensor& o_proj, const std::optional<torch::Tensor>& o_bias) {
   TORCH_CHECK_VALUE(o_latent.dim() == 3, "o_latent must be [T, H, d_c]");
   return projection(product(o_latent.transpose(0, 1), w_uv_t).transpose(0, 1).flatten(1), o_proj, o_bias);
 }

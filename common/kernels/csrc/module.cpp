@@ -24,6 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of [rows, 2I], computed in float32", nogil);
   m.def("rotary", &rotary, "rotary embedding into the half-split layout, computed in float32", nogil);
   m.def("mla_queries", &mla_queries, "a MLA layer's queries, q_pe rotated (absorbed, given W_UK)", nogil);
-  m.def("mla_cache_latents", &mla_cache_latents, "a MLA layer's cache entries, written into its pages", nogil);
+  m.def("mla_cache_latents", &mla_cache_latents, "a MLA layer's cache entries, written into its pages",
+        nogil);
   m.def("mla_output", &mla_output, "absorbed MLA's latent outputs through W_UV and o_proj", nogil);
 }
