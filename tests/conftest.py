@@ -9,6 +9,9 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU-only machines
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Before any test module imports grpc: this process starts Ray (fork + exec) while it holds gRPC channels, as
+# the router does (common/rpc/__init__.py says why).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from tests.model_configs import CONFIGS  # noqa: E402
 
