@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from common.config import ModelConfig
 from common.kernels import cpu_extension
+from common.kernels.strips import in_strip_order
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
@@ -103,6 +104,8 @@ def param_targets(module: torch.nn.Module, prefix: str) -> Iterator[tuple[str, t
     through its [out, in] view, under the Hub's name `weight`."""
     for name, param in module.named_parameters():
         if name.endswith(".weight_t"):
+            if in_strip_order(param):
+                raise ValueError(f"{prefix}.{name} is packed in strip order and takes no checkpoint tensor")
             name, param = name.removesuffix("_t"), param.T
         yield f"{prefix}.{name}", param
 
@@ -181,7 +184,7 @@ def load_model(
     model = model.to(dtype=dtype).to_empty(device=device)
     model.reset_buffers()
     load_weights(list(_hub_targets(model, config)), reader, progress)
-    _pack_experts(model)
+    _pack(model)
     return config, model.eval().requires_grad_(False)
 
 
@@ -403,19 +406,27 @@ def load_expert_shard(
         shards[layer] = experts.eval().requires_grad_(False)
     targets = [t for layer, m in shards.items() for t in expert_targets(m, f"model.layers.{layer}")]
     load_weights(targets, reader, progress)
-    _pack_experts(*shards.values())
+    _pack(*shards.values())
     return config, shards
 
 
-def _pack_experts(*modules: torch.nn.Module) -> None:
-    """The routed experts in the layout their kernel reads, with their layer's shared experts where they are
-    all here (MoE.pack, RoutedExperts.pack), a layer at a time."""
-    from common.model.moe import MoE, RoutedExperts
+def _pack(*modules: torch.nn.Module) -> None:
+    """Once loaded, weights in the layouts their kernels read best: first the routed experts, with their
+    layer's shared experts where all are here (MoE.pack, RoutedExperts.pack), then MLA's projections, the
+    dense MLPs and shared experts left, and lm_head (MLA.pack, MLP.pack, Linear.pack)."""
+    from common.model.linear import Linear
+    from common.model.mla import MLA
+    from common.model.moe import MLP, MoE, RoutedExperts
 
     for module in modules:
         for m in list(module.modules()):
             if isinstance(m, MoE | RoutedExperts):
                 m.pack()
+        for m in list(module.modules()):
+            if isinstance(m, MLA | MLP):
+                m.pack()
+        if isinstance(lm_head := getattr(module, "lm_head", None), Linear):
+            lm_head.pack()
 
 
 def load_attention_layers(
@@ -434,4 +445,5 @@ def load_attention_layers(
     layers = layers.to(dtype=dtype).to_empty(device=device)
     targets = [t for i, mla in enumerate(layers) for t in param_targets(mla, f"model.layers.{i}.self_attn")]
     load_weights(targets, reader, progress)
+    _pack(layers)
     return config, layers.eval().requires_grad_(False)

@@ -8,11 +8,11 @@ read, which is what makes fine-grained MoE decode cheap. (A padded all-experts b
 no faster on CPU, so the simpler schedule stays.)
 
 Where the CPU kernels run (common/kernels/cpu_extension.py), the weights are kept in strip order instead
-(`strip_order`; common/model/moe.py packs them at load, `takes` says where) and all of it is one C++ call
-(csrc/grouped_experts.cpp), each GEMM round one grouped product over every expert's rows (the bfloat16 kernel
-of common/kernels/bf16_gemm.py, or its float32-weight twin): an expert with a few rows (decode) streams its
-weights in memory order (csrc/gemm_strips.h), 1.3-1.4x faster than [K, N] panels at mini's 64-sequence
-decode, and one with many widens panels from the strips.
+(common/kernels/strips.py; common/model/moe.py packs them at load, `takes` says where) and all of it is one
+C++ call (csrc/grouped_experts.cpp), each GEMM round one grouped product over every expert's rows (the
+bfloat16 kernel of common/kernels/bf16_gemm.py, or its float32-weight twin): an expert with a few rows
+(decode) streams its weights in memory order (csrc/gemm_strips.h), 1.3-1.4x faster than [K, N] panels at
+mini's 64-sequence decode, and one with many widens panels from the strips.
 """
 
 import itertools
@@ -21,9 +21,8 @@ import torch
 
 from common.kernels import bf16_gemm, cpu_extension
 from common.kernels.activation import silu_and_mul
+from common.kernels.strips import in_strip_order, unstrip
 from common.model.linear import multiply_dtype
-
-STRIP = 32  # columns per strip: csrc/gemm_strips.h's STRIP_COLUMNS (the C++ call checks the layout)
 
 
 def takes(w13: torch.Tensor) -> bool:
@@ -32,25 +31,6 @@ def takes(w13: torch.Tensor) -> bool:
     if w13.device.type != "cpu" or not cpu_extension.available():
         return False
     return w13.dtype == torch.float32 or (w13.dtype == torch.bfloat16 and bf16_gemm.available())
-
-
-def strip_order(w: torch.Tensor) -> torch.Tensor:
-    """w [E, K, N] as [E, ceil(N / 32), K, 32]: strip s holds columns 32 s .. 32 s + 31 of every row, zeros
-    past N, so a product over a strip reads it as one sequential stream."""
-    experts, k, n = w.shape
-    padded = torch.nn.functional.pad(w, (0, -n % STRIP))
-    return padded.view(experts, k, padded.shape[2] // STRIP, STRIP).transpose(1, 2).contiguous()
-
-
-def in_strip_order(w: torch.Tensor) -> bool:
-    """Whether w holds experts in strip order ([E, strips, K, 32]) rather than [E, K, N]."""
-    return w.dim() == 4
-
-
-def unstrip(strips: torch.Tensor, n: int) -> torch.Tensor:
-    """strip_order undone: [E, K, n] (a copy)."""
-    experts, count, k, _ = strips.shape
-    return strips.transpose(1, 2).reshape(experts, k, count * STRIP)[:, :, :n]
 
 
 def grouped_swiglu(

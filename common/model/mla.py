@@ -141,6 +141,13 @@ class MLA(nn.Module):
         self._absorbed = DerivedWeight(self._split_kv_b)
 
     # ------------------------------------------------------------------ projections
+    def pack(self) -> None:
+        """Once loaded: the projections a decode step multiplies in the layout their kernel reads best
+        (Linear.pack). kv_b_proj stays [in, out]: decode reads it split into the absorbed weights."""
+        for name, module in self.named_children():
+            if isinstance(module, Linear) and name != "kv_b_proj":
+                module.pack()
+
     def fused(self, x: torch.Tensor) -> bool:
         """Whether the projections around the attention run as one C++ call each (csrc/mla.cpp, the same
         products as below): on CPU where the kernels build, in float32, or in bfloat16 where x's products go

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from common.config import ModelConfig
-from common.kernels import cpu_extension, grouped_experts
+from common.kernels import cpu_extension, grouped_experts, strips
 from common.kernels.activation import silu_and_mul
-from common.model.linear import DerivedWeight, matmul
+from common.model.linear import DerivedWeight, matmul, pack
 
 
 class MLP(nn.Module):
@@ -33,6 +33,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return matmul(silu_and_mul(matmul(x, self.gate_up_proj)), self.down_proj)
+
+    def pack(self) -> None:
+        """Once loaded (and after MoE.pack, which may take this MLP in among its experts): both weights in the
+        layout their kernel reads best (common/model/linear.py's pack)."""
+        with torch.no_grad():
+            self.gate_up_proj, self.down_proj = pack(self.gate_up_proj), pack(self.down_proj)
 
     def as_experts(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This MLP as intermediate // width experts of that intermediate width (w13 [n, h, 2 width], w2
@@ -138,7 +144,7 @@ class RoutedExperts(nn.Module):
 
     @property
     def packed(self) -> bool:
-        return grouped_experts.in_strip_order(self.w13)
+        return strips.in_strip_order(self.w13)
 
     def pack(self, shared: MLP | None = None) -> None:
         """Keep w13 and w2 in strip order where the C++ call takes their products (decode reads them 1.3-1.4x
@@ -153,8 +159,8 @@ class RoutedExperts(nn.Module):
             w13, w2 = torch.cat([w13, shared_w13]), torch.cat([w2, shared_w2])
             self.num_shared = shared_w2.shape[0]
         with torch.no_grad():
-            self.w13 = nn.Parameter(grouped_experts.strip_order(w13), requires_grad=False)
-            self.w2 = nn.Parameter(grouped_experts.strip_order(w2), requires_grad=False)
+            self.w13 = nn.Parameter(strips.strip_order(w13), requires_grad=False)
+            self.w2 = nn.Parameter(strips.strip_order(w2), requires_grad=False)
 
     def submit(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
         """forward() as a deferred result (remote experts compute while the caller goes on)."""

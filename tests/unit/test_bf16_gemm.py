@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from common.checkpoint import param_targets
 from common.config import cpu_has_native_bf16
-from common.kernels import bf16_gemm
-from common.model.linear import matmul
+from common.kernels import bf16_gemm, strips
+from common.model.linear import Linear, matmul, pack
 
 needs_kernel = pytest.mark.skipif(
     not bf16_gemm.available(), reason="the kernel needs AVX-512 or AVX2, no bfloat16 units, and a compiler"
@@ -91,3 +92,28 @@ def test_matmul_takes_the_kernel_up_to_max_rows(rows):
     assert torch.equal(matmul(x, w), want)
     assert bf16_gemm.suits(x, w, rows) == used
     assert not bf16_gemm.suits(x.float(), w.float(), rows)  # float32 stays with MKL
+
+
+@pytest.mark.parametrize("rows", [1, 7, 40, bf16_gemm.MAX_ROWS + 1])
+def test_a_packed_weight_gives_the_same_bits(rows):
+    """pack's strip order (csrc/gemm_strips.h): strips for a few rows, panels widened from the strips for
+    more, MKL on the weight made row-major again past MAX_ROWS; every sum in the same order as [in, out]."""
+    gen = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 96, generator=gen).bfloat16(), torch.randn(96, 160, generator=gen).bfloat16()
+    packed = pack(w)
+    assert strips.in_strip_order(packed) == bf16_gemm.available()
+    assert torch.equal(matmul(x, packed), matmul(x, w))
+    assert pack(w[:, :150]).shape == (96, 150)  # not a whole number of strips: kept as it is
+    assert pack(w.float()).dtype == torch.float32 and pack(w.float()).dim() == 2
+
+
+@needs_kernel
+def test_a_packed_linear_takes_no_checkpoint_tensor():
+    layer = Linear(96, 64)
+    layer.weight_t.data = torch.randn(96, 64).bfloat16()
+    assert layer.weight.shape == (64, 96)
+    layer.pack()
+    with pytest.raises(ValueError, match="packed in strip order"):
+        layer.weight  # noqa: B018
+    with pytest.raises(ValueError, match="packed in strip order"):
+        list(param_targets(torch.nn.ModuleDict({"o_proj": layer}), "model.layers.0.self_attn"))

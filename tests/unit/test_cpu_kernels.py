@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import ModelConfig
-from common.kernels import cpu_attention, cpu_extension, grouped_experts
+from common.kernels import cpu_attention, cpu_extension, grouped_experts, strips
 from common.kvcache import BlockPool
 from common.model import norm, rope
 from common.model.mla import MLA, AttentionBatch
@@ -244,7 +244,7 @@ def test_rotary_matches_the_torch_path(monkeypatch, dtype, interleaved, shape) -
 
 
 def packed(*weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return tuple(grouped_experts.strip_order(w) for w in weights)
+    return tuple(strips.strip_order(w) for w in weights)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -300,12 +300,12 @@ def test_grouped_swiglu_takes_the_kernel_for_packed_weights_and_agrees_with_the_
 
 def test_strip_order_puts_each_32_columns_of_every_row_together() -> None:
     w = torch.arange(2 * 3 * 40, dtype=torch.float32).view(2, 3, 40)
-    strips = grouped_experts.strip_order(w)
-    assert strips.shape == (2, 2, 3, 32) and strips.is_contiguous()
-    assert torch.equal(strips[1, 0, 2], w[1, 2, :32])
-    assert torch.equal(strips[1, 1, 2, :8], w[1, 2, 32:]) and not strips[:, 1, :, 8:].any()
-    assert torch.equal(grouped_experts.unstrip(strips, 40), w)
-    assert grouped_experts.strip_order(w[:0]).shape == (0, 2, 3, 32)  # a shard without experts
+    packed = strips.strip_order(w)
+    assert packed.shape == (2, 2, 3, 32) and packed.is_contiguous()
+    assert torch.equal(packed[1, 0, 2], w[1, 2, :32])
+    assert torch.equal(packed[1, 1, 2, :8], w[1, 2, 32:]) and not packed[:, 1, :, 8:].any()
+    assert torch.equal(strips.unstrip(packed, 40), w)
+    assert strips.strip_order(w[:0]).shape == (0, 2, 3, 32)  # a shard without experts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -507,9 +507,15 @@ def test_mla_projections_give_the_torch_paths_bits(monkeypatch, name, bias, dtyp
     x = torch.randn(step.num_tokens, attn.o_proj.weight_t.shape[1], generator=gen).to(dtype)
     assert attn.fused(x)
     assert (batch == "absorbed prefill") == (batch != "decodes" and attn.absorbed_prefill_is_cheaper(step))
+    fused = MLA.fused
     with torch.no_grad():
         out, pages = attn(x, cos, sin, step, pool), pool.pages.clone()
         monkeypatch.setattr(MLA, "fused", lambda self, x: False)
+        assert torch.equal(attn(x, cos, sin, step, pool), out)
+        attn.pack()  # bfloat16 projections in strip order (those a whole number of strips wide): same bits
+        assert strips.in_strip_order(attn.o_proj.weight_t) == (dtype is torch.bfloat16)
+        assert torch.equal(attn(x, cos, sin, step, pool), out)
+        monkeypatch.setattr(MLA, "fused", fused)
         assert torch.equal(attn(x, cos, sin, step, pool), out)
     assert torch.equal(pool.pages, pages)
 

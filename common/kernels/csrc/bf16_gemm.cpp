@@ -4,7 +4,9 @@
 //
 // Each thread owns a range of 64-column blocks and multiplies them in the scheme of gemm_packed.h: a panel
 // of weight rows widened to float32 once, tiles of rows in registers over it. A bfloat16 is the top half of
-// a float32, so widening is a shift, and every product is exact in float32.
+// a float32, so widening is a shift, and every product is exact in float32. A projection's weight kept in
+// strip order (gemm_strips.h; common/model/linear.py's Linear.pack) goes through the grouped product as one
+// expert: a few rows stream its strips, more widen panels from them; the same sums either way.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -120,12 +122,16 @@ void grouped_product(const float* x, const float* strips, float* out, const int6
   grouped(x, strips, true, out, off, E, K, N);
 }
 
-// x [..., K] @ w [K, N] -> [..., N] in x's dtype: the projections. A bfloat16 result is summed in float32
-// scratch and rounded by the thread that made its columns, while they are still in its cache.
+// x [..., K] @ w -> [..., N] in x's dtype: the projections, w [K, N] or in strip order [1, N / 32, K, 32]. A
+// bfloat16 result is summed in float32 scratch and rounded by the thread that made its columns, while they
+// are still in its cache (in strip order, once the product is done).
 torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   check_bf16_weight(w);
-  TORCH_CHECK_VALUE(w.dim() == 2 && x.dim() >= 1, "x [..., K] and w [K, N] expected");
-  const int64_t K = w.size(0), N = w.size(1);
+  const bool strips = w.dim() == 4;
+  TORCH_CHECK_VALUE(
+      x.dim() >= 1 && (w.dim() == 2 || (strips && w.size(0) == 1 && w.size(3) == STRIP_COLUMNS)),
+      "x [..., K] and w [K, N] or [1, N / 32, K, 32] (strip order) expected; got w ", w.sizes());
+  const int64_t K = w.size(strips ? 2 : 0), N = strips ? w.size(1) * STRIP_COLUMNS : w.size(1);
   TORCH_CHECK_VALUE(x.size(-1) == K, "x [..., K] and w [K, N] do not match: K = ", x.size(-1), " and ", K);
   const int64_t M = x.numel() / K;
   const float* xp = float_rows(x, K, Scratch::gemm_rows);
@@ -134,6 +140,12 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   torch::Tensor out = torch::empty(shape, x.options());
   const bool bf16_out = x.scalar_type() == torch::kBFloat16;
   float* sp = bf16_out ? scratch(Scratch::gemm_sums, M * N) : out.data_ptr<float>();
+  if (strips) {
+    const int64_t off[2] = {0, M};
+    grouped(xp, bf16_bits(w), true, sp, off, 1, K, N);
+    if (bf16_out) narrow(sp, out.data_ptr<at::BFloat16>(), M * N);
+    return out;
+  }
   const int64_t grain = std::max<int64_t>(1, GEMM_GRAIN / std::max<int64_t>(1, PANEL_COLUMNS * K * M));
   at::parallel_for(0, (N + PANEL_COLUMNS - 1) / PANEL_COLUMNS, grain, [&](int64_t b0, int64_t b1) {
     columns(xp, bf16_bits(w), sp, M, K, N, b0, b1);

@@ -2,7 +2,7 @@
 // for products where each weight meets only a few rows (an expert's share of a decode batch).
 //
 // Strip order keeps a weight [K, N] as [ceil(N / 32), K, 32]: strip s holds columns 32 s .. 32 s + 31 of
-// every row, zeros past N (common/kernels/grouped_experts.py makes it). A tile of up to STRIP_MAX_ROWS
+// every row, zeros past N (common/kernels/strips.py makes it). A tile of up to STRIP_MAX_ROWS
 // rows x one strip keeps its accumulators in registers down all K rows while the strip streams past in
 // memory order, so the weights arrive as one sequential stream (which the prefetchers follow) and are never
 // written anywhere: gemm_packed.h widens panels into L1 first, which pays off only when many rows reuse
