@@ -71,9 +71,10 @@ def pack(w: torch.Tensor) -> torch.Tensor:
     (at one row, from memory, mini's projections and dense MLP 1.5-1.7x faster than [in, out], its lm_head
     1.1x). Otherwise (another dtype, a CPU with bfloat16 units, `out` not a whole number of strips) w itself.
     matmul takes either."""
-    if w.dim() != 2 or w.shape[1] % strips.STRIP or not bf16_gemm.suits(w, w, 1):
+    if w.dim() != 2 or w.shape[1] % strips.STRIP or not bf16_gemm.suits(w, w, 1):  # as a weight of one row
         return w
-    return nn.Parameter(strips.strip_order(w[None]), requires_grad=False)
+    with torch.no_grad():
+        return nn.Parameter(strips.strip_order(w[None]), requires_grad=False)
 
 
 class Linear(nn.Module):
@@ -91,8 +92,7 @@ class Linear(nn.Module):
 
     def pack(self) -> None:
         """Once loaded: the weight in the layout its kernel reads best (`pack`)."""
-        with torch.no_grad():
-            self.weight_t = pack(self.weight_t)
+        self.weight_t = pack(self.weight_t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = matmul(x, self.weight_t)

@@ -37,8 +37,7 @@ class MLP(nn.Module):
     def pack(self) -> None:
         """Once loaded (and after MoE.pack, which may take this MLP in among its experts): both weights in the
         layout their kernel reads best (common/model/linear.py's pack)."""
-        with torch.no_grad():
-            self.gate_up_proj, self.down_proj = pack(self.gate_up_proj), pack(self.down_proj)
+        self.gate_up_proj, self.down_proj = pack(self.gate_up_proj), pack(self.down_proj)
 
     def as_experts(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This MLP as intermediate // width experts of that intermediate width (w13 [n, h, 2 width], w2

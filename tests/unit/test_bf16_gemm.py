@@ -94,7 +94,7 @@ def test_matmul_takes_the_kernel_up_to_max_rows(rows):
     assert not bf16_gemm.suits(x.float(), w.float(), rows)  # float32 stays with MKL
 
 
-@pytest.mark.parametrize("rows", [1, 7, 40, bf16_gemm.MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 7, 40, 200, bf16_gemm.MAX_ROWS + 1])
 def test_a_packed_weight_gives_the_same_bits(rows):
     """pack's strip order (csrc/gemm_strips.h): strips for a few rows, panels widened from the strips for
     more, MKL on the weight made row-major again past MAX_ROWS; every sum in the same order as [in, out]."""

@@ -37,6 +37,11 @@ void round_columns(const float* sums, at::BFloat16* out, int64_t M, int64_t N, i
   for (int64_t m = 0; m < M; ++m) narrow(sums + m * N + c0, out + m * N + c0, c1 - c0);
 }
 
+// n float32 sums rounded to bfloat16 into out, on every thread (a product's result once it is all summed).
+void round_all(const float* sums, at::BFloat16* out, int64_t n) {
+  at::parallel_for(0, n, 1 << 14, [&](int64_t a, int64_t b) { narrow(sums + a, out + a, b - a); });
+}
+
 // The rows of x [..., K] at their strides (up to two leading dimensions), widened to float32 into rows.
 template <typename T>
 void widen_rows(const torch::Tensor& x, int64_t K, float* rows) {
@@ -143,7 +148,7 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   if (strips) {
     const int64_t off[2] = {0, M};
     grouped(xp, bf16_bits(w), true, sp, off, 1, K, N);
-    if (bf16_out) narrow(sp, out.data_ptr<at::BFloat16>(), M * N);
+    if (bf16_out) round_all(sp, out.data_ptr<at::BFloat16>(), M * N);
     return out;
   }
   const int64_t grain = std::max<int64_t>(1, GEMM_GRAIN / std::max<int64_t>(1, PANEL_COLUMNS * K * M));
@@ -170,6 +175,6 @@ torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w) {
   std::vector<int64_t> off(B + 1);
   for (int64_t b = 0; b <= B; ++b) off[b] = b * M;
   grouped(xp, bf16_bits(w), false, sp, off.data(), B, K, N);
-  if (bf16_out) narrow(sp, out.data_ptr<at::BFloat16>(), B * M * N);
+  if (bf16_out) round_all(sp, out.data_ptr<at::BFloat16>(), B * M * N);
   return out;
 }
