@@ -17,6 +17,7 @@ import torch
 from common.engine.scheduler import SchedulerOutput
 from common.engine.sequence import Sequence
 from common.kvcache import BlockManager, BlockPool
+from common.model.decode_graph import DecodeGraph
 from common.model.decoder import DeepseekModel
 from common.model.mla import AttentionBatch
 
@@ -98,6 +99,9 @@ class ModelRunner:
         """before_attempt runs before every attempt at a step, so what a failed attempt recorded (the gates'
         expert load) can be dropped instead of counted twice."""
         self.model, self.attention, self.device = model, attention, device
+        # Where the attention is local and the kernels run, decode-only steps replay the layers' kernel
+        # calls without the modules around them (common/model/decode_graph.py).
+        self.decode_graph = DecodeGraph.capture(model) if isinstance(attention, LocalAttention) else None
         self.before_attempt = before_attempt
         parts = attention.micro_batches
         self._threads = None
@@ -176,11 +180,13 @@ class ModelRunner:
             logits_rows.append(len(ids) - 1)
         batch, cache = attention
         every_row = len(logits_rows) == len(ids)  # a decode-only step samples every row: no rows to pick
+        graph = self.decode_graph
         logits = self.model(
             torch.tensor(ids, device=self.device),
             torch.tensor(positions, device=self.device),
             batch,
             cache,
             None if every_row else torch.tensor(logits_rows, dtype=torch.long, device=self.device),
+            graph.layers if graph is not None and graph.takes(batch, cache) else None,
         )
         return logits, sampling

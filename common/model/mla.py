@@ -163,21 +163,8 @@ class MLA(nn.Module):
         self.fused(x) says, asked once a layer by the caller (each of these checks costs microseconds)."""
         if fused:
             w_uk = self.absorbed_weights()[0] if absorb else None
-            lora = self.q_lora_rank is not None
             return cpu_extension.module().mla_queries(
-                x,
-                None if lora else self.q_proj.weight_t,
-                self.q_a_proj.weight_t if lora else None,
-                self.q_a_proj.bias if lora else None,
-                self.q_a_layernorm.weight if lora else None,
-                self.q_b_proj.weight_t if lora else None,
-                self.q_a_layernorm.eps if lora else 0.0,
-                cos,
-                sin,
-                self.interleaved,
-                self.num_heads,
-                self.rope_dim,
-                w_uk,
+                x, *self.query_weights(), cos, sin, self.interleaved, self.num_heads, self.rope_dim, w_uk
             )
         q = (
             self.q_proj(x)
@@ -188,6 +175,20 @@ class MLA(nn.Module):
         q_nope, q_pe = q.split_with_sizes([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rotary(q_pe, cos, sin, self.interleaved)
         return self.absorb_query(q_nope, q_pe) if absorb else torch.cat([q_nope, q_pe], dim=-1)
+
+    def query_weights(self) -> tuple[torch.Tensor | float | None, ...]:
+        """What csrc/mla.cpp's mla_queries takes after x: q_proj's weight, or q_a_proj's (and its bias),
+        q_a_layernorm's weight and q_b_proj's, then q_a_layernorm's eps (the others None)."""
+        if self.q_lora_rank is None:
+            return self.q_proj.weight_t, None, None, None, None, 0.0
+        norm = self.q_a_layernorm
+        return None, self.q_a_proj.weight_t, self.q_a_proj.bias, norm.weight, self.q_b_proj.weight_t, norm.eps
+
+    def latent_weights(self) -> tuple[torch.Tensor | float | None, ...]:
+        """What mla_cache_latents takes after x: kv_a_proj_with_mqa's weight and bias, kv_a_layernorm's
+        weight and eps."""
+        proj, norm = self.kv_a_proj_with_mqa, self.kv_a_layernorm
+        return proj.weight_t, proj.bias, norm.weight, norm.eps
 
     def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The per-token cache entry [T, d_c + d_R]: normalised c_kv and rotated k_pe."""
@@ -206,16 +207,7 @@ class MLA(nn.Module):
         """Write the new tokens' latents into their cache slots."""
         if fused and cache.dtype is x.dtype and slots.dtype is torch.int64:
             cpu_extension.module().mla_cache_latents(
-                x,
-                self.kv_a_proj_with_mqa.weight_t,
-                self.kv_a_proj_with_mqa.bias,
-                self.kv_a_layernorm.weight,
-                self.kv_a_layernorm.eps,
-                cos,
-                sin,
-                self.interleaved,
-                cache.layer(self.layer),
-                slots,
+                x, *self.latent_weights(), cos, sin, self.interleaved, cache.layer(self.layer), slots
             )
         else:
             cache.write(self.layer, slots, self.latents(x, cos, sin))

@@ -73,25 +73,27 @@ class Gate(nn.Module):
             device = self.weight.device if self.weight.device.type != "meta" else None
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, device=device))
 
+    def kernel_args(self) -> tuple[object, ...]:
+        """What csrc/moe_gate.cpp takes between x and the counts."""
+        return (
+            self._float_weight(self.weight),
+            self.e_score_correction_bias,
+            self.top_k,
+            self.scoring,
+            self.method,
+            self.n_group,
+            self.topk_group,
+            self.norm_topk_prob,
+            self.scaling,
+        )
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (weights float32 [T, k], expert ids int64 [T, k]), and adds the choices into self.counts
         if given; on CPU one C++ call (csrc/moe_gate.cpp) where the kernels run (its ids best first by the
         choice)."""
-        weight = self._float_weight(self.weight)
         if x.dim() == 2 and cpu_extension.runs(x):
-            return cpu_extension.module().moe_gate(
-                x,
-                weight,
-                self.e_score_correction_bias,
-                self.top_k,
-                self.scoring,
-                self.method,
-                self.n_group,
-                self.topk_group,
-                self.norm_topk_prob,
-                self.scaling,
-                self.counts,
-            )
+            return cpu_extension.module().moe_gate(x, *self.kernel_args(), self.counts)
+        weight = self._float_weight(self.weight)
         logits = x.float() @ weight
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias

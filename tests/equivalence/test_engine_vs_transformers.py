@@ -8,6 +8,7 @@ import torch
 from common.config import EngineConfig
 from common.engine.engine import LLMEngine
 from common.engine.sampling_params import SamplingParams
+from common.kernels import cpu_extension
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,6 +52,8 @@ def test_staggered_chunked_preempted_batch_matches_transformers(name, checkpoint
     )
     engine = LLMEngine.from_checkpoint(path, config)
     assert engine.blocks.num_blocks == 40
+    # Decode-only steps replay the captured kernel calls where the kernels run: they are compared here too.
+    assert (engine.runner.decode_graph is not None) == cpu_extension.available()
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     results: dict[str, list[int]] = {}
     cached: dict[str, int] = {}

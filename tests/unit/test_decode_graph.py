@@ -1,0 +1,91 @@
+"""The captured decode step (common/model/decode_graph.py) against the modules it stands in for: the same
+logits, cache entries and expert counts bit for bit, and only where the modules take the kernels' path."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.checkpoint import load_model, write_random_checkpoint
+from common.kernels import bf16_gemm, cpu_extension
+from common.kvcache import BlockPool
+from common.model.decode_graph import DecodeGraph
+from common.model.mla import AttentionBatch
+from common.model.moe import MoE
+from tests.model_configs import CONFIGS
+
+pytestmark = pytest.mark.skipif(
+    not cpu_extension.available(), reason="the CPU kernels need AVX-512 or AVX2 with FMA, and a compiler"
+)
+DTYPES = [torch.float32] + ([torch.bfloat16] if bf16_gemm.available() else [])
+
+
+def model_of(tmp_path: Path, name: str, dtype: torch.dtype, bias: bool = False, **load: object):
+    directory = write_random_checkpoint(tmp_path / name, {**CONFIGS[name], "attention_bias": bias}, seed=3)
+    config, model = load_model(directory, dtype, progress=False, **load)  # type: ignore[arg-type]
+    return config, model
+
+
+def step_of(config, dtype: torch.dtype, decodes: list[tuple[list[int], int]]):
+    """A pool of random pages and a decode-only batch over them, with each token's id and position."""
+    gen = torch.Generator().manual_seed(4)
+    pool = BlockPool(config.num_hidden_layers, 16, 4, config.latent_dim, dtype, "cpu")
+    pool.pages.copy_(torch.randn(pool.pages.shape, generator=gen))
+    batch = AttentionBatch.build([], decodes, pool.block_size)
+    ids = torch.randint(2, config.vocab_size, (len(decodes),), generator=gen)
+    return pool, batch, ids, torch.tensor([n - 1 for _, n in decodes])
+
+
+def counted(model) -> list[torch.Tensor]:
+    """Fresh expert counts on every gate (as the engine gives them), to compare what each path adds."""
+    counts = []
+    for layer in model.layers:
+        if isinstance(layer.mlp, MoE):
+            layer.mlp.gate.counts = torch.zeros(layer.mlp.gate.num_experts, dtype=torch.int64)
+            counts.append(layer.mlp.gate.counts)
+    return counts
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name, bias", [("v2_lite", False), ("v3", False), ("v2_group_yarn", True)])
+def test_a_decode_step_gives_the_modules_bits(tmp_path: Path, name: str, bias: bool, dtype) -> None:
+    """Without and with a low-rank query, biases, every gate method; shared experts inside the routed
+    experts' call; a dense first layer."""
+    config, model = model_of(tmp_path, name, dtype, bias)
+    graph = DecodeGraph.capture(model)
+    assert graph is not None
+    pool, batch, ids, positions = step_of(config, dtype, [([0, 1], 7), ([2], 1), ([3, 4, 5], 9)])
+    assert graph.takes(batch, pool)
+    with torch.inference_mode():
+        counts, pages = counted(model), pool.pages.clone()
+        want = model(ids, positions, batch, pool)
+        want_pages, want_counts = pool.pages.clone(), [c.clone() for c in counts]
+        pool.pages.copy_(pages)
+        counts = counted(model)
+        got = model(ids, positions, batch, pool, layers=graph.layers)
+    assert torch.equal(got, want)
+    assert torch.equal(pool.pages, want_pages)
+    assert all(torch.equal(a, b) for a, b in zip(counts, want_counts, strict=True))
+    assert sum(int(c.sum()) for c in counts) == 3 * config.num_experts_per_tok * len(counts)
+
+
+def test_only_decode_steps_the_kernels_take_are_replayed(tmp_path: Path) -> None:
+    config, model = model_of(tmp_path, "v2_lite", DTYPES[-1])
+    graph = DecodeGraph.capture(model)
+    assert graph is not None
+    pool, batch, _, _ = step_of(config, graph.dtype, [([0], 2)])
+    assert graph.takes(batch, pool)
+    prefill = AttentionBatch.build([([1], 0, 3)], [([0], 2)], pool.block_size)
+    assert not graph.takes(prefill, pool)  # a prefill chunk runs the modules
+    other = BlockPool(config.num_hidden_layers, 4, 4, config.latent_dim, torch.float16, "cpu")
+    assert not graph.takes(batch, other)  # pages of another dtype: the modules' own write path
+    if graph.dtype is torch.bfloat16:
+        many = AttentionBatch.build([], [([0], 2)] * (bf16_gemm.MAX_ROWS + 1), pool.block_size)
+        assert not graph.takes(many, pool)  # past MAX_ROWS the products go to MKL in float32
+
+
+def test_no_graph_where_the_experts_or_the_attention_are_elsewhere(tmp_path: Path) -> None:
+    _, shard = model_of(tmp_path, "v2_lite", torch.float32, expert_ids=[0, 1, 2])
+    assert DecodeGraph.capture(shard) is None  # a shard of the experts: the rest are remote
+    _, router = model_of(tmp_path, "v2_lite", torch.float32, attention=False)
+    assert DecodeGraph.capture(router) is None  # attention on attention workers
