@@ -14,10 +14,10 @@ from typing import Any, Protocol
 
 import torch
 
+from common.engine.decode_graph import DecodeGraph
 from common.engine.scheduler import SchedulerOutput
 from common.engine.sequence import Sequence
 from common.kvcache import BlockManager, BlockPool
-from common.model.decode_graph import DecodeGraph
 from common.model.decoder import DeepseekModel
 from common.model.mla import AttentionBatch
 
@@ -100,7 +100,7 @@ class ModelRunner:
         expert load) can be dropped instead of counted twice."""
         self.model, self.attention, self.device = model, attention, device
         # Where the attention is local and the kernels run, decode-only steps replay the layers' kernel
-        # calls without the modules around them (common/model/decode_graph.py).
+        # calls without the modules around them (common/engine/decode_graph.py).
         self.decode_graph = DecodeGraph.capture(model) if isinstance(attention, LocalAttention) else None
         self.before_attempt = before_attempt
         parts = attention.micro_batches

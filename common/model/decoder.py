@@ -83,7 +83,7 @@ class DeepseekModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T]. Returns float32 logits for the rows in logits_indices (all if None).
         layers: stand-ins for self.layers with their forward's signature (a captured decode step,
-        common/model/decode_graph.py)."""
+        common/engine/decode_graph.py)."""
         x, residual = self.embed_tokens(input_ids), None
         cos, sin = self.rotary(positions)
         for layer in self.layers if layers is None else layers:

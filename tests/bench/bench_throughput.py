@@ -22,6 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.checkpoint import write_random_checkpoint
@@ -175,49 +176,42 @@ def copy_bandwidth() -> float:
 
 def section_floor(engine: LLMEngine, vocab: int, levels: list[int], results: dict) -> None:
     """Per decode step: the bytes of every weight the step reads (all dense weights, shared experts and the
-    routed experts actually chosen) over the measured copy bandwidth, against the measured step time."""
-    from common.model.moe import RoutedExperts
+    routed experts actually chosen, as the gates counted them) over the measured copy bandwidth, against the
+    measured step time."""
+    from common.model.moe import MoE
 
     model = engine.runner.model
-    chosen: list[int] = []
-    hook = RoutedExperts.forward
-
-    def spy(self, x, weights, ids):  # type: ignore[no-untyped-def]
-        experts = ids.unique().numel() + self.num_shared  # shared experts packed with the routed ones
-        chosen.append(experts * (self.w13[0].nbytes + self.w2[0].nbytes))
-        return hook(self, x, weights, ids)
-
+    experts = [layer.mlp.experts for layer in model.layers if isinstance(layer.mlp, MoE)]
+    per_expert = [e.w13[0].nbytes + e.w2[0].nbytes for e in experts]  # a row of the step's expert load each
+    shared = sum(e.num_shared * size for e, size in zip(experts, per_expert))  # packed with the routed ones
     routed = sum(p.nbytes for n, p in model.named_parameters() if ".experts." in n)
-    dense = sum(p.nbytes for p in model.parameters()) - routed - model.embed_tokens.weight.nbytes
+    dense = sum(p.nbytes for p in model.parameters()) - routed - model.embed_tokens.weight.nbytes + shared
     bandwidth = copy_bandwidth()
     rows = []
     print(f"\n== decode step vs memory-bandwidth floor (copy bandwidth {bandwidth / 1e9:.1f} GB/s) ==")
     print(f"{'batch':>6} | {'step ms':>8} | {'bytes MB':>8} | {'floor ms':>8} | {'step/floor':>10}")
-    RoutedExperts.forward = spy
-    try:
-        for n in levels:
-            prompts = random_prompts(n, 64, vocab, seed=100 + n)
-            for p in prompts:
-                engine.add_request(p, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
-            while any(s.is_prefilling for s in engine.scheduler.running) or engine.scheduler.waiting:
-                engine.step()
-            times, touched = [], []
-            while engine.has_unfinished_requests():
-                chosen.clear()
-                t = time.perf_counter()
-                engine.step()
-                times.append(time.perf_counter() - t)
-                touched.append(dense + sum(chosen))
-            step, nbytes = statistics.median(times), statistics.mean(touched)
-            row = {"batch": n, "step_ms": step * 1e3, "bytes": nbytes, "floor_ms": nbytes / bandwidth * 1e3}
-            row["step_over_floor"] = row["step_ms"] / row["floor_ms"]
-            rows.append(row)
-            print(
-                f"{n:>6} | {row['step_ms']:>8.2f} | {nbytes / 1e6:>8.1f} | {row['floor_ms']:>8.2f} | "
-                f"{row['step_over_floor']:>9.2f}x"
-            )
-    finally:
-        RoutedExperts.forward = hook
+    for n in levels:
+        prompts = random_prompts(n, 64, vocab, seed=100 + n)
+        for p in prompts:
+            engine.add_request(p, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        while any(s.is_prefilling for s in engine.scheduler.running) or engine.scheduler.waiting:
+            engine.step()
+        times, touched = [], []
+        while engine.has_unfinished_requests():
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+            load = engine.expert_load.window[-1]  # the step's choices, [MoE layer, expert]
+            chosen = sum(int(np.count_nonzero(row)) * size for row, size in zip(load, per_expert))
+            touched.append(dense + chosen)
+        step, nbytes = statistics.median(times), statistics.mean(touched)
+        row = {"batch": n, "step_ms": step * 1e3, "bytes": nbytes, "floor_ms": nbytes / bandwidth * 1e3}
+        row["step_over_floor"] = row["step_ms"] / row["floor_ms"]
+        rows.append(row)
+        print(
+            f"{n:>6} | {row['step_ms']:>8.2f} | {nbytes / 1e6:>8.1f} | {row['floor_ms']:>8.2f} | "
+            f"{row['step_over_floor']:>9.2f}x"
+        )
     results["floor"] = {"copy_bandwidth_bytes_s": bandwidth, "rows": rows}
 
 

@@ -1,4 +1,4 @@
-"""The captured decode step (common/model/decode_graph.py) against the modules it stands in for: the same
+"""The captured decode step (common/engine/decode_graph.py) against the modules it stands in for: the same
 logits, cache entries and expert counts bit for bit, and only where the modules take the kernels' path."""
 
 from pathlib import Path
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from common.checkpoint import load_model, write_random_checkpoint
+from common.engine.decode_graph import DecodeGraph
 from common.kernels import bf16_gemm, cpu_extension
 from common.kvcache import BlockPool
-from common.model.decode_graph import DecodeGraph
 from common.model.mla import AttentionBatch
 from common.model.moe import MoE
 from tests.model_configs import CONFIGS
