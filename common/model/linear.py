@@ -33,11 +33,13 @@ def multiply_dtype(x: torch.Tensor, rows_per_weight: float) -> torch.dtype:
 def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w (2-D, batched, or a weight in strip order: pack), in x's dtype: a few rows of bfloat16 through
     common/kernels/bf16_gemm.py where it runs, otherwise multiplied in multiply_dtype."""
-    rows = x.shape[-2] if w.dim() == 3 else x.numel() // x.shape[-1]
+    per_head = w.dim() == 3 or (strips.in_strip_order(w) and w.shape[0] > 1)  # a weight per batch entry
+    rows = x.shape[-2] if per_head else x.numel() // x.shape[-1]
     if strips.in_strip_order(w):
         if rows <= bf16_gemm.MAX_ROWS:
-            return bf16_gemm.mm(x, w)
-        w = strips.unstrip(w, w.shape[1] * strips.STRIP)[0]  # many rows: MKL's blocked GEMM, below
+            return bf16_gemm.bmm(x, w) if per_head else bf16_gemm.mm(x, w)
+        w = strips.unstrip(w, w.shape[1] * strips.STRIP)  # many rows: MKL's blocked GEMM, below
+        w = w if per_head else w[0]
     if bf16_gemm.suits(x, w, rows):
         return bf16_gemm.mm(x, w) if w.dim() == 2 else bf16_gemm.bmm(x, w)
     dtype = multiply_dtype(x, rows)
@@ -66,15 +68,15 @@ class DerivedWeight(Generic[T]):
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:
-    """A weight [in, out] in strip order (common/kernels/strips.py) where the bfloat16 kernel multiplies
-    it, as the routed experts are kept: a product with a few rows (decode) then streams it in memory order
-    (at one row, from memory, mini's projections and dense MLP 1.5-1.7x faster than [in, out], its lm_head
-    1.1x). Otherwise (another dtype, a CPU with bfloat16 units, `out` not a whole number of strips) w itself.
-    matmul takes either."""
-    if w.dim() != 2 or w.shape[1] % strips.STRIP or not bf16_gemm.suits(w, w, 1):  # as a weight of one row
+    """A weight [in, out] (or one per head, [heads, in, out]) in strip order (common/kernels/strips.py) where
+    the bfloat16 kernel multiplies it, as the routed experts are kept: a product with a few rows (decode)
+    then streams it in memory order (at one row, from memory, mini's projections and dense MLP 1.5-1.7x
+    faster than [in, out], its lm_head 1.1x). Otherwise (another dtype, a CPU with bfloat16 units, `out` not
+    a whole number of strips) w itself. matmul takes either."""
+    if w.dim() not in (2, 3) or w.shape[-1] % strips.STRIP or not bf16_gemm.suits(w, w, 1):  # one row
         return w
     with torch.no_grad():
-        return nn.Parameter(strips.strip_order(w[None]), requires_grad=False)
+        return nn.Parameter(strips.strip_order(w if w.dim() == 3 else w[None]), requires_grad=False)
 
 
 class Linear(nn.Module):

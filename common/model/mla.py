@@ -33,7 +33,7 @@ from common.kernels import (
     paged_latent_decode,
 )
 from common.kvcache import BlockPool
-from common.model.linear import DerivedWeight, Linear, matmul
+from common.model.linear import DerivedWeight, Linear, matmul, pack
 from common.model.norm import RMSNorm
 from common.model.rope import apply_rotary
 
@@ -143,10 +143,12 @@ class MLA(nn.Module):
     # ------------------------------------------------------------------ projections
     def pack(self) -> None:
         """Once loaded: the projections a decode step multiplies in the layout their kernel reads best
-        (Linear.pack). kv_b_proj stays [in, out]: decode reads it split into the absorbed weights."""
+        (Linear.pack), and so the absorbed weights split out of kv_b_proj, which stays [in, out] for the
+        naive prefill."""
         for name, module in self.named_children():
             if isinstance(module, Linear) and name != "kv_b_proj":
                 module.pack()
+        self._absorbed = DerivedWeight(lambda w: tuple(pack(t) for t in self._split_kv_b(w)))
 
     def fused(self, x: torch.Tensor) -> bool:
         """Whether the projections around the attention run as one C++ call each (csrc/mla.cpp, the same
@@ -220,7 +222,8 @@ class MLA(nn.Module):
         return self.o_proj(self.absorb_output(o_latent).flatten(1))
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H, d_nope, d_c] and W_UV^T [H, d_c, d_v], split out of kv_b_proj once and kept contiguous."""
+        """W_UK [H, d_nope, d_c] and W_UV^T [H, d_c, d_v], split out of kv_b_proj once and kept contiguous
+        (in strip order once packed)."""
         return self._absorbed(self.kv_b_proj.weight_t)
 
     def _split_kv_b(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

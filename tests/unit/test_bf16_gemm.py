@@ -108,6 +108,20 @@ def test_a_packed_weight_gives_the_same_bits(rows):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 7, 40, 257])
+def test_packed_weights_per_head_give_the_same_bits(rows):
+    """MLA's absorbed products (a weight per head) in strip order: the heads as the grouped product's experts,
+    each sum in the same order as [in, out]; one head is a projection's packed weight."""
+    gen = torch.Generator().manual_seed(rows)
+    for heads in (4, 1):
+        x = torch.randn(rows, heads, 64, generator=gen).bfloat16().transpose(0, 1)  # as MLA's queries come
+        w = torch.randn(heads, 64, 96, generator=gen).bfloat16()
+        packed = pack(w)
+        assert packed.shape == (heads, 3, 64, 32)
+        assert torch.equal(matmul(x, packed), matmul(x, w))
+
+
+@needs_kernel
 def test_a_packed_linear_takes_no_checkpoint_tensor():
     layer = Linear(96, 64)
     layer.weight_t.data = torch.randn(96, 64).bfloat16()

@@ -162,19 +162,24 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   return out;
 }
 
-// x [B, M, K] @ w [B, K, N] -> [B, M, N] in x's dtype: the weight-absorbed MLA products, one weight per head.
+// x [B, M, K] @ w -> [B, M, N] in x's dtype: the weight-absorbed MLA products, one weight per head, w
+// [B, K, N] or in strip order [B, N / 32, K, 32] (the grouped product with the heads as experts).
 torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w) {
   check_bf16_weight(w);
-  TORCH_CHECK_VALUE(x.dim() == 3 && w.dim() == 3 && x.size(0) == w.size(0) && x.size(2) == w.size(1),
-                    "x [B, M, K] and w [B, K, N] do not match: ", x.sizes(), " and ", w.sizes());
-  const int64_t B = x.size(0), M = x.size(1), K = x.size(2), N = w.size(2);
+  const bool strips = w.dim() == 4;
+  TORCH_CHECK_VALUE(x.dim() == 3 && (w.dim() == 3 || (strips && w.size(3) == STRIP_COLUMNS)) &&
+                        x.size(0) == w.size(0) && x.size(2) == w.size(strips ? 2 : 1),
+                    "x [B, M, K] and w [B, K, N] or [B, N / 32, K, 32] (strip order) do not match: ",
+                    x.sizes(), " and ", w.sizes());
+  const int64_t B = x.size(0), M = x.size(1), K = x.size(2);
+  const int64_t N = strips ? w.size(1) * STRIP_COLUMNS : w.size(2);
   const float* xp = float_rows(x, K, Scratch::gemm_rows);
   torch::Tensor out = torch::empty({B, M, N}, x.options());
   const bool bf16_out = x.scalar_type() == torch::kBFloat16;
   float* sp = bf16_out ? scratch(Scratch::gemm_sums, B * M * N) : out.data_ptr<float>();
   std::vector<int64_t> off(B + 1);
   for (int64_t b = 0; b <= B; ++b) off[b] = b * M;
-  grouped(xp, bf16_bits(w), false, sp, off.data(), B, K, N);
+  grouped(xp, bf16_bits(w), strips, sp, off.data(), B, K, N);
   if (bf16_out) round_all(sp, out.data_ptr<at::BFloat16>(), B * M * N);
   return out;
 }
