@@ -323,6 +323,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # vLLM's name: every step through the modules, no captured decode step
 
     def __post_init__(self) -> None:
         if self.dtype not in (*DTYPES, "auto"):

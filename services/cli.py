@@ -52,6 +52,11 @@ def add_engine_args(
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run every step through the model's modules (no captured decode step on CPU)",
+    )
 
 
 def engine_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -66,6 +71,7 @@ def engine_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
+        enforce_eager=args.enforce_eager,
     )
 
 

@@ -106,7 +106,9 @@ class LLMEngine:
         self.expert_load = metrics.ExpertLoad(
             model_config.moe_layers, model_config.n_routed_experts, device=device
         )
-        self.runner = ModelRunner(model, attention, device, before_attempt=self.expert_load.discard)
+        self.runner = ModelRunner(
+            model, attention, device, self.expert_load.discard, enforce_eager=config.enforce_eager
+        )
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.device = device

@@ -95,13 +95,15 @@ class ModelRunner:
         attention: AttentionBackend,
         device: torch.device,
         before_attempt: Callable[[], None] = lambda: None,
+        enforce_eager: bool = False,
     ) -> None:
         """before_attempt runs before every attempt at a step, so what a failed attempt recorded (the gates'
-        expert load) can be dropped instead of counted twice."""
+        expert load) can be dropped instead of counted twice. Unless enforce_eager, where the attention is
+        local and the kernels run, decode-only steps replay the layers' kernel calls without the modules
+        around them (common/engine/decode_graph.py)."""
         self.model, self.attention, self.device = model, attention, device
-        # Where the attention is local and the kernels run, decode-only steps replay the layers' kernel
-        # calls without the modules around them (common/engine/decode_graph.py).
-        self.decode_graph = DecodeGraph.capture(model) if isinstance(attention, LocalAttention) else None
+        local = isinstance(attention, LocalAttention)
+        self.decode_graph = DecodeGraph.capture(model) if local and not enforce_eager else None
         self.before_attempt = before_attempt
         parts = attention.micro_batches
         self._threads = None

@@ -177,7 +177,8 @@ def copy_bandwidth() -> float:
 def section_floor(engine: LLMEngine, vocab: int, levels: list[int], results: dict) -> None:
     """Per decode step: the bytes of every weight the step reads (all dense weights, shared experts and the
     routed experts actually chosen, as the gates counted them) over the measured copy bandwidth, against the
-    measured step time."""
+    measured step time; beside it the step through the modules (--enforce-eager), where a captured decode
+    step replays their kernel calls (common/engine/decode_graph.py)."""
     from common.model.moe import MoE
 
     model = engine.runner.model
@@ -186,13 +187,10 @@ def section_floor(engine: LLMEngine, vocab: int, levels: list[int], results: dic
     shared = sum(e.num_shared * size for e, size in zip(experts, per_expert))  # packed with the routed ones
     routed = sum(p.nbytes for n, p in model.named_parameters() if ".experts." in n)
     dense = sum(p.nbytes for p in model.parameters()) - routed - model.embed_tokens.weight.nbytes + shared
-    bandwidth = copy_bandwidth()
-    rows = []
-    print(f"\n== decode step vs memory-bandwidth floor (copy bandwidth {bandwidth / 1e9:.1f} GB/s) ==")
-    print(f"{'batch':>6} | {'step ms':>8} | {'bytes MB':>8} | {'floor ms':>8} | {'step/floor':>10}")
-    for n in levels:
-        prompts = random_prompts(n, 64, vocab, seed=100 + n)
-        for p in prompts:
+
+    def decode_steps(n: int) -> tuple[float, float]:
+        """Median step time and mean weight bytes touched over the decode steps of n sequences."""
+        for p in random_prompts(n, 64, vocab, seed=100 + n):
             engine.add_request(p, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
         while any(s.is_prefilling for s in engine.scheduler.running) or engine.scheduler.waiting:
             engine.step()
@@ -204,13 +202,29 @@ def section_floor(engine: LLMEngine, vocab: int, levels: list[int], results: dic
             load = engine.expert_load.window[-1]  # the step's choices, [MoE layer, expert]
             chosen = sum(int(np.count_nonzero(row)) * size for row, size in zip(load, per_expert))
             touched.append(dense + chosen)
-        step, nbytes = statistics.median(times), statistics.mean(touched)
-        row = {"batch": n, "step_ms": step * 1e3, "bytes": nbytes, "floor_ms": nbytes / bandwidth * 1e3}
+        return statistics.median(times), statistics.mean(touched)
+
+    bandwidth = copy_bandwidth()
+    graph, rows = engine.runner.decode_graph, []
+    print(f"\n== decode step vs memory-bandwidth floor (copy bandwidth {bandwidth / 1e9:.1f} GB/s) ==")
+    print(
+        f"{'batch':>6} | {'step ms':>8} | {'eager ms':>8} | {'bytes MB':>8} | {'floor ms':>8} | "
+        f"{'step/floor':>10}"
+    )
+    for n in levels:
+        step, nbytes = decode_steps(n)
+        engine.runner.decode_graph = None
+        try:
+            eager, _ = decode_steps(n)
+        finally:
+            engine.runner.decode_graph = graph
+        row = {"batch": n, "step_ms": step * 1e3, "eager_step_ms": eager * 1e3, "bytes": nbytes}
+        row["floor_ms"] = nbytes / bandwidth * 1e3
         row["step_over_floor"] = row["step_ms"] / row["floor_ms"]
         rows.append(row)
         print(
-            f"{n:>6} | {row['step_ms']:>8.2f} | {nbytes / 1e6:>8.1f} | {row['floor_ms']:>8.2f} | "
-            f"{row['step_over_floor']:>9.2f}x"
+            f"{n:>6} | {row['step_ms']:>8.2f} | {row['eager_step_ms']:>8.2f} | {nbytes / 1e6:>8.1f} | "
+            f"{row['floor_ms']:>8.2f} | {row['step_over_floor']:>9.2f}x"
         )
     results["floor"] = {"copy_bandwidth_bytes_s": bandwidth, "rows": rows}
 

@@ -219,6 +219,7 @@ def test_bad_attend_requests_are_invalid_argument(topology):
     engine, pool, _, _, _ = topology("v2_lite", num_blocks=16)
     stub = pool.workers[0].stub
     hidden = tensor_to_proto(torch.zeros(2, engine.model_config.hidden_size))
+    positions = engine.model_config.max_position_embeddings
     spec = attention_pb2.AttentionBatchSpec(
         prefills=[attention_pb2.SequenceSpan(block_table=[0], num_computed=0, num_new=2)]
     )
@@ -239,11 +240,26 @@ def test_bad_attend_requests_are_invalid_argument(topology):
                 prefills=[attention_pb2.SequenceSpan(block_table=[999], num_computed=0, num_new=2)]
             ),
         ),
+        attention_pb2.AttendRequest(  # past the model's positions (a table long enough, one page reused)
+            batch_id="x",
+            layer=0,
+            hidden=hidden,
+            batch=attention_pb2.AttentionBatchSpec(
+                prefills=[
+                    attention_pb2.SequenceSpan(
+                        block_table=[0] * -(-(positions + 1) // engine.blocks.block_size),
+                        num_computed=positions - 1,
+                        num_new=2,
+                    )
+                ]
+            ),
+        ),
     ]
     for request in bad:
         with pytest.raises(grpc.RpcError) as e:
             stub.Attend(request, timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert f"past the model's {positions} positions" in e.value.details()
     # The worker still serves.
     out = engine.generate([[5, 6, 7]], PARAMS)[0]
     assert len(out.outputs[0].token_ids) == PARAMS.max_tokens

@@ -7,11 +7,15 @@ import pytest
 import torch
 
 from common.checkpoint import load_model, write_random_checkpoint
+from common.config import EngineConfig
 from common.engine.decode_graph import DecodeGraph
+from common.engine.engine import LLMEngine
+from common.engine.sampling_params import SamplingParams
 from common.kernels import bf16_gemm, cpu_extension
 from common.kvcache import BlockPool
 from common.model.mla import AttentionBatch
 from common.model.moe import MoE
+from services.cli import build_parser, engine_config
 from tests.model_configs import CONFIGS
 
 pytestmark = pytest.mark.skipif(
@@ -89,3 +93,23 @@ def test_no_graph_where_the_experts_or_the_attention_are_elsewhere(tmp_path: Pat
     assert DecodeGraph.capture(shard) is None  # a shard of the experts: the rest are remote
     _, router = model_of(tmp_path, "v2_lite", torch.float32, attention=False)
     assert DecodeGraph.capture(router) is None  # attention on attention workers
+
+
+def test_the_engine_replays_decode_steps_unless_told_to_run_eager(checkpoint_dir) -> None:
+    """Greedy tokens of a batch whose sequences finish at different steps, with and without the captured
+    decode step (`--enforce-eager`, vLLM's flag), and the flag from the command line to the engine."""
+    path = checkpoint_dir("v3")
+    prompts = [[2, 3, 4], [5, 6, 7, 8, 9], [10] * 11]
+    tokens = []
+    for eager in (False, True):
+        config = EngineConfig(dtype="float32", device="cpu", block_size=4, enforce_eager=eager)
+        engine = LLMEngine.from_checkpoint(path, config)
+        assert (engine.runner.decode_graph is None) == eager
+        outputs = engine.generate(
+            prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (9, 4, 7)]
+        )
+        tokens.append([o.outputs[0].token_ids for o in outputs])
+    assert tokens[0] == tokens[1]
+    assert [len(t) for t in tokens[0]] == [9, 4, 7]
+    args = build_parser().parse_args(["generate", "--model", path, "--prompt", "hi", "--enforce-eager"])
+    assert engine_config(args).enforce_eager and not EngineConfig().enforce_eager
