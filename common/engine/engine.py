@@ -107,7 +107,11 @@ class LLMEngine:
             model_config.moe_layers, model_config.n_routed_experts, device=device
         )
         self.runner = ModelRunner(
-            model, attention, device, self.expert_load.discard, enforce_eager=config.enforce_eager
+            model,
+            attention,
+            device,
+            before_attempt=self.expert_load.discard,
+            enforce_eager=config.enforce_eager,
         )
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
