@@ -18,15 +18,14 @@ from common.kernels import bf16_gemm, cpu_extension
 from common.kvcache import BlockPool
 from common.model.decoder import DecoderLayer, DeepseekModel
 from common.model.mla import MLA, AttentionBatch
-from common.model.moe import MoE, RoutedExperts
+from common.model.moe import Gate, MoE, RoutedExperts
 
 
 class DecodeLayer:
     """DecoderLayer.forward on a decode-only batch: the kernel calls its modules make there."""
 
     def __init__(self, layer: DecoderLayer) -> None:
-        ext = cpu_extension.module()
-        self.kernels = ext
+        self.kernels = cpu_extension.module()
         self.input_norm = (layer.input_layernorm.weight, layer.input_layernorm.eps)
         self.post_norm = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
         attn = layer.self_attn
@@ -36,6 +35,7 @@ class DecodeLayer:
         self.w_uk, self.w_uv_t = attn.absorbed_weights()
         self.o_proj = (attn.o_proj.weight_t, attn.o_proj.bias)
         self.mlp = layer.mlp  # a dense MLP runs as its module: once a step, not worth binding
+        self.gate: Gate | None = None
         if isinstance(layer.mlp, MoE):
             self.gate, experts = layer.mlp.gate, layer.mlp.experts
             self.gate_args = self.gate.kernel_args()
@@ -63,7 +63,7 @@ class DecodeLayer:
             q, pages, batch.block_tables, batch.context_lens, attn.scale, attn.kv_rank, 0
         )
         x = ext.rms_norm(ext.mla_output(out, self.w_uv_t, *self.o_proj), *self.post_norm, residual)
-        if not isinstance(self.mlp, MoE):
+        if self.gate is None:
             return self.mlp(x), residual
         weights, ids = ext.moe_gate(x, *self.gate_args, self.gate.counts)
         return ext.grouped_swiglu(x, ids, weights, *self.experts), residual
