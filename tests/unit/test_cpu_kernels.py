@@ -120,6 +120,27 @@ def test_decode_is_the_same_on_any_thread_count() -> None:
     assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("heads", [8, 16, 40])  # one group; two of 8 heads; of 32 and 8 (whole vectors)
+def test_decode_gives_a_sequence_the_same_bits_alone_or_in_a_batch(heads: int) -> None:
+    # Alone, a short context is one split, fewer than the threads: its heads split between them.
+    lens = [100, 3, 1100, 64]
+    q, pages, tables, context_lens, latents = paged_case(lens, 16, heads=heads, dim=72, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        batch = cpu_attention.paged_latent_decode(q, pages, tables, context_lens, 0.1, 64)
+        alone = [
+            cpu_attention.paged_latent_decode(
+                q[b : b + 1], pages, tables[b : b + 1], context_lens[b : b + 1], 0.1, 64
+            )
+            for b in range(len(lens))
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(torch.cat(alone), batch)
+    assert rel_err(batch, reference_decode(q, latents, 0.1, 64)) < TOL
+
+
 def test_bfloat16_decode_matches_the_torch_path() -> None:
     from common.kernels import flash_attention
 

@@ -5,8 +5,12 @@
 // the page's tokens, one rescale of each head's running output, then the page's weighted values added in.
 // Absorbed MLA is MQA-like (every head reads the same latent rows), so a page is widened from bfloat16 once
 // for all heads, and both products are GEMMs with the heads as one dimension. A work item is (sequence,
-// split of its context); a thread runs whole items in a fixed order and a log-sum-exp combine merges a
-// sequence's splits in split order, so the result does not depend on the thread count.
+// split of its context, group of heads); a thread runs whole items in a fixed order and a log-sum-exp
+// combine merges a sequence's splits in split order, so the result does not depend on the thread count.
+// Unless the caller fixes their number, the splits depend on the context's length alone, so neither does
+// the result depend on the batch (another split sums in another order). The heads form more than one group
+// only where there are fewer splits than threads (a lone sequence's short context would keep one core
+// busy): a head's sums are the same in any group.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -29,27 +33,33 @@ struct Shape {
   float scale;
 };
 
-// Scratch of one thread: the scaled query transposed [D, H], a page widened to float32 [block_size, D],
-// its scores and then probabilities [block_size, H], each head's rescale factor [H].
+// A row of scores, one per head: H rounded up to 8, the padding's queries zero. Rows of whole halves of a
+// vector, which AVX2 reads and writes without masked moves (slow there); no one reads the padding's scores.
+inline int64_t score_row(int64_t heads) { return (heads + 7) / 8 * 8; }
+
+// Scratch of one thread: the scaled query transposed [D, Hp], a page widened to float32 [block_size, D],
+// its scores and then probabilities [block_size, Hp], each head's rescale factor [H].
 struct Scratch {
   std::vector<float> q_t, rows, scores, correction;
   explicit Scratch(const Shape& s)
-      : q_t(s.dim * s.heads),
+      : q_t(s.dim * score_row(s.heads)),
         rows(std::max(s.block_size, s.heads) * s.dim),  // holds q too, before the first page
-        scores(s.block_size * s.heads),
+        scores(s.block_size * score_row(s.heads)),
         correction(s.heads) {}
 };
 
-// The partial softmax of one sequence's tokens [begin, end): running max m [H], denominator l [H] and
-// unnormalised output o [H, Dv]. Per page, two small GEMMs: scores [n, H] = rows [n, D] @ q^T [D, H], and
-// o [H, Dv] += p [H, n] @ rows [n, :Dv]; the softmax in between runs over 16 heads at a time.
+// The partial softmax of H heads' queries q [H, D] over one sequence's tokens [begin, end): running max
+// m [H], denominator l [H] and unnormalised output o [H, Dv]. Per page, two small GEMMs: scores [n, Hp] =
+// rows [n, D] @ q^T [D, Hp], and o [H, Dv] += p [H, n] @ rows [n, :Dv]; the softmax in between runs over 16
+// heads at a time.
 template <typename T>
-void attend(const T* q, const T* pages, const int32_t* table, int64_t begin, int64_t end, const Shape& s,
-            Scratch& w, float* m, float* l, float* o) {
-  const int64_t H = s.heads, D = s.dim, Dv = s.value_dim, bs = s.block_size;
+void attend(const T* q, int64_t H, const T* pages, const int32_t* table, int64_t begin, int64_t end,
+            const Shape& s, Scratch& w, float* m, float* l, float* o) {
+  const int64_t D = s.dim, Dv = s.value_dim, bs = s.block_size, Hp = score_row(H);
   widen(q, w.rows.data(), H * D);
+  std::fill(w.q_t.begin(), w.q_t.begin() + D * Hp, 0.0f);
   for (int64_t h = 0; h < H; ++h)
-    for (int64_t d = 0; d < D; ++d) w.q_t[d * H + h] = w.rows[h * D + d] * s.scale;
+    for (int64_t d = 0; d < D; ++d) w.q_t[d * Hp + h] = w.rows[h * D + d] * s.scale;
   std::fill(m, m + H, NEG_INF);
   std::fill(l, l + H, 0.0f);
   std::fill(o, o + H * Dv, 0.0f);
@@ -64,17 +74,17 @@ void attend(const T* q, const T* pages, const int32_t* table, int64_t begin, int
       rows = w.rows.data();
     }
     float* scores = w.scores.data();
-    std::fill(scores, scores + n * H, 0.0f);
-    gemm_acc(rows, D, 1, w.q_t.data(), H, scores, H, n, D, 0, H);
+    std::fill(scores, scores + n * Hp, 0.0f);
+    gemm_acc(rows, D, 1, w.q_t.data(), Hp, scores, Hp, n, D, 0, Hp);
     for (int64_t c = 0; c < H; c += 16) {  // online softmax, 16 heads at a time
-      const mask16 mask = tail_mask(c, H);
+      const mask16 mask = tail_mask(c, H), row = tail_mask(c, Hp);
       const f32x16 old = load(m + c, mask);
       f32x16 top = old;
-      for (int64_t t = 0; t < n; ++t) top = maximum(top, load(scores + t * H + c, mask));
+      for (int64_t t = 0; t < n; ++t) top = maximum(top, load(scores + t * Hp + c, row));
       f32x16 sum = zeros();
       for (int64_t t = 0; t < n; ++t) {
-        const f32x16 p = exp16(sub(load(scores + t * H + c, mask), top));
-        store(scores + t * H + c, p, mask);
+        const f32x16 p = exp16(sub(load(scores + t * Hp + c, row), top));
+        store(scores + t * Hp + c, p, row);
         sum = add(sum, p);
       }
       const f32x16 correction = exp16(sub(old, top));  // about 0 on the first page (m = -inf)
@@ -84,7 +94,7 @@ void attend(const T* q, const T* pages, const int32_t* table, int64_t begin, int
     }
     for (int64_t h = 0; h < H; ++h)
       for (int64_t d = 0; d < Dv; ++d) o[h * Dv + d] *= w.correction[h];
-    gemm_acc(scores, 1, H, rows, D, o, Dv, H, n, 0, Dv);
+    gemm_acc(scores, 1, Hp, rows, D, o, Dv, H, n, 0, Dv);
   }
 }
 
@@ -94,19 +104,27 @@ void decode(const torch::Tensor& q, const torch::Tensor& pages, const int32_t* t
   const int64_t B = q.size(0), H = s.heads, D = s.dim, Dv = s.value_dim;
   std::vector<int64_t> first(B + 1, 0);  // work items of sequence b: first[b] .. first[b + 1]
   for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + (lens[b] + s.split_len - 1) / s.split_len;
-  const int64_t items = first[B];
-  std::vector<float> m(items * H), l(items * H), o(items * H * Dv);
-  std::vector<int64_t> owner(items);
+  const int64_t splits = first[B];
+  // Groups of heads: one, or as many as give each thread an item, of 8 heads at least (a group widens the
+  // same pages as the others, which fewer heads do not repay) and whole vectors of 16 past 16.
+  const int64_t wanted = std::clamp<int64_t>(at::get_num_threads() / splits, 1, H);
+  int64_t per_group = std::max<int64_t>(8, (H + wanted - 1) / wanted);
+  if (per_group > 16) per_group = (per_group + 15) / 16 * 16;
+  const int64_t groups = (H + per_group - 1) / per_group;
+  std::vector<float> m(splits * H), l(splits * H), o(splits * H * Dv);
+  std::vector<int64_t> owner(splits);
   for (int64_t b = 0; b < B; ++b) std::fill(owner.begin() + first[b], owner.begin() + first[b + 1], b);
   const T* qp = q.data_ptr<T>();
   const T* pp = pages.data_ptr<T>();
-  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, splits * groups, 1, [&](int64_t j0, int64_t j1) {
     Scratch w(s);
-    for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t i = j / groups, h0 = j % groups * per_group, heads = std::min(per_group, H - h0);
       const int64_t b = owner[i], begin = (i - first[b]) * s.split_len;
       const int64_t end = std::min<int64_t>(lens[b], begin + s.split_len);
-      attend(qp + b * H * D, pp, tables + b * s.max_blocks, begin, end, s, w, m.data() + i * H,
-             l.data() + i * H, o.data() + i * H * Dv);
+      const int64_t at = i * H + h0;  // the item's first head among m, l and o's rows
+      attend(qp + (b * H + h0) * D, heads, pp, tables + b * s.max_blocks, begin, end, s, w, m.data() + at,
+             l.data() + at, o.data() + at * Dv);
     }
   });
   T* op = out.data_ptr<T>();
