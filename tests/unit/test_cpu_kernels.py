@@ -120,7 +120,7 @@ def test_decode_is_the_same_on_any_thread_count() -> None:
     assert torch.equal(one, two)
 
 
-@pytest.mark.parametrize("heads", [8, 16, 40])  # one group; two of 8 heads; of 32 and 8 (whole vectors)
+@pytest.mark.parametrize("heads", [8, 16, 40])  # with AVX2: one group; two of 8 heads; of 32 and 8
 def test_decode_gives_a_sequence_the_same_bits_alone_or_in_a_batch(heads: int) -> None:
     # Alone, a short context is one split, fewer than the threads: its heads split between them.
     lens = [100, 3, 1100, 64]
@@ -139,6 +139,12 @@ def test_decode_gives_a_sequence_the_same_bits_alone_or_in_a_batch(heads: int) -
         torch.set_num_threads(threads)
     assert torch.equal(torch.cat(alone), batch)
     assert rel_err(batch, reference_decode(q, latents, 0.1, 64)) < TOL
+
+
+def test_decode_of_no_sequences_is_empty() -> None:
+    tables, lens = torch.zeros(0, 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+    out = cpu_attention.paged_latent_decode(torch.empty(0, 4, 8), torch.zeros(2, 4, 8), tables, lens, 0.1, 6)
+    assert out.shape == (0, 4, 6)
 
 
 def test_bfloat16_decode_matches_the_torch_path() -> None:

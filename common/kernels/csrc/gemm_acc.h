@@ -19,7 +19,8 @@ inline void fma_rows_low(const float* x, int64_t xr, int64_t xi, const f32x16* w
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = load(o + r * ldo, mask);
   for (int64_t i = 0; i < kn; ++i)
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(x[r * xr + i * xi]), wv[i].lo, acc[r]);
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(x[r * xr + i * xi]), wv[i].lo, acc[r]);
   for (int r = 0; r < R; ++r) store(o + r * ldo, acc[r], mask);
 }
 #endif
