@@ -1,10 +1,12 @@
 // out[r, c] = sum_i x[r * ldx + i] * w[i, c] for r < M, c0 <= c < c1: the scheme for products where
 // each weight meets several rows (batched decode, an expert's share of a batch). A thread widens a panel of
-// KC weight rows x 64 columns into float32 once (it stays in L1), then runs tiles of 4 rows x 64 columns
-// over it, the 16 accumulators in registers: per weight row 4 vector loads and 4 broadcasts feed 16
-// independent FMAs, where gemm_acc.h's scheme (accumulators in memory, a few chains) reaches half the FMA
-// rate (with AVX2's 16 registers a tile is one row, its FMAs taking the weights from L1). Sums run over i
-// in order, as in gemm_acc.h, so the bits do not depend on the scheme or the thread split. panel_product,
+// KC weight rows x 64 columns into float32 once (it stays in L1), then runs tiles of rows over it, their
+// accumulators in registers: with AVX-512, 4 rows x 64 columns, per weight row 4 vector loads and 4
+// broadcasts feeding 16 independent FMAs, where gemm_acc.h's scheme (accumulators in memory, a few chains)
+// reaches half the FMA rate; with AVX2's 16 registers, 6 rows x 16 columns (12 registers), one vector load
+// and 6 broadcasts feeding 12 (one row x 64 columns, its FMAs each loading a weight, was 10% slower: as
+// many loads as FMAs). Sums run over i in order, as in gemm_acc.h, so the bits do not depend on the scheme
+// or the thread split. panel_product,
 // the tiles over one panel, also serves the prefill attention (varlen_attention.cpp).
 #pragma once
 
@@ -33,7 +35,8 @@ namespace gemm_packed_detail {
 
 constexpr int64_t KC = 128;             // weight rows per panel at most: 128 x 64 float32 = 32 KiB
 constexpr int V = PANEL_COLUMNS / 16;   // 16-column vectors per panel
-constexpr int TILE_ROWS = VECTOR_REGISTERS >= 32 ? 4 : 1;  // a tile's accumulators: 4 x V of 32 registers
+constexpr int TILE_ROWS = VECTOR_REGISTERS >= 32 ? 4 : 6;    // a tile: TILE_ROWS rows x TILE_VECTORS
+constexpr int TILE_VECTORS = VECTOR_REGISTERS >= 32 ? V : 1;  // vectors of 16 columns
 constexpr bool DIRECT_ROW = VECTOR_REGISTERS < 32;        // a single row skips the panel (direct_row)
 constexpr int64_t ROW_BLOCK = 128;      // rows multiplied over a panel at a time (their x stays in L2)
 constexpr int64_t PREFETCH_PANELS = 3;  // how far ahead the weights are asked for (measured: 2-4 are close)
@@ -47,24 +50,40 @@ inline void prefetch_row(const Weights& w, int64_t r, int64_t c) {
     _mm_prefetch(reinterpret_cast<const char*>(w.at(r, c + j)), _MM_HINT_T0);
 }
 
-// R rows x 64 columns of out (= on the first panel, += after) from x's rows times one panel; x's row r
-// holds x[r * ldx + i * incx] for i < kc.
+// R rows x 64 columns of out (= on the first panel, += after) from x's rows times one panel, TILE_VECTORS
+// vectors of columns at a time; x's row r holds x[r * ldx + i * incx] for i < kc. The loops over rows and
+// vectors are unrolled from the start and the panel's loop walks pointers: otherwise GCC keeps a copy of
+// the accumulators on the stack, stored every iteration (twice the time).
 template <int R>
 inline void tile(const float* x, int64_t ldx, int64_t incx, const float* panel, int64_t kc, float* o,
                  int64_t ldo, const mask16* mask, bool first) {
-  f32x16 acc[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = first ? zeros() : load(o + r * ldo + 16 * v, mask[v]);
-  for (int64_t i = 0; i < kc; ++i) {
-    f32x16 wv[V];
-    for (int v = 0; v < V; ++v) wv[v] = load(panel + i * PANEL_COLUMNS + 16 * v);
+  constexpr int C = TILE_VECTORS;
+  for (int c = 0; c < V; c += C) {
+    f32x16 acc[R][C];
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const f32x16 xb = splat(x[r * ldx + i * incx]);
-      for (int v = 0; v < V; ++v) acc[r][v] = fmadd(xb, wv[v], acc[r][v]);
+      #pragma GCC unroll 16
+      for (int v = 0; v < C; ++v) acc[r][v] = first ? zeros() : load(o + r * ldo + 16 * (c + v), mask[c + v]);
+    }
+    const float* xi = x;
+    for (const float *p = panel + 16 * c, *const end = p + kc * PANEL_COLUMNS; p < end;
+         p += PANEL_COLUMNS, xi += incx) {
+      f32x16 wv[C];
+      #pragma GCC unroll 16
+      for (int v = 0; v < C; ++v) wv[v] = load(p + 16 * v);
+      #pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const f32x16 xb = splat(xi[r * ldx]);
+        #pragma GCC unroll 16
+        for (int v = 0; v < C; ++v) acc[r][v] = fmadd(xb, wv[v], acc[r][v]);
+      }
+    }
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      #pragma GCC unroll 16
+      for (int v = 0; v < C; ++v) store(o + r * ldo + 16 * (c + v), acc[r][v], mask[c + v]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) store(o + r * ldo + 16 * v, acc[r][v], mask[v]);
 }
 
 // One row x 64 columns of out (= on the first panel, += after) from kc weight rows from row k, columns from
@@ -83,9 +102,10 @@ inline void direct_row(const float* x, const Weights& w, int64_t k, int64_t n, i
 }
 
 // direct_row for 64 columns of bfloat16 weights that all exist: each half of a weight row's 64 columns, a
-// cache line, widened as its even and odd columns (load_bf16_pairs: a shift and an and for 16 columns, where
-// widening in column order takes a shuffle and a shift for 8, and on AVX2 CPUs those share few ports); the
-// sums go out of column order and back once per call. The same sums in the same order as direct_row's.
+// cache line, widened as its even and odd columns (load_bf16_even and _odd: a shift or an and for 16
+// columns, where widening in column order takes a shuffle and a shift for 8, and on AVX2 CPUs those share
+// few ports); the sums go out of column order and back once per call. The same sums in the same order as
+// direct_row's.
 template <typename Weights>
 inline void direct_row_pairs(const float* x, const Weights& w, int64_t k, int64_t n, int64_t kc, float* o,
                              bool first) {
@@ -99,10 +119,9 @@ inline void direct_row_pairs(const float* x, const Weights& w, int64_t k, int64_
   for (int64_t i = 0; i < kc; ++i) {
     const f32x16 xb = splat(x[i]);
     for (int h = 0; h < 2; ++h) {
-      f32x16 e, d;
-      load_bf16_pairs(w.at(k + i, n + 32 * h), e, d);
-      even[h] = fmadd(xb, e, even[h]);
-      odd[h] = fmadd(xb, d, odd[h]);
+      const uint16_t* line = w.at(k + i, n + 32 * h);
+      even[h] = fmadd(xb, load_bf16_even(line), even[h]);
+      odd[h] = fmadd(xb, load_bf16_odd(line), odd[h]);
     }
   }
   for (int h = 0; h < 2; ++h) {

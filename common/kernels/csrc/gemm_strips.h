@@ -17,8 +17,8 @@
 #include "simd.h"
 
 constexpr int64_t STRIP_COLUMNS = 32;   // a strip's width: a cache line of bfloat16
-// Rows a tile holds: 24 accumulators of AVX-512's 32 vector registers; of AVX2's 16, 8 (each vector is two).
-constexpr int64_t STRIP_MAX_ROWS = VECTOR_REGISTERS >= 32 ? 12 : 2;
+// Rows a tile holds: 24 accumulators of AVX-512's 32 vector registers; of AVX2's 16, 12 (each vector is two).
+constexpr int64_t STRIP_MAX_ROWS = VECTOR_REGISTERS >= 32 ? 12 : 3;
 
 // Where columns c..c+15 of row r of a weight in strip order start (c a multiple of 16): the panels of
 // gemm_packed.h read strips through it, for the experts with many rows.
@@ -36,14 +36,18 @@ namespace gemm_strips_detail {
 
 constexpr int64_t PREFETCH_BYTES = 4096;  // how far ahead the stream is asked for (measured: 4-16 KiB close)
 
-// One strip row as two vectors: bfloat16 as its even and odd columns, float32 as its two halves.
-inline void load_row(const uint16_t* p, f32x16& a, f32x16& b) { load_bf16_pairs(p, a, b); }
-inline void load_row(const float* p, f32x16& a, f32x16& b) {
-  a = load(p);
-  b = load(p + 16);
+// Half h of a strip row as a vector: bfloat16 as its even (h = 0) or odd (h = 1) columns, float32 as its
+// first or second 16 columns.
+template <int h>
+inline f32x16 load_half(const uint16_t* p) {
+  return h == 0 ? load_bf16_even(p) : load_bf16_odd(p);
+}
+template <int h>
+inline f32x16 load_half(const float* p) {
+  return load(p + 16 * h);
 }
 
-// The 32 columns of what load_row made, in order, at o (the columns past the product's last masked out).
+// The 32 columns of what load_half made, in order, at o (the columns past the product's last masked out).
 inline void store_row(const uint16_t*, f32x16 even, f32x16 odd, const mask16* mask, float* o) {
   f32x16 first, second;
   interleave(even, odd, first, second);
@@ -55,22 +59,24 @@ inline void store_row(const float*, f32x16 a, f32x16 b, const mask16* mask, floa
   store(o + 16, b, mask[1]);
 }
 
-// R rows of out x one strip (K rows of STRIP_COLUMNS at w). The loop walks pointers: with an index, GCC
-// keeps a copy of the accumulators on the stack, stored every iteration.
+// R rows of out x one strip (K rows of STRIP_COLUMNS at w), a strip row's halves one after the other: on
+// AVX2 3 rows' 12 accumulators leave room for one half's two registers, not both halves' four. The loop
+// walks pointers: with an index, GCC keeps a copy of the accumulators on the stack, stored every iteration.
 template <int R, typename W>
 void tile(const float* x, int64_t ldx, const W* w, int64_t K, float* o, int64_t ldo, const mask16* mask) {
   f32x16 acc[R][2];
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = zeros();
   for (const float* const end = x + K; x < end; ++x, w += STRIP_COLUMNS) {
     _mm_prefetch(reinterpret_cast<const char*>(w) + PREFETCH_BYTES, _MM_HINT_T0);
-    f32x16 a, b;
-    load_row(w, a, b);
-    for (int r = 0; r < R; ++r) {
-      const f32x16 xb = splat(x[r * ldx]);
-      acc[r][0] = fmadd(xb, a, acc[r][0]);
-      acc[r][1] = fmadd(xb, b, acc[r][1]);
-    }
+    const f32x16 a = load_half<0>(w);
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[r][0] = fmadd(splat(x[r * ldx]), a, acc[r][0]);
+    const f32x16 b = load_half<1>(w);
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[r][1] = fmadd(splat(x[r * ldx]), b, acc[r][1]);
   }
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) store_row(w, acc[r][0], acc[r][1], mask, o + r * ldo);
 }
 

@@ -51,12 +51,14 @@ inline f32x16 load_bf16(const uint16_t* p, mask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-// 32 bfloat16 (a cache line) as their even and odd columns, two instructions: the even ones by a shift,
-// the odd ones by clearing the low halves. interleave puts such a pair back in column order.
-inline void load_bf16_pairs(const uint16_t* p, f32x16& even, f32x16& odd) {
-  const __m512i line = _mm512_loadu_si512(p);
-  even = _mm512_castsi512_ps(_mm512_slli_epi32(line, 16));
-  odd = _mm512_castsi512_ps(_mm512_and_si512(line, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
+// 32 bfloat16 (a cache line) as their even or their odd columns, one instruction each: the even ones by a
+// shift, the odd ones by clearing the low halves. interleave puts such a pair back in column order.
+inline f32x16 load_bf16_even(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(p), 16));
+}
+inline f32x16 load_bf16_odd(const uint16_t* p) {
+  const __m512i high_halves = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(p), high_halves));
 }
 inline void interleave(f32x16 even, f32x16 odd, f32x16& first, f32x16& second) {
   const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -186,13 +188,17 @@ inline f32x16 load_bf16(const uint16_t* p, mask16 m) {  // m: first lanes
   return {load_bf16(part), load_bf16(part + 8)};
 }
 
-inline void load_bf16_pairs(const uint16_t* p, f32x16& even, f32x16& odd) {
+inline f32x16 load_bf16_even(const uint16_t* p) {
+  const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(b, 16))};
+}
+inline f32x16 load_bf16_odd(const uint16_t* p) {
   const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
   const __m256i high_halves = _mm256_set1_epi32(int32_t(0xFFFF0000u));
-  even = {_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(b, 16))};
-  odd = {_mm256_castsi256_ps(_mm256_and_si256(a, high_halves)),
-         _mm256_castsi256_ps(_mm256_and_si256(b, high_halves))};
+  return {_mm256_castsi256_ps(_mm256_and_si256(a, high_halves)),
+          _mm256_castsi256_ps(_mm256_and_si256(b, high_halves))};
 }
 inline void interleave(f32x16 even, f32x16 odd, f32x16& first, f32x16& second) {
   auto zip = [](__m256 e, __m256 o, __m256& a, __m256& b) {  // e0 o0 e1 o1 .. e3 o3 | e4 o4 .. e7 o7
