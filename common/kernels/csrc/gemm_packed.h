@@ -6,8 +6,8 @@
 // reaches half the FMA rate; with AVX2's 16 registers, 6 rows x 16 columns (12 registers), one vector load
 // and 6 broadcasts feeding 12 (one row x 64 columns, its FMAs each loading a weight, was 10% slower: as
 // many loads as FMAs). Sums run over i in order, as in gemm_acc.h, so the bits do not depend on the scheme
-// or the thread split. panel_product,
-// the tiles over one panel, also serves the prefill attention (varlen_attention.cpp).
+// or the thread split. panel_product, the tiles over one panel, also serves the prefill attention
+// (varlen_attention.cpp).
 #pragma once
 
 #include <algorithm>
