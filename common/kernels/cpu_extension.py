@@ -14,7 +14,9 @@ stays the reference and the path elsewhere:
   * moe_gate.cpp: the MoE gate's scores and top-k choice (common/model/moe.py);
   * mla.cpp: MLA's queries, cache entries and absorbed output, each a composition of the above and ATen's
     matmul (common/model/mla.py);
-  * activation.cpp: the SwiGLU activation, silu(gate) * up (common/kernels/activation.py).
+  * activation.cpp: the SwiGLU activation, silu(gate) * up (common/kernels/activation.py);
+  * decode_layer.cpp: a decoder layer of a decode step as one call of the above, weights bound once
+    (common/engine/decode_graph.py).
 
 The build (about a minute on two cores, cached per machine) needs a compiler and a CPU with AVX-512 (F, BW,
 VL) or AVX2 with FMA: the kernels are written once over csrc/simd.h's 16-lane vector, one AVX-512 register

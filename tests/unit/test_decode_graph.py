@@ -113,3 +113,23 @@ def test_the_engine_replays_decode_steps_unless_told_to_run_eager(checkpoint_dir
     assert [len(t) for t in tokens[0]] == [9, 4, 7]
     args = build_parser().parse_args(["generate", "--model", path, "--prompt", "hi", "--enforce-eager"])
     assert engine_config(args).enforce_eager and not EngineConfig().enforce_eager
+
+
+def test_a_layer_binds_the_gate_and_the_experts_together() -> None:
+    """csrc/decode_layer.cpp runs a MoE layer's gate and experts or neither (a dense MLP runs as a module)."""
+    w = torch.zeros(4, 4)
+    gate = (w, None, 2, "softmax", "greedy", 1, 1, False, 1.0)
+    with pytest.raises(ValueError, match="the gate and the experts, or neither"):
+        cpu_extension.module().DecodeLayer(
+            input_norm=(w[0], 1e-6),
+            post_norm=(w[0], 1e-6),
+            queries=(w, None, None, None, None, 0.0),
+            latents=(w, None, w[0], 1e-6),
+            w_uk=w,
+            w_uv_t=w,
+            o_proj=w,
+            o_bias=None,
+            attention=(2, 2, 2, False, 1.0),
+            gate=gate,
+            experts=None,
+        )

@@ -1,0 +1,43 @@
+// A decoder layer of a decode step as one call (decode_layer.cpp). The groups of weights are what
+// common/model/mla.py and moe.py give the kernels (MLA.query_weights, MLA.latent_weights, Gate.kernel_args).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+class DecodeLayer {
+ public:
+  using Tensor = torch::Tensor;
+  using Norm = std::tuple<Tensor, double>;  // weight, eps
+  // q_proj, or q_a_proj, its bias, q_a_layernorm's weight and q_b_proj; q_a_layernorm's eps
+  using QueryWeights = std::tuple<std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>,
+                                  std::optional<Tensor>, std::optional<Tensor>, double>;
+  using LatentWeights = std::tuple<Tensor, std::optional<Tensor>, Tensor, double>;  // kv_a_proj, bias, norm
+  using Attention = std::tuple<int64_t, int64_t, int64_t, bool, double>;  // heads, d_R, d_c, interleaved, scale
+  using GateArgs = std::tuple<Tensor, std::optional<Tensor>, int64_t, std::string, std::string, int64_t,
+                              int64_t, bool, double>;
+  using Experts = std::tuple<Tensor, Tensor, int64_t>;  // w13, w2 (strip order), shared experts among them
+
+  DecodeLayer(Norm input_norm, Norm post_norm, QueryWeights queries, LatentWeights latents, Tensor w_uk,
+              Tensor w_uv_t, Tensor o_proj, std::optional<Tensor> o_bias, Attention attention,
+              std::optional<GateArgs> gate, std::optional<Experts> experts);
+
+  // (the MoE's output, or without experts the MLP's normalised input; the residual stream)
+  std::tuple<Tensor, Tensor> forward(const Tensor& x, const std::optional<Tensor>& residual, const Tensor& cos,
+                                     const Tensor& sin, const Tensor& pages, const Tensor& slots,
+                                     const Tensor& block_tables, const Tensor& context_lens,
+                                     const std::optional<Tensor>& counts) const;
+
+ private:
+  Norm input_norm, post_norm;
+  QueryWeights queries;
+  LatentWeights latents;
+  Tensor w_uk, w_uv_t, o_proj;
+  std::optional<Tensor> o_bias;
+  Attention attention;
+  std::optional<GateArgs> gate;
+  std::optional<Experts> experts;
+};
