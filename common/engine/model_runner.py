@@ -12,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from common.engine.decode_graph import DecodeGraph
@@ -19,7 +20,7 @@ from common.engine.scheduler import SchedulerOutput
 from common.engine.sequence import Sequence
 from common.kvcache import BlockManager, BlockPool
 from common.model.decoder import DeepseekModel
-from common.model.mla import AttentionBatch
+from common.model.mla import AttentionBatch, int_tensor
 
 log = logging.getLogger(__name__)
 MAX_STEP_ATTEMPTS = 3  # a step survives the loss of two remote workers
@@ -184,11 +185,11 @@ class ModelRunner:
         every_row = len(logits_rows) == len(ids)  # a decode-only step samples every row: no rows to pick
         graph = self.decode_graph
         logits = self.model(
-            torch.tensor(ids, device=self.device),
-            torch.tensor(positions, device=self.device),
+            int_tensor(ids, np.int64, self.device),
+            int_tensor(positions, np.int64, self.device),
             batch,
             cache,
-            None if every_row else torch.tensor(logits_rows, dtype=torch.long, device=self.device),
+            None if every_row else int_tensor(logits_rows, np.int64, self.device),
             graph.layers if graph is not None and graph.takes(batch, cache) else None,
         )
         return logits, sampling
