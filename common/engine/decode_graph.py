@@ -3,13 +3,13 @@
 On CPU the modules already hand a decode step's work to a few C++ calls a layer (csrc/): norms, MLA's
 queries, latents, attention and output, the gate, the experts. At a step of a few sequences those calls'
 arithmetic is small and the Python around them is not: module calls, parameter lookups, the checks that
-pick a path, about 2 ms of an 8 ms one-sequence step of the mini model on a 2-core CPU; then the eight calls
-a layer made from Python, each converting its arguments (a C++ layer, csrc/decode_layer.cpp, makes them
-now: 5.1 -> 4.9 ms a step). This is the CPU's counterpart of the CUDA graphs vLLM replays for decode:
-captured once the weights are final
+pick a path, about 2 ms of an 8 ms one-sequence step of the mini model on a 2-core CPU. This is the CPU's
+counterpart of the CUDA graphs vLLM replays for decode: captured once the weights are final
 (`DecodeGraph.capture`), replayed at every decode-only step, making the calls the modules make on that path
-with the same arguments in the same order, so its logits are theirs bit for bit. The modules stay the
-reference and the path for everything else (prefill chunks, other devices, remote attention or experts).
+with the same arguments in the same order, so its logits are theirs bit for bit. A layer's calls are made
+from C++ (csrc/decode_layer.cpp): from Python, eight calls a layer converting their arguments cost a
+one-sequence step about 0.15 ms more. The modules stay the reference and the path for everything else
+(prefill chunks, other devices, remote attention or experts).
 """
 
 from __future__ import annotations

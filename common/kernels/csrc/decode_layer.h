@@ -16,7 +16,8 @@ class DecodeLayer {
   using QueryWeights = std::tuple<std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>,
                                   std::optional<Tensor>, std::optional<Tensor>, double>;
   using LatentWeights = std::tuple<Tensor, std::optional<Tensor>, Tensor, double>;  // kv_a_proj, bias, norm
-  using Attention = std::tuple<int64_t, int64_t, int64_t, bool, double>;  // heads, d_R, d_c, interleaved, scale
+  // heads, d_R, d_c, interleaved rope, softmax scale
+  using Attention = std::tuple<int64_t, int64_t, int64_t, bool, double>;
   using GateArgs = std::tuple<Tensor, std::optional<Tensor>, int64_t, std::string, std::string, int64_t,
                               int64_t, bool, double>;
   using Experts = std::tuple<Tensor, Tensor, int64_t>;  // w13, w2 (strip order), shared experts among them
@@ -26,10 +27,10 @@ class DecodeLayer {
               std::optional<GateArgs> gate, std::optional<Experts> experts);
 
   // (the MoE's output, or without experts the MLP's normalised input; the residual stream)
-  std::tuple<Tensor, Tensor> forward(const Tensor& x, const std::optional<Tensor>& residual, const Tensor& cos,
-                                     const Tensor& sin, const Tensor& pages, const Tensor& slots,
-                                     const Tensor& block_tables, const Tensor& context_lens,
-                                     const std::optional<Tensor>& counts) const;
+  std::tuple<Tensor, Tensor> forward(const Tensor& x, const std::optional<Tensor>& residual,
+                                     const Tensor& cos, const Tensor& sin, const Tensor& pages,
+                                     const Tensor& slots, const Tensor& block_tables,
+                                     const Tensor& context_lens, const std::optional<Tensor>& counts) const;
 
  private:
   Norm input_norm, post_norm;
