@@ -1,18 +1,21 @@
-"""bfloat16 weights times a few rows, on CPUs without bfloat16 units (AVX-512 or AVX2).
+"""bfloat16 weights times a few rows (AVX-512 or AVX2), on any CPU the kernels build for.
 
-There torch's bfloat16 GEMM is an emulation: 1.5-3x slower than float32 at decode's row counts. Upcasting
-the weight on every call and multiplying in float32 (common.config.matmul_dtype) costs a full float32 copy
-of it, which at decode's row counts is much of the work. This kernel (csrc/bf16_gemm.cpp) reads the
-bfloat16 weight once and widens it a small panel at a time (a bfloat16 is the top half of a float32, so
-widening is a shift) into float32 that stays in L1, where tiles of rows multiply it from registers: a
-memory-bound product reads half the bytes of float32, a compute-bound one runs at about MKL's float32 rate.
-Every product is exact in float32 and accumulation is float32, as in a native bfloat16 GEMM. It pays at up
-to MAX_ROWS rows; beyond, MKL's float32 GEMM on the upcast operands, blocked for large matrices, is faster
-(tests/bench/bench_bf16_gemm.py).
+On a CPU without bfloat16 units torch's bfloat16 GEMM is an emulation: 1.5-3x slower than float32 at decode's
+row counts. Upcasting the weight on every call and multiplying in float32 (common.config.matmul_dtype) costs a
+full float32 copy of it, which at decode's row counts is much of the work. This kernel (csrc/bf16_gemm.cpp)
+reads the bfloat16 weight once and widens it a small panel at a time (a bfloat16 is the top half of a
+float32, so widening is a shift) into float32 that stays in L1, where tiles of rows multiply it from
+registers: a memory-bound product reads half the bytes of float32, a compute-bound one runs at about MKL's
+float32 rate. Every product is exact in float32 and accumulation is float32, as in a native bfloat16 GEMM.
+It pays at up to MAX_ROWS rows (tests/bench/bench_bf16_gemm.py): beyond, MKL's float32 GEMM on the upcast
+operands, blocked for large matrices, is faster.
+
+A CPU with bfloat16 units (AMX, AVX512-BF16) multiplies many rows far faster in torch's own GEMM (oneDNN),
+but a call there costs about 40 us whatever its size, and a product of one row is memory-bound anyway: this
+kernel, streaming a weight in strip order, is 2.5-3x faster at 1-4 rows and even at 16. There MAX_ROWS is 16.
 
 It is part of common/kernels/cpu_extension.py and used only where it can run: a CPU with AVX-512 (F, BW,
-VL) or AVX2 with FMA, no bfloat16 units, and a compiler. Elsewhere `available()` is False and callers keep
-torch's path.
+VL) or AVX2 with FMA, and a compiler. Elsewhere `available()` is False and callers keep torch's path.
 """
 
 from __future__ import annotations
@@ -21,17 +24,18 @@ import functools
 
 import torch
 
+from common.config import cpu_has_native_bf16
 from common.kernels import cpu_extension
 
-MAX_ROWS = 256  # rows per weight up to which it is as fast as float32 MKL on upcast operands, or faster
+# Rows per weight up to which the kernel is as fast as the CPU's best other GEMM, or faster: float32 MKL on
+# upcast operands without bfloat16 units, torch's own bfloat16 GEMM with them.
+MAX_ROWS = 16 if cpu_has_native_bf16() else 256
 
 
 @functools.cache
 def available() -> bool:
     """Whether the kernel runs on this machine (builds common/kernels/cpu_extension.py on the first call)."""
-    from common.config import cpu_has_native_bf16
-
-    return not cpu_has_native_bf16() and cpu_extension.available()
+    return cpu_extension.available()
 
 
 def suits(x: torch.Tensor, w: torch.Tensor, rows_per_weight: float) -> bool:

@@ -6,9 +6,9 @@ threads, 2-2.7x at 16 rows and 1.1-1.9x at 32, about even at one row (tests/benc
 So projections, shared and routed experts all keep their weights this way round; the loader writes the
 checkpoint's tensors through transposed views (`weight`).
 
-The projections, the MLPs and the weight-absorbed MLA products multiply through `matmul`. On CPUs without
-units for half precision it runs a few rows of bfloat16 in common/kernels/bf16_gemm.py where that kernel
-runs, and other half-precision products in float32 (common.config.matmul_dtype); the gate scores in float32
+The projections, the MLPs and the weight-absorbed MLA products multiply through `matmul`. It runs a few rows
+of bfloat16 in common/kernels/bf16_gemm.py where that kernel runs, and on CPUs without units for half
+precision other half-precision products in float32 (common.config.matmul_dtype); the gate scores in float32
 anyway, and a tied lm_head (no DeepSeek checkpoint ties it) stays an nn.Linear.
 """
 
@@ -20,7 +20,7 @@ from typing import Generic, TypeVar
 import torch
 from torch import nn
 
-from common.config import matmul_dtype
+from common.config import cpu_has_native_bf16, matmul_dtype
 from common.kernels import bf16_gemm, strips
 
 
@@ -38,8 +38,11 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if strips.in_strip_order(w):
         if rows <= bf16_gemm.MAX_ROWS:
             return bf16_gemm.bmm(x, w) if per_head else bf16_gemm.mm(x, w)
-        w = strips.unstrip(w, w.shape[1] * strips.STRIP)  # many rows: MKL's blocked GEMM, below
-        w = w if per_head else w[0]
+        rows_major = getattr(w, "rows_major", None)  # many rows: the blocked GEMM below, on [in, out]
+        if rows_major is None:
+            rows_major = strips.unstrip(w, w.shape[1] * strips.STRIP)
+            rows_major = rows_major if per_head else rows_major[0]
+        w = rows_major
     if bf16_gemm.suits(x, w, rows):
         return bf16_gemm.mm(x, w) if w.dim() == 2 else bf16_gemm.bmm(x, w)
     dtype = multiply_dtype(x, rows)
@@ -71,12 +74,17 @@ def pack(w: torch.Tensor) -> torch.Tensor:
     """A weight [in, out] (or one per head, [heads, in, out]) in strip order (common/kernels/strips.py) where
     the bfloat16 kernel multiplies it, as the routed experts are kept: a product with a few rows (decode)
     then streams it in memory order (at one row, from memory, mini's projections and dense MLP 1.5-1.7x
-    faster than [in, out], its lm_head 1.1x). Otherwise (another dtype, a CPU with bfloat16 units, `out` not
-    a whole number of strips) w itself. matmul takes either."""
+    faster than [in, out], its lm_head 1.1x). Otherwise (another dtype, `out` not a whole number of strips)
+    w itself. matmul takes either. On a CPU with bfloat16 units, whose own GEMM takes the products of more
+    than bf16_gemm.MAX_ROWS rows, w stays beside its strips as `rows_major` for them: made again from the
+    strips on every call, it cost as much as the product (mini's lm_head at 64 rows, 0.8 ms of 1.3)."""
     if w.dim() not in (2, 3) or w.shape[-1] % strips.STRIP or not bf16_gemm.suits(w, w, 1):  # one row
         return w
     with torch.no_grad():
-        return nn.Parameter(strips.strip_order(w if w.dim() == 3 else w[None]), requires_grad=False)
+        packed = nn.Parameter(strips.strip_order(w if w.dim() == 3 else w[None]), requires_grad=False)
+    if cpu_has_native_bf16():
+        packed.rows_major = w.detach()
+    return packed
 
 
 class Linear(nn.Module):

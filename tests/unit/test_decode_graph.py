@@ -85,7 +85,7 @@ def test_only_decode_steps_the_kernels_take_are_replayed(tmp_path: Path) -> None
     assert not graph.takes(batch, other)  # pages of another dtype: the modules' own write path
     if graph.dtype is torch.bfloat16:
         many = AttentionBatch.build([], [([0], 2)] * (bf16_gemm.MAX_ROWS + 1), pool.block_size)
-        assert not graph.takes(many, pool)  # past MAX_ROWS the products go to MKL in float32
+        assert not graph.takes(many, pool)  # past MAX_ROWS the products go to another GEMM
 
 
 def test_no_graph_where_the_experts_or_the_attention_are_elsewhere(tmp_path: Path) -> None:
