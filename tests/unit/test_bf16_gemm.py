@@ -6,6 +6,7 @@ import torch
 from common.checkpoint import param_targets
 from common.config import cpu_has_native_bf16
 from common.kernels import bf16_gemm, strips
+from common.model import linear
 from common.model.linear import Linear, matmul, pack
 
 needs_kernel = pytest.mark.skipif(
@@ -135,3 +136,27 @@ def test_a_packed_linear_takes_no_checkpoint_tensor():
         layer.weight  # noqa: B018
     with pytest.raises(ValueError, match="packed in strip order"):
         list(param_targets(torch.nn.ModuleDict({"o_proj": layer}), "model.layers.0.self_attn"))
+
+
+@pytest.mark.parametrize("shape", [(17, 64), (2, 50, 64), (64, 64), (3, 130, 64)])
+def test_row_buckets_give_the_product_of_the_rows_asked(shape):
+    """Zero rows pad x to a multiple of ROW_BUCKET; what comes back is x @ w, shaped as x."""
+    gen = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=gen).bfloat16()
+    per_head = len(shape) == 3 and shape[0] == 3  # a weight per head: [H, T, K] @ [H, K, N]
+    w = torch.randn(*((3,) if per_head else ()), 64, 48, generator=gen).bfloat16()
+    got = linear._in_row_buckets(x, w, per_head)
+    assert got.shape == (*shape[:-1], 48)
+    torch.testing.assert_close(got.float(), (x.float() @ w.float()), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("rows", [1, bf16_gemm.MAX_ROWS + 1, 200])
+def test_half_products_go_to_row_buckets_on_bfloat16_units_only(monkeypatch, rows):
+    calls = []
+    bucketed = linear._in_row_buckets
+    monkeypatch.setattr(linear, "_in_row_buckets", lambda *a: calls.append(a) or bucketed(*a))
+    x, w = torch.randn(rows, 64).bfloat16(), torch.randn(64, 40).bfloat16()  # 40 columns: never packed
+    matmul(x, w)
+    assert len(calls) == (cpu_has_native_bf16() and not bf16_gemm.suits(x, w, rows))
+    matmul(x.float(), w.float())
+    assert len(calls) == (cpu_has_native_bf16() and not bf16_gemm.suits(x, w, rows))
