@@ -12,7 +12,8 @@ Where the CPU kernels run (common/kernels/cpu_extension.py), the weights are kep
 C++ call (csrc/grouped_experts.cpp), each GEMM round one grouped product over every expert's rows (the
 bfloat16 kernel of common/kernels/bf16_gemm.py, or its float32-weight twin): an expert with a few rows
 (decode) streams its weights in memory order (csrc/gemm_strips.h), 1.3-1.4x faster than [K, N] panels at
-mini's 64-sequence decode, and one with many widens panels from the strips.
+mini's 64-sequence decode, and one with many widens panels from the strips (on a CPU with bfloat16 units,
+a prefill's many rows an expert go to torch's GEMM instead: UNITS_ROWS).
 """
 
 import itertools
@@ -22,15 +23,17 @@ import torch
 from common.kernels import bf16_gemm, cpu_extension
 from common.kernels.activation import silu_and_mul
 from common.kernels.strips import in_strip_order, unstrip
-from common.model.linear import multiply_dtype
+from common.model.linear import in_row_buckets, multiply_dtype, on_half_units
+
+# Rows an expert gets on average past which a CPU with bfloat16 units multiplies them faster in torch's GEMM
+# (oneDNN, rows in buckets: common/model/linear.py) than in the C++ call, even with the experts made [K, N]
+# again for it: mini at 2,048 tokens (256 rows an expert) 27 against 39 ms a layer, about even at 1,024.
+UNITS_ROWS = 128
 
 
 def takes(w13: torch.Tensor) -> bool:
     """Whether the C++ call multiplies by experts of w13's dtype and device (so they are kept in strip order):
-    bfloat16 where bf16_gemm runs, or float32. On a CPU with bfloat16 units too: there torch's GEMM is faster
-    at a prefill's rows an expert once warm, but oneDNN builds a kernel for every new row count, which an
-    expert's rows seldom repeat (mini, 2,048 tokens: the C++ call 39 ms a layer, torch 25 ms on row counts
-    seen before and 58-208 on new ones)."""
+    bfloat16 where bf16_gemm runs, or float32."""
     if w13.device.type != "cpu" or not cpu_extension.available():
         return False
     return w13.dtype == torch.float32 or (w13.dtype == torch.bfloat16 and bf16_gemm.available())
@@ -51,11 +54,14 @@ def grouped_swiglu(
     w13 [E, h, 2I] (gate columns then up columns); w2 [E, I, h]: input-major, so each GEMM is a plain
     `rows @ weight` (see common/model/linear.py); or both in strip order, [E, ceil(2I / 32), h, 32] and
     [E, ceil(h / 32), I, 32]. Returns [T, h] in x.dtype, accumulated in float32. Weights in strip order go to
-    the C++ call; others, or x it cannot take (another dtype than the weights'), run one GEMM pair per expert
-    in multiply_dtype (float32 for half types on CPUs without units for them).
+    the C++ call; others, x it cannot take (another dtype than the weights'), or on a CPU with bfloat16 units
+    more than UNITS_ROWS rows an expert, run one GEMM pair per expert in multiply_dtype (float32 for half
+    types on CPUs without units for them).
     """
     if in_strip_order(w13):
-        if x.dtype == w13.dtype and cpu_extension.runs(x):
+        routed_rows = x.shape[0] * expert_ids.shape[1] / max(w13.shape[0] - shared, 1)  # per expert, mean
+        many = on_half_units(x) and routed_rows > UNITS_ROWS
+        if x.dtype == w13.dtype and cpu_extension.runs(x) and not many:
             return cpu_extension.module().grouped_swiglu(x, expert_ids, weights, w13, w2, shared)
         w13, w2 = unstrip(w13, 2 * w2.shape[2]), unstrip(w2, x.shape[1])
     if shared:
@@ -85,11 +91,12 @@ def _per_expert(
         if n
     ]
     xs = xs.to(dtype)
+    mm = in_row_buckets if on_half_units(xs) else torch.mm
     gate_up = xs.new_empty(xs.shape[0], w13.shape[2])
     for e, rows in spans:
-        torch.mm(xs[rows], w13[e].to(dtype), out=gate_up[rows])
+        gate_up[rows] = mm(xs[rows], w13[e].to(dtype))
     act = silu_and_mul(gate_up)  # one call over every expert's rows
     ys = torch.empty_like(xs)
     for e, rows in spans:
-        torch.mm(act[rows], w2[e].to(dtype), out=ys[rows])
+        ys[rows] = mm(act[rows], w2[e].to(dtype))
     return ys

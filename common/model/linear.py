@@ -48,15 +48,18 @@ def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     dtype = multiply_dtype(x, rows)
     if dtype != x.dtype:
         return (x.to(dtype) @ w.to(dtype)).to(x.dtype)
-    if x.is_cpu and x.dtype is not torch.float32 and matmul_dtype(x.dtype, "cpu") == x.dtype:
-        return _in_row_buckets(x, w, per_head)  # half precision on the CPU's own units
-    return x @ w
+    return in_row_buckets(x, w, per_head) if on_half_units(x) else x @ w
+
+
+def on_half_units(x: torch.Tensor) -> bool:
+    """Whether x's products in its own dtype run on the CPU's bfloat16 (or float16) units: oneDNN's GEMM."""
+    return x.is_cpu and x.dtype is not torch.float32 and matmul_dtype(x.dtype, "cpu") == x.dtype
 
 
 ROW_BUCKET = 64
 
 
-def _in_row_buckets(x: torch.Tensor, w: torch.Tensor, per_head: bool) -> torch.Tensor:
+def in_row_buckets(x: torch.Tensor, w: torch.Tensor, per_head: bool = False) -> torch.Tensor:
     """x @ w with x's rows (a weight per head: each head's) padded with zeros to a multiple of ROW_BUCKET.
     On a CPU with bfloat16 units torch's GEMM is oneDNN's, which builds a kernel for every new shape: mini's
     q_proj took 2.7 ms the first time 64 rows came, 0.1-0.3 ms after. Prefill chunks and decode batches bring

@@ -145,7 +145,7 @@ def test_row_buckets_give_the_product_of_the_rows_asked(shape):
     x = torch.randn(*shape, generator=gen).bfloat16()
     per_head = len(shape) == 3 and shape[0] == 3  # a weight per head: [H, T, K] @ [H, K, N]
     w = torch.randn(*((3,) if per_head else ()), 64, 48, generator=gen).bfloat16()
-    got = linear._in_row_buckets(x, w, per_head)
+    got = linear.in_row_buckets(x, w, per_head)
     assert got.shape == (*shape[:-1], 48)
     torch.testing.assert_close(got.float(), (x.float() @ w.float()), rtol=2e-2, atol=2e-2)
 
@@ -153,8 +153,8 @@ def test_row_buckets_give_the_product_of_the_rows_asked(shape):
 @pytest.mark.parametrize("rows", [1, bf16_gemm.MAX_ROWS + 1, 200])
 def test_half_products_go_to_row_buckets_on_bfloat16_units_only(monkeypatch, rows):
     calls = []
-    bucketed = linear._in_row_buckets
-    monkeypatch.setattr(linear, "_in_row_buckets", lambda *a: calls.append(a) or bucketed(*a))
+    bucketed = linear.in_row_buckets
+    monkeypatch.setattr(linear, "in_row_buckets", lambda *a: calls.append(a) or bucketed(*a))
     x, w = torch.randn(rows, 64).bfloat16(), torch.randn(64, 40).bfloat16()  # 40 columns: never packed
     matmul(x, w)
     assert len(calls) == (cpu_has_native_bf16() and not bf16_gemm.suits(x, w, rows))
