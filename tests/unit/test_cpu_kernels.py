@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.config import ModelConfig
+from common.config import ModelConfig, cpu_has_native_bf16
 from common.kernels import cpu_attention, cpu_extension, grouped_experts, strips
 from common.kvcache import BlockPool
 from common.model import norm, rope
@@ -325,6 +325,33 @@ def test_grouped_swiglu_takes_the_kernel_for_packed_weights_and_agrees_with_the_
     tolerance = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {}
     torch.testing.assert_close(got, want, **tolerance)
     assert torch.equal(unpacked, grouped_experts.grouped_swiglu(x.double(), ids, weights, w13, w2))
+
+
+def test_a_prefills_many_rows_an_expert_go_to_the_bfloat16_units_where_the_cpu_has_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past UNITS_ROWS rows an expert (on average) a CPU with bfloat16 units multiplies the experts in torch's
+    GEMM, with the shared experts among them; elsewhere, and below it, the C++ call does. Both agree with the
+    float32 torch path."""
+    gen = torch.Generator().manual_seed(9)
+    experts, k, shared = 8, 2, 1
+    w13 = torch.randn(experts + shared, 64, 96, generator=gen).bfloat16()
+    w2 = torch.randn(experts + shared, 48, 64, generator=gen).bfloat16()
+    calls = []
+    kernel = cpu_extension.module().grouped_swiglu
+    monkeypatch.setattr(cpu_extension.module(), "grouped_swiglu", lambda *a: calls.append(a) or kernel(*a))
+    for rows_each in (grouped_experts.UNITS_ROWS, grouped_experts.UNITS_ROWS + 1):
+        tokens = rows_each * experts // k
+        x = torch.randn(tokens, 64, generator=gen).bfloat16()
+        ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+        weights = torch.rand(tokens, k, generator=gen)
+        calls.clear()
+        got = grouped_experts.grouped_swiglu(x, ids, weights, *packed(w13, w2), shared)
+        units = rows_each > grouped_experts.UNITS_ROWS and cpu_has_native_bf16()
+        assert len(calls) == (not units)
+        want = grouped_experts.grouped_swiglu(x.float(), ids, weights, w13.float(), w2.float(), shared)
+        # bfloat16 units round every intermediate to bfloat16: within a few of its ulps of the outputs' scale
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-2 * want.abs().max().item())
 
 
 def test_strip_order_puts_each_32_columns_of_every_row_together() -> None:
