@@ -56,12 +56,16 @@ def grouped_swiglu(
     [E, ceil(h / 32), I, 32]. Returns [T, h] in x.dtype, accumulated in float32. Weights in strip order go to
     the C++ call; others, x it cannot take (another dtype than the weights'), or on a CPU with bfloat16 units
     more than UNITS_ROWS rows an expert, run one GEMM pair per expert in multiply_dtype (float32 for half
-    types on CPUs without units for them).
+    types on CPUs without units for them). There, past bf16_gemm.MAX_ROWS tokens, shared experts kept [K, N]
+    run apart (_shared_apart).
     """
     if in_strip_order(w13):
         routed_rows = x.shape[0] * expert_ids.shape[1] / max(w13.shape[0] - shared, 1)  # per expert, mean
         many = on_half_units(x) and routed_rows > UNITS_ROWS
         if x.dtype == w13.dtype and cpu_extension.runs(x) and not many:
+            kept = getattr(w13, "shared_rows_major", None)  # on CPUs with bfloat16 units: RoutedExperts.pack
+            if shared and kept is not None and x.shape[0] > bf16_gemm.MAX_ROWS:
+                return _shared_apart(x, expert_ids, weights, w13, w2, shared)
             return cpu_extension.module().grouped_swiglu(x, expert_ids, weights, w13, w2, shared)
         w13, w2 = unstrip(w13, 2 * w2.shape[2]), unstrip(w2, x.shape[1])
     if shared:
@@ -79,6 +83,26 @@ def grouped_swiglu(
     ys = _per_expert(x[tokens], per_expert, w13, w2, multiply_dtype(x, rows_per_expert))
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     return out.index_add_(0, tokens, ys.float() * weights.flatten()[order, None]).to(x.dtype)
+
+
+def _shared_apart(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    shared: int,
+) -> torch.Tensor:
+    """The routed experts in the C++ call, the shared ones (every token's rows) in torch's GEMM on the CPU's
+    bfloat16 units, on the [K, N] copies RoutedExperts.pack keeps there, their outputs added as the model adds
+    them. Every token's rows meet the shared experts, so past the kernel's MAX_ROWS those units win: mini's
+    prefill of 512 / 1,024 tokens 77-78 -> 68-73 / 153-157 -> 125-127 ms (a 64-sequence decode step: even)."""
+    routed = w13.shape[0] - shared
+    out = cpu_extension.module().grouped_swiglu(x, expert_ids, weights, w13[:routed], w2[:routed], 0)
+    rows = x.expand(shared, *x.shape)
+    gate_up = in_row_buckets(rows, w13.shared_rows_major, per_head=True)  # [shared, T, 2I]
+    act = silu_and_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(shared, x.shape[0], -1)
+    return out.add_(in_row_buckets(act, w2.shared_rows_major, per_head=True).sum(0))
 
 
 def _per_expert(

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from common.config import ModelConfig
+from common.config import ModelConfig, cpu_has_native_bf16
 from common.kernels import cpu_extension, grouped_experts, strips
 from common.kernels.activation import silu_and_mul
 from common.model.linear import DerivedWeight, matmul, pack
@@ -151,7 +151,9 @@ class RoutedExperts(nn.Module):
         """Keep w13 and w2 in strip order where the C++ call takes their products (decode reads them 1.3-1.4x
         faster so, common/kernels/grouped_experts.py): once the weights are loaded, in place of the
         checkpoint's layout, which a packed shard no longer takes. A layer's `shared` experts, given, join
-        the shard after the routed ones, as experts of the same width (MLP.as_experts)."""
+        the shard after the routed ones, as experts of the same width (MLP.as_experts); on a CPU with bfloat16
+        units they stay [K, N] beside, as `shared_rows_major` of w13 and w2, for more rows than the bfloat16
+        kernel's MAX_ROWS (common/kernels/grouped_experts.py)."""
         if self.packed or not grouped_experts.takes(self.w13):
             return
         w13, w2 = self.w13, self.w2
@@ -162,6 +164,9 @@ class RoutedExperts(nn.Module):
         with torch.no_grad():
             self.w13 = nn.Parameter(strips.strip_order(w13), requires_grad=False)
             self.w2 = nn.Parameter(strips.strip_order(w2), requires_grad=False)
+        if shared is not None and cpu_has_native_bf16():  # kept [K, N] for many rows: grouped_swiglu
+            self.w13.shared_rows_major = shared_w13
+            self.w2.shared_rows_major = shared_w2
 
     def submit(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
         """forward() as a deferred result (remote experts compute while the caller goes on)."""

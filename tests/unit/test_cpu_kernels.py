@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import ModelConfig, cpu_has_native_bf16
-from common.kernels import cpu_attention, cpu_extension, grouped_experts, strips
+from common.kernels import bf16_gemm, cpu_attention, cpu_extension, grouped_experts, strips
 from common.kvcache import BlockPool
 from common.model import norm, rope
 from common.model.mla import MLA, AttentionBatch
@@ -441,6 +441,30 @@ def test_a_moe_layer_packs_its_shared_experts_with_its_routed_ones(name: str, dt
     )
     torch.testing.assert_close(got, want, **tolerance)
     torch.testing.assert_close(torch_path.to(dtype), got, **tolerance)
+
+
+@pytest.mark.parametrize("tokens", [bf16_gemm.MAX_ROWS, bf16_gemm.MAX_ROWS + 1, 100])
+def test_past_max_rows_the_shared_experts_run_on_bfloat16_units_where_the_cpu_has_them(
+    monkeypatch: pytest.MonkeyPatch, tokens: int
+) -> None:
+    """A packed layer on a CPU with bfloat16 units, past the kernel's MAX_ROWS: the routed experts in the C++
+    call, the shared ones in torch's GEMM on the [K, N] copies RoutedExperts.pack keeps there. Elsewhere, and
+    up to MAX_ROWS, all in the call. The output agrees with the unpacked layer's either way."""
+    moe = moe_of("v3", torch.bfloat16)
+    x = torch.randn(tokens, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(12)).bfloat16()
+    shared_in_call = []
+    kernel = cpu_extension.module().grouped_swiglu
+    monkeypatch.setattr(
+        cpu_extension.module(), "grouped_swiglu", lambda *a: shared_in_call.append(a[-1]) or kernel(*a)
+    )
+    with torch.no_grad():
+        want = moe(x)
+        moe.pack()
+        got = moe(x)
+    apart = cpu_has_native_bf16() and tokens > bf16_gemm.MAX_ROWS
+    assert shared_in_call == [0 if apart else 2]
+    assert (getattr(moe.experts.w13, "shared_rows_major", None) is not None) == cpu_has_native_bf16()
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
 
 
 def test_a_shard_of_some_experts_keeps_the_shared_experts_apart() -> None:
