@@ -164,7 +164,7 @@ class RoutedExperts(nn.Module):
         with torch.no_grad():
             self.w13 = nn.Parameter(strips.strip_order(w13), requires_grad=False)
             self.w2 = nn.Parameter(strips.strip_order(w2), requires_grad=False)
-        if shared is not None and cpu_has_native_bf16():  # kept [K, N] for many rows: grouped_swiglu
+        if shared is not None and w13.dtype is torch.bfloat16 and cpu_has_native_bf16():  # grouped_swiglu
             self.w13.shared_rows_major = shared_w13
             self.w2.shared_rows_major = shared_w2
 

@@ -464,6 +464,9 @@ def test_past_max_rows_the_shared_experts_run_on_bfloat16_units_where_the_cpu_ha
     apart = cpu_has_native_bf16() and tokens > bf16_gemm.MAX_ROWS
     assert shared_in_call == [0 if apart else 2]
     assert (getattr(moe.experts.w13, "shared_rows_major", None) is not None) == cpu_has_native_bf16()
+    float32 = moe_of("v3", torch.float32)
+    float32.pack()  # float32 products stay in the C++ call
+    assert getattr(float32.experts.w13, "shared_rows_major", None) is None
     torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
 
 
