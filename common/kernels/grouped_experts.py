@@ -63,8 +63,8 @@ def grouped_swiglu(
         routed_rows = x.shape[0] * expert_ids.shape[1] / max(w13.shape[0] - shared, 1)  # per expert, mean
         many = on_half_units(x) and routed_rows > UNITS_ROWS
         if x.dtype == w13.dtype and cpu_extension.runs(x) and not many:
-            kept = getattr(w13, "shared_rows_major", None)  # on CPUs with bfloat16 units: RoutedExperts.pack
-            if shared and kept is not None and x.shape[0] > bf16_gemm.MAX_ROWS:
+            kept = hasattr(w13, "shared_rows_major")  # on CPUs with bfloat16 units: RoutedExperts.pack
+            if shared and kept and x.shape[0] > bf16_gemm.MAX_ROWS:
                 return _shared_apart(x, expert_ids, weights, w13, w2, shared)
             return cpu_extension.module().grouped_swiglu(x, expert_ids, weights, w13, w2, shared)
         w13, w2 = unstrip(w13, 2 * w2.shape[2]), unstrip(w2, x.shape[1])
