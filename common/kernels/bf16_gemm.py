@@ -13,6 +13,9 @@ operands, blocked for large matrices, is faster.
 A CPU with bfloat16 units (AMX, AVX512-BF16) multiplies many rows far faster in torch's own GEMM (oneDNN),
 but a call there costs about 40 us whatever its size, and a product of one row is memory-bound anyway: this
 kernel, streaming a weight in strip order, is 2.5-3x faster at 1-4 rows and even at 16. There MAX_ROWS is 16.
+With AMX the kernel multiplies on its tiles too (csrc/gemm_amx.h), the weights in tile order: as fast as
+oneDNN's GEMM up to 64 rows of mini's projections, and faster for the routed experts at any row count
+(they stay in the kernel there). There MAX_ROWS is 64.
 
 It is part of common/kernels/cpu_extension.py and used only where it can run: a CPU with AVX-512 (F, BW,
 VL) or AVX2 with FMA, and a compiler. Elsewhere `available()` is False and callers keep torch's path.
@@ -24,18 +27,32 @@ import functools
 
 import torch
 
-from common.config import cpu_has_native_bf16
-from common.kernels import cpu_extension
+from common.config import cpu_flags, cpu_has_native_bf16
+from common.kernels import cpu_extension, strips
 
 # Rows per weight up to which the kernel is as fast as the CPU's best other GEMM, or faster: float32 MKL on
 # upcast operands without bfloat16 units, torch's own bfloat16 GEMM with them.
-MAX_ROWS = 16 if cpu_has_native_bf16() else 256
+MAX_ROWS = 64 if cpu_flags() >= {"amx_tile", "amx_bf16"} else 16 if cpu_has_native_bf16() else 256
 
 
 @functools.cache
 def available() -> bool:
     """Whether the kernel runs on this machine (builds common/kernels/cpu_extension.py on the first call)."""
     return cpu_extension.available()
+
+
+@functools.cache
+def tiles() -> bool:
+    """Whether bfloat16 weights multiply on AMX's tiles here: kernels built for them, granted by the OS."""
+    return available() and cpu_extension.module().amx_ready()
+
+
+def kernel_order(w: torch.Tensor) -> torch.Tensor:
+    """Weights [E, K, N] in the order the kernels read best: tile order where AMX's tiles take them
+    (bfloat16, K a multiple of strips.TILE_K), strip order otherwise (common/kernels/strips.py)."""
+    if w.dtype is torch.bfloat16 and w.shape[1] % strips.TILE_K == 0 and tiles():
+        return strips.tile_order(w)
+    return strips.strip_order(w)
 
 
 def suits(x: torch.Tensor, w: torch.Tensor, rows_per_weight: float) -> bool:

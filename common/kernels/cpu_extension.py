@@ -5,8 +5,9 @@ matters as much as how fast each is: in torch a RMSNorm is eight operators, a ro
 paged latent decode about forty per layer, the routed experts twenty, the prefill attention a dozen per
 sequence. These kernels do each in one call, in float32 arithmetic like the torch code they replace, which
 stays the reference and the path elsewhere:
-  * bf16_gemm.cpp: bfloat16 weights times a few rows (common/kernels/bf16_gemm.py), and on its grouped
-    product (which takes float32 weights too) grouped_experts.cpp: the routed experts of a layer
+  * bf16_gemm.cpp: bfloat16 weights times a few rows (common/kernels/bf16_gemm.py), on AVX-512 or AVX2
+    FMAs (gemm_strips.h, gemm_packed.h) or AMX's tiles (gemm_amx.h), and on its grouped product (which
+    takes float32 weights too) grouped_experts.cpp: the routed experts of a layer
     (common/kernels/grouped_experts.py);
   * varlen_attention.cpp and paged_decode.cpp: MLA prefill attention over packed sequences and absorbed
     decode over the paged latents (common/kernels/cpu_attention.py);
@@ -20,8 +21,8 @@ stays the reference and the path elsewhere:
 
 The build (about a minute on two cores, cached per machine) needs a compiler and a CPU with AVX-512 (F, BW,
 VL) or AVX2 with FMA: the kernels are written once over csrc/simd.h's 16-lane vector, one AVX-512 register
-or two AVX2 ones, and built for the best the CPU has. Where they cannot run, `available()` is False and
-every caller keeps its torch path.
+or two AVX2 ones, and built for the best the CPU has; with AMX, also for its tiles. Where they cannot run,
+`available()` is False and every caller keeps its torch path.
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).parent / "csrc"
 FLAGS = ["-O3", "-fopenmp"]
 # The instruction sets the kernels are built for, best first: the CPU flags each needs and the compiler's.
+# AMX's tiles come on top of AVX-512 (csrc/gemm_amx.h); the kernels ask the OS for them when first used.
 ISAS = (
+    (
+        {"avx512f", "avx512bw", "avx512vl", "amx_tile", "amx_bf16"},
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile", "-mamx-bf16"],
+    ),
     ({"avx512f", "avx512bw", "avx512vl"}, ["-mavx512f", "-mavx512bw", "-mavx512vl"]),
     ({"avx2", "fma"}, ["-mavx2", "-mfma"]),
 )

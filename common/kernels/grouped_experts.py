@@ -13,16 +13,18 @@ C++ call (csrc/grouped_experts.cpp), each GEMM round one grouped product over ev
 bfloat16 kernel of common/kernels/bf16_gemm.py, or its float32-weight twin): an expert with a few rows
 (decode) streams its weights in memory order (csrc/gemm_strips.h), 1.3-1.4x faster than [K, N] panels at
 mini's 64-sequence decode, and one with many widens panels from the strips (on a CPU with bfloat16 units,
-a prefill's many rows an expert go to torch's GEMM instead: UNITS_ROWS).
+a prefill's many rows an expert go to torch's GEMM instead: UNITS_ROWS). With AMX the experts are kept in
+tile order and every row count stays in the call, on the tiles (csrc/gemm_amx.h): mini's experts, bf16,
+at 64 / 256 / 2,048 tokens 1.5 / 4.5 / 32 ms a layer in strips against 1.2 / 2.1 / 14 in tiles.
 """
 
 import itertools
 
 import torch
 
-from common.kernels import bf16_gemm, cpu_extension
+from common.kernels import bf16_gemm, cpu_extension, strips
 from common.kernels.activation import silu_and_mul
-from common.kernels.strips import in_strip_order, unstrip
+from common.kernels.strips import in_strip_order, in_tile_order, unstrip
 from common.model.linear import in_row_buckets, multiply_dtype, on_half_units
 
 # Rows an expert gets on average past which a CPU with bfloat16 units multiplies them faster in torch's GEMM
@@ -53,21 +55,21 @@ def grouped_swiglu(
     x [T, h]; expert_ids [T, k] local expert index or -1 (routed to another shard); weights [T, k] float32;
     w13 [E, h, 2I] (gate columns then up columns); w2 [E, I, h]: input-major, so each GEMM is a plain
     `rows @ weight` (see common/model/linear.py); or both in strip order, [E, ceil(2I / 32), h, 32] and
-    [E, ceil(h / 32), I, 32]. Returns [T, h] in x.dtype, accumulated in float32. Weights in strip order go to
-    the C++ call; others, x it cannot take (another dtype than the weights'), or on a CPU with bfloat16 units
-    more than UNITS_ROWS rows an expert, run one GEMM pair per expert in multiply_dtype (float32 for half
-    types on CPUs without units for them). There, past bf16_gemm.MAX_ROWS tokens, shared experts kept [K, N]
-    run apart (_shared_apart).
+    [E, ceil(h / 32), I, 32] (or tile order, common/kernels/strips.py). Returns [T, h] in x.dtype, accumulated
+    in float32. Weights in strip or tile order go to the C++ call; others, x it cannot take (another dtype
+    than the weights'), or on a CPU with bfloat16 units (weights in strip order) more than UNITS_ROWS rows
+    an expert, run one GEMM pair per expert in multiply_dtype (float32 for half types on CPUs without units
+    for them). There, past bf16_gemm.MAX_ROWS tokens, shared experts kept [K, N] run apart (_shared_apart).
     """
     if in_strip_order(w13):
         routed_rows = x.shape[0] * expert_ids.shape[1] / max(w13.shape[0] - shared, 1)  # per expert, mean
-        many = on_half_units(x) and routed_rows > UNITS_ROWS
+        many = on_half_units(x) and routed_rows > UNITS_ROWS and not in_tile_order(w13)
         if x.dtype == w13.dtype and cpu_extension.runs(x) and not many:
             kept = hasattr(w13, "shared_rows_major")  # on CPUs with bfloat16 units: RoutedExperts.pack
             if shared and kept and x.shape[0] > bf16_gemm.MAX_ROWS:
                 return _shared_apart(x, expert_ids, weights, w13, w2, shared)
             return cpu_extension.module().grouped_swiglu(x, expert_ids, weights, w13, w2, shared)
-        w13, w2 = unstrip(w13, 2 * w2.shape[2]), unstrip(w2, x.shape[1])
+        w13, w2 = unstrip(w13, 2 * strips.rows(w2)), unstrip(w2, x.shape[1])
     if shared:
         first = w13.shape[0] - shared
         every = torch.arange(first, first + shared, device=x.device).expand(x.shape[0], shared)

@@ -96,14 +96,15 @@ def pack(w: torch.Tensor) -> torch.Tensor:
     """A weight [in, out] (or one per head, [heads, in, out]) in strip order (common/kernels/strips.py) where
     the bfloat16 kernel multiplies it, as the routed experts are kept: a product with a few rows (decode)
     then streams it in memory order (at one row, from memory, mini's projections and dense MLP 1.5-1.7x
-    faster than [in, out], its lm_head 1.1x). Otherwise (another dtype, `out` not a whole number of strips)
-    w itself. matmul takes either. On a CPU with bfloat16 units, whose own GEMM takes the products of more
-    than bf16_gemm.MAX_ROWS rows, w stays beside its strips as `rows_major` for them: made again from the
-    strips on every call, it cost as much as the product (mini's lm_head at 64 rows, 0.8 ms of 1.3)."""
+    faster than [in, out], its lm_head 1.1x). With AMX, in tile order (bf16_gemm.kernel_order). Otherwise
+    (another dtype, `out` not a whole number of strips) w itself. matmul takes either. On a CPU with
+    bfloat16 units, whose own GEMM takes the products of more than bf16_gemm.MAX_ROWS rows, w stays beside
+    its strips as `rows_major` for them: made again from the strips on every call, it cost as much as the
+    product (mini's lm_head at 64 rows, 0.8 ms of 1.3)."""
     if w.dim() not in (2, 3) or w.shape[-1] % strips.STRIP or not bf16_gemm.suits(w, w, 1):  # one row
         return w
     with torch.no_grad():
-        packed = nn.Parameter(strips.strip_order(w if w.dim() == 3 else w[None]), requires_grad=False)
+        packed = nn.Parameter(bf16_gemm.kernel_order(w if w.dim() == 3 else w[None]), requires_grad=False)
     if cpu_has_native_bf16():
         packed.rows_major = w.detach()
     return packed

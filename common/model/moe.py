@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from common.config import ModelConfig, cpu_has_native_bf16
-from common.kernels import cpu_extension, grouped_experts, strips
+from common.kernels import bf16_gemm, cpu_extension, grouped_experts, strips
 from common.kernels.activation import silu_and_mul
 from common.model.linear import DerivedWeight, matmul, pack
 
@@ -149,11 +149,12 @@ class RoutedExperts(nn.Module):
 
     def pack(self, shared: MLP | None = None) -> None:
         """Keep w13 and w2 in strip order where the C++ call takes their products (decode reads them 1.3-1.4x
-        faster so, common/kernels/grouped_experts.py): once the weights are loaded, in place of the
-        checkpoint's layout, which a packed shard no longer takes. A layer's `shared` experts, given, join
-        the shard after the routed ones, as experts of the same width (MLP.as_experts); on a CPU with bfloat16
-        units they stay [K, N] beside, as `shared_rows_major` of w13 and w2, for more rows than the bfloat16
-        kernel's MAX_ROWS (common/kernels/grouped_experts.py)."""
+        faster so, common/kernels/grouped_experts.py), or in its tile order for AMX (bf16_gemm.kernel_order):
+        once the weights are loaded, in place of the checkpoint's layout, which a packed shard no longer
+        takes. A layer's `shared` experts, given, join the shard after the routed ones, as experts of the
+        same width (MLP.as_experts); on a CPU with bfloat16 units but not in tile order they stay [K, N]
+        beside, as `shared_rows_major` of w13 and w2, for more rows than the bfloat16 kernel's MAX_ROWS
+        (common/kernels/grouped_experts.py)."""
         if self.packed or not grouped_experts.takes(self.w13):
             return
         w13, w2 = self.w13, self.w2
@@ -162,9 +163,10 @@ class RoutedExperts(nn.Module):
             w13, w2 = torch.cat([w13, shared_w13]), torch.cat([w2, shared_w2])
             self.num_shared = shared_w2.shape[0]
         with torch.no_grad():
-            self.w13 = nn.Parameter(strips.strip_order(w13), requires_grad=False)
-            self.w2 = nn.Parameter(strips.strip_order(w2), requires_grad=False)
-        if shared is not None and w13.dtype is torch.bfloat16 and cpu_has_native_bf16():  # grouped_swiglu
+            self.w13 = nn.Parameter(bf16_gemm.kernel_order(w13), requires_grad=False)
+            self.w2 = nn.Parameter(bf16_gemm.kernel_order(w2), requires_grad=False)
+        kept = w13.dtype is torch.bfloat16 and cpu_has_native_bf16() and not strips.in_tile_order(self.w13)
+        if shared is not None and kept:  # grouped_swiglu
             self.w13.shared_rows_major = shared_w13
             self.w2.shared_rows_major = shared_w2
 

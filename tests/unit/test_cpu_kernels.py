@@ -270,14 +270,24 @@ def test_rotary_matches_the_torch_path(monkeypatch, dtype, interleaved, shape) -
 # ------------------------------------------------------------------------------------------- routed experts
 
 
-def packed(*weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return tuple(strips.strip_order(w) for w in weights)
+def packed(*weights: torch.Tensor, order=strips.strip_order) -> tuple[torch.Tensor, ...]:
+    return tuple(order(w) for w in weights)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_swiglu_matches_one_product_pair_per_expert(dtype: torch.dtype) -> None:
-    """Experts with no pairs, one and many (the panels read from the strips); pairs of another shard (-1)
-    left out; float32 products of the same values, up to the output's rounding."""
+needs_tiles = pytest.mark.skipif(not bf16_gemm.tiles(), reason="needs AMX tiles (csrc/gemm_amx.h)")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "order"),
+    [
+        (torch.float32, strips.strip_order),
+        (torch.bfloat16, strips.strip_order),
+        pytest.param(torch.bfloat16, strips.tile_order, marks=needs_tiles),
+    ],
+)
+def test_grouped_swiglu_matches_one_product_pair_per_expert(dtype: torch.dtype, order) -> None:
+    """Experts with no pairs, one and many (the panels read from the strips, or AMX's tiles at any count);
+    pairs of another shard (-1) left out; float32 products of the same values, up to the output's rounding."""
     gen = torch.Generator().manual_seed(7)
     tokens, k, experts, hidden, inter = 40, 3, 6, 96, 64
     ids = torch.randint(-1, experts - 1, (tokens, k), generator=gen)  # expert 5 never chosen
@@ -291,9 +301,11 @@ def test_grouped_swiglu_matches_one_product_pair_per_expert(dtype: torch.dtype) 
         if (e := int(ids[t, j])) >= 0:
             gate, up = (x[t].float() @ w13[e].float()).chunk(2)
             want[t] += weights[t, j] * ((F.silu(gate) * up) @ w2[e].float())
-    got = cpu_extension.module().grouped_swiglu(x, ids, weights, *packed(w13, w2))
+    got = cpu_extension.module().grouped_swiglu(x, ids, weights, *packed(w13, w2, order=order))
     assert got.dtype == dtype
     tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}  # else bfloat16's defaults
+    if order is strips.tile_order:  # the tiles take the activations rounded to bfloat16, as torch's GEMM does
+        tolerance = {"rtol": 0.016, "atol": 0.01 * want.abs().max().item()}
     torch.testing.assert_close(got, want.to(dtype), **tolerance)
 
 
@@ -364,17 +376,47 @@ def test_strip_order_puts_each_32_columns_of_every_row_together() -> None:
     assert strips.strip_order(w[:0]).shape == (0, 2, 3, 32)  # a shard without experts
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tile_order_interleaves_each_strips_pairs_of_rows() -> None:
+    w = torch.arange(2 * 64 * 40, dtype=torch.float32).view(2, 64, 40)
+    tiles = strips.tile_order(w)
+    assert tiles.shape == (2, 2, 32, 64) and strips.in_tile_order(tiles) and strips.rows(tiles) == 64
+    assert torch.equal(tiles[1, 0, 5, :32:2], w[1, 10, :16])
+    assert torch.equal(tiles[1, 0, 5, 1:32:2], w[1, 11, :16])
+    assert torch.equal(tiles[1, 0, 5, 32::2], w[1, 10, 16:32])
+    assert torch.equal(tiles[1, 1, 5, 1:16:2], w[1, 11, 32:]) and not tiles[:, 1, :, 16:].any()
+    assert torch.equal(strips.unstrip(tiles, 40), w)
+
+
+@needs_tiles
+def test_the_kernels_order_is_tiles_for_bfloat16_rows_in_whole_tiles() -> None:
+    w = torch.randn(2, 64, 40)
+    assert strips.in_tile_order(bf16_gemm.kernel_order(w.bfloat16()))
+    assert not strips.in_tile_order(bf16_gemm.kernel_order(w))  # float32: the strip kernel
+    assert not strips.in_tile_order(bf16_gemm.kernel_order(w[:, :48].bfloat16()))  # 48 rows: not whole tiles
+
+
+SHAPES = [
+    (64, 4, 32, 128, 64),
+    (7, 2, 8, 72, 40),
+    (50, 3, 4, 100, 24),
+    (1, 4, 16, 64, 48),
+    (200, 2, 6, 40, 20),
+]
+TILE_SHAPES = [(64, 4, 32, 128, 64), (7, 2, 8, 96, 32), (200, 2, 6, 64, 32)]  # rows in whole tiles
+
+
 @pytest.mark.parametrize(
-    ("tokens", "k", "experts", "hidden", "inter"),
-    [(64, 4, 32, 128, 64), (7, 2, 8, 72, 40), (50, 3, 4, 100, 24), (1, 4, 16, 64, 48), (200, 2, 6, 40, 20)],
+    ("dtype", "order", "tokens", "k", "experts", "hidden", "inter"),
+    [(d, strips.strip_order, *s) for d in (torch.float32, torch.bfloat16) for s in SHAPES]
+    + [pytest.param(torch.bfloat16, strips.tile_order, *s, marks=needs_tiles) for s in TILE_SHAPES],
 )
 def test_grouped_swiglu_gives_a_token_the_same_bits_alone_or_in_a_crowd(
-    dtype: torch.dtype, tokens: int, k: int, experts: int, hidden: int, inter: int
+    dtype: torch.dtype, order, tokens: int, k: int, experts: int, hidden: int, inter: int
 ) -> None:
     """Alone, a token's experts get one row each (strip tiles); with the others, 1 to 12 rows (one tile), up
     to 24 (two) and beyond (panels widened from the strips), in widths that leave a part strip (72, 40, 100,
-    20 columns): the same sums in the same order, so the same bits."""
+    20 columns): the same sums in the same order, so the same bits. In tile order, one row or 32 a block of
+    AMX's tiles: a row's sums do not depend on the rows beside it either."""
     gen = torch.Generator().manual_seed(9)
     ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
     ids[0, 0] = -1
@@ -382,11 +424,11 @@ def test_grouped_swiglu_gives_a_token_the_same_bits_alone_or_in_a_crowd(
     x = torch.randn(tokens, hidden, generator=gen).to(dtype)
     w13 = (torch.randn(experts, hidden, 2 * inter, generator=gen) / 10).to(dtype)
     w2 = (torch.randn(experts, inter, hidden, generator=gen) / 10).to(dtype)
-    strips = packed(w13, w2)
-    crowd = cpu_extension.module().grouped_swiglu(x, ids, weights, *strips)
+    kept = packed(w13, w2, order=order)
+    crowd = cpu_extension.module().grouped_swiglu(x, ids, weights, *kept)
     for t in range(0, tokens, max(1, tokens // 7)):
         one = slice(t, t + 1)
-        alone = cpu_extension.module().grouped_swiglu(x[one], ids[one], weights[one], *strips)
+        alone = cpu_extension.module().grouped_swiglu(x[one], ids[one], weights[one], *kept)
         assert torch.equal(alone[0], crowd[t])
 
 
@@ -447,9 +489,10 @@ def test_a_moe_layer_packs_its_shared_experts_with_its_routed_ones(name: str, dt
 def test_past_max_rows_the_shared_experts_run_on_bfloat16_units_where_the_cpu_has_them(
     monkeypatch: pytest.MonkeyPatch, tokens: int
 ) -> None:
-    """A packed layer on a CPU with bfloat16 units, past the kernel's MAX_ROWS: the routed experts in the C++
-    call, the shared ones in torch's GEMM on the [K, N] copies RoutedExperts.pack keeps there. Elsewhere, and
-    up to MAX_ROWS, all in the call. The output agrees with the unpacked layer's either way."""
+    """A packed layer on a CPU with bfloat16 units but no AMX, past the kernel's MAX_ROWS: the routed experts
+    in the C++ call, the shared ones in torch's GEMM on the [K, N] copies RoutedExperts.pack keeps there.
+    Elsewhere (with AMX, the experts in tile order), and up to MAX_ROWS, all in the call. The output agrees
+    with the unpacked layer's either way."""
     moe = moe_of("v3", torch.bfloat16)
     x = torch.randn(tokens, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(12)).bfloat16()
     shared_in_call = []
@@ -461,9 +504,10 @@ def test_past_max_rows_the_shared_experts_run_on_bfloat16_units_where_the_cpu_ha
         want = moe(x)
         moe.pack()
         got = moe(x)
-    apart = cpu_has_native_bf16() and tokens > bf16_gemm.MAX_ROWS
-    assert shared_in_call == [0 if apart else 2]
-    assert (getattr(moe.experts.w13, "shared_rows_major", None) is not None) == cpu_has_native_bf16()
+    kept = cpu_has_native_bf16() and not bf16_gemm.tiles()
+    assert strips.in_tile_order(moe.experts.w13) == bf16_gemm.tiles()
+    assert shared_in_call == [0 if kept and tokens > bf16_gemm.MAX_ROWS else 2]
+    assert (getattr(moe.experts.w13, "shared_rows_major", None) is not None) == kept
     float32 = moe_of("v3", torch.float32)
     float32.pack()  # float32 products stay in the C++ call
     assert getattr(float32.experts.w13, "shared_rows_major", None) is None

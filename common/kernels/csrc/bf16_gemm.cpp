@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "bf16_gemm.h"
+#include "gemm_amx.h"
 #include "gemm_packed.h"
 #include "gemm_strips.h"
 #include "scratch.h"
@@ -85,13 +86,21 @@ void check_bf16_weight(const torch::Tensor& w) {
 // few items as keep every thread busy; experts without rows are never read. The experts' rows are uneven,
 // so threads take items as they finish, the largest first. The weights are row-major [E, K, N] (MLA's
 // absorbed products) or in strip order (the routed experts, gemm_strips.h): there an expert with a few rows
-// streams its strips, one with many widens its panels from them; the same sums either way.
+// streams its strips, one with many widens its panels from them; the same sums either way. In tile order
+// every expert goes to AMX's tiles (gemm_amx.h), whatever its rows.
 template <typename W>
-void grouped(const float* x, const W* w, bool strips, float* out, const int64_t* off, int64_t E, int64_t K,
+void grouped(const float* x, const W* w, Layout layout, float* out, const int64_t* off, int64_t E, int64_t K,
              int64_t N) {
+  const bool tiles = layout == Layout::tiles;
+  if (tiles) {
+    TORCH_CHECK((std::is_same_v<W, uint16_t>), "only bfloat16 weights come in tile order");
+    TORCH_CHECK(amx_ready(), "weights in tile order need AMX, which this process cannot use");
+    TORCH_CHECK_VALUE(K % TILE_K == 0, "a weight in tile order has a multiple of ", TILE_K, " rows, not ", K);
+  }
   const int64_t blocks = (N + PANEL_COLUMNS - 1) / PANEL_COLUMNS;
-  // an expert's weight: in strip order its columns padded to whole strips
-  const int64_t size = K * (strips ? (N + STRIP_COLUMNS - 1) / STRIP_COLUMNS * STRIP_COLUMNS : N);
+  // an expert's weight: in strip or tile order its columns padded to whole strips
+  const int64_t size =
+      K * (layout == Layout::row_major ? N : (N + STRIP_COLUMNS - 1) / STRIP_COLUMNS * STRIP_COLUMNS);
   int64_t active = 0;
   for (int64_t e = 0; e < E; ++e) active += off[e + 1] > off[e];
   const int64_t threads = at::get_num_threads();
@@ -107,41 +116,50 @@ void grouped(const float* x, const W* w, bool strips, float* out, const int64_t*
   const int64_t work = (off[E] + READ_COST * active) * K * N;
   std::atomic<size_t> next{0};
   at::parallel_for(0, std::clamp<int64_t>(work / GEMM_GRAIN, 1, threads), 1, [&](int64_t, int64_t) {
+    if (tiles) configure_tiles();
     for (size_t i; (i = next++) < items.size();) {
       const auto [e, b0, b1] = items[i];
       const int64_t M = off[e + 1] - off[e], c0 = b0 * PANEL_COLUMNS, c1 = std::min(b1 * PANEL_COLUMNS, N);
       const float* xe = x + off[e] * K;
       float* oe = out + off[e] * N;
-      if (!strips)
+      if constexpr (std::is_same_v<W, uint16_t>)
+        if (tiles) {
+          gemm_amx(xe, K, w + e * size, oe, N, M, K, c0, c1);
+          continue;
+        }
+      if (layout == Layout::row_major)
         gemm_packed(xe, K, RowMajor<W>{w + e * size, N}, oe, N, M, K, c0, c1);
       else if (M <= STRIPS_UP_TO)
         gemm_strips(xe, K, w + e * size, oe, N, M, K, c0, c1);
       else
         gemm_packed(xe, K, StripOrder<W>{w + e * size, K}, oe, N, M, K, c0, c1);
     }
+    if (tiles) release_tiles();
   });
 }
 
-void grouped_product(const float* x, const uint16_t* strips, float* out, const int64_t* off, int64_t E,
-                     int64_t K, int64_t N) {
-  grouped(x, strips, true, out, off, E, K, N);
+void grouped_product(const float* x, const uint16_t* w, Layout layout, float* out, const int64_t* off,
+                     int64_t E, int64_t K, int64_t N) {
+  grouped(x, w, layout, out, off, E, K, N);
 }
 
-void grouped_product(const float* x, const float* strips, float* out, const int64_t* off, int64_t E,
-                     int64_t K, int64_t N) {
-  grouped(x, strips, true, out, off, E, K, N);
+void grouped_product(const float* x, const float* w, Layout layout, float* out, const int64_t* off,
+                     int64_t E, int64_t K, int64_t N) {
+  grouped(x, w, layout, out, off, E, K, N);
 }
 
-// x [..., K] @ w -> [..., N] in x's dtype: the projections, w [K, N] or in strip order [1, N / 32, K, 32]. A
+// x [..., K] @ w -> [..., N] in x's dtype: the projections, w [K, N] or in strip order [1, N / 32, K, 32]
+// (or tile order, [1, N / 32, K / 2, 64]). A
 // bfloat16 result is summed in float32 scratch and rounded by the thread that made its columns, while they
 // are still in its cache (in strip order, once the product is done).
 torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   check_bf16_weight(w);
-  const bool strips = w.dim() == 4;
-  TORCH_CHECK_VALUE(
-      x.dim() >= 1 && (w.dim() == 2 || (strips && w.size(0) == 1 && w.size(3) == STRIP_COLUMNS)),
-      "x [..., K] and w [K, N] or [1, N / 32, K, 32] (strip order) expected; got w ", w.sizes());
-  const int64_t K = w.size(strips ? 2 : 0), N = strips ? w.size(1) * STRIP_COLUMNS : w.size(1);
+  const Layout layout = layout_of(w);
+  const bool strips = layout != Layout::row_major;
+  TORCH_CHECK_VALUE(x.dim() >= 1 && (w.dim() == 2 || (w.dim() == 4 && w.size(0) == 1 && rows_of(w) > 0)),
+                    "x [..., K] and w [K, N], [1, N / 32, K, 32] (strip order) or [1, N / 32, K / 2, 64] (tile "
+                    "order) expected; got w ", w.sizes());
+  const int64_t K = strips ? rows_of(w) : w.size(0), N = strips ? w.size(1) * STRIP_COLUMNS : w.size(1);
   TORCH_CHECK_VALUE(x.size(-1) == K, "x [..., K] and w [K, N] do not match: K = ", x.size(-1), " and ", K);
   const int64_t M = x.numel() / K;
   const float* xp = float_rows(x, K, Scratch::gemm_rows);
@@ -152,7 +170,7 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   float* sp = bf16_out ? scratch(Scratch::gemm_sums, M * N) : out.data_ptr<float>();
   if (strips) {
     const int64_t off[2] = {0, M};
-    grouped(xp, bf16_bits(w), true, sp, off, 1, K, N);
+    grouped(xp, bf16_bits(w), layout, sp, off, 1, K, N);
     if (bf16_out) round_all(sp, out.data_ptr<at::BFloat16>(), M * N);
     return out;
   }
@@ -168,14 +186,16 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
 }
 
 // x [B, M, K] @ w -> [B, M, N] in x's dtype: the weight-absorbed MLA products, one weight per head, w
-// [B, K, N] or in strip order [B, N / 32, K, 32] (the grouped product with the heads as experts).
+// [B, K, N] or in strip (tile) order [B, N / 32, K, 32] ([B, N / 32, K / 2, 64]): the grouped product with the
+// heads as experts.
 torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w) {
   check_bf16_weight(w);
-  const bool strips = w.dim() == 4;
-  TORCH_CHECK_VALUE(x.dim() == 3 && (w.dim() == 3 || (strips && w.size(3) == STRIP_COLUMNS)) &&
-                        x.size(0) == w.size(0) && x.size(2) == w.size(strips ? 2 : 1),
-                    "x [B, M, K] and w [B, K, N] or [B, N / 32, K, 32] (strip order) do not match: ",
-                    x.sizes(), " and ", w.sizes());
+  const Layout layout = layout_of(w);
+  const bool strips = layout != Layout::row_major;
+  TORCH_CHECK_VALUE(x.dim() == 3 && (w.dim() == 3 || (w.dim() == 4 && rows_of(w) > 0)) &&
+                        x.size(0) == w.size(0) && x.size(2) == (strips ? rows_of(w) : w.size(1)),
+                    "x [B, M, K] and w [B, K, N], [B, N / 32, K, 32] (strip order) or [B, N / 32, K / 2, 64] "
+                    "(tile order) do not match: ", x.sizes(), " and ", w.sizes());
   const int64_t B = x.size(0), M = x.size(1), K = x.size(2);
   const int64_t N = strips ? w.size(1) * STRIP_COLUMNS : w.size(2);
   const float* xp = float_rows(x, K, Scratch::gemm_rows);
@@ -184,7 +204,7 @@ torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w) {
   float* sp = bf16_out ? scratch(Scratch::gemm_sums, B * M * N) : out.data_ptr<float>();
   std::vector<int64_t> off(B + 1);
   for (int64_t b = 0; b <= B; ++b) off[b] = b * M;
-  grouped(xp, bf16_bits(w), strips, sp, off.data(), B, K, N);
+  grouped(xp, bf16_bits(w), layout, sp, off.data(), B, K, N);
   if (bf16_out) round_all(sp, out.data_ptr<at::BFloat16>(), B * M * N);
   return out;
 }

@@ -5,13 +5,31 @@
 
 #include <cstdint>
 
+#include "gemm_strips.h"
+
 inline const uint16_t* bf16_bits(const torch::Tensor& w) {
   return reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
 }
 
+// How a weight [K, N] (or E of them) is kept: row-major; in strip order, [ceil(N / 32), K, 32]
+// (gemm_strips.h); in tile order, [ceil(N / 32), K / 2, 64] (gemm_amx.h, bfloat16 on a CPU with AMX).
+enum class Layout { row_major, strips, tiles };
+
+// The layout of a weight: four dimensions are strip or tile order, whose rows are 32 or 64 wide.
+inline Layout layout_of(const torch::Tensor& w) {
+  if (w.dim() < 4) return Layout::row_major;
+  return w.size(3) == 2 * STRIP_COLUMNS ? Layout::tiles : Layout::strips;
+}
+
+// K of weights [E, K, N] in strip or tile order; 0 where w is neither.
+inline int64_t rows_of(const torch::Tensor& w) {
+  if (w.dim() != 4) return 0;
+  return w.size(3) == STRIP_COLUMNS ? w.size(2) : w.size(3) == 2 * STRIP_COLUMNS ? 2 * w.size(2) : 0;
+}
+
 // out rows off[e]..off[e+1] [., N] = x rows off[e]..off[e+1] [., K] @ w[e] [K, N], for every e < E, with
-// bfloat16 (as bits) or float32 weights in strip order (gemm_strips.h): strips [E, ceil(N / 32), K, 32].
-void grouped_product(const float* x, const uint16_t* strips, float* out, const int64_t* off, int64_t E,
-                     int64_t K, int64_t N);
-void grouped_product(const float* x, const float* strips, float* out, const int64_t* off, int64_t E,
-                     int64_t K, int64_t N);
+// bfloat16 (as bits) weights in strip or tile order, or float32 ones in strip order.
+void grouped_product(const float* x, const uint16_t* w, Layout layout, float* out, const int64_t* off,
+                     int64_t E, int64_t K, int64_t N);
+void grouped_product(const float* x, const float* w, Layout layout, float* out, const int64_t* off,
+                     int64_t E, int64_t K, int64_t N);

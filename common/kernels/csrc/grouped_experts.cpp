@@ -26,9 +26,9 @@ namespace {
 // Rows off[e]..off[e+1] of xs through expert e's weights, in strip order as raw pointers of bfloat16 bits or
 // float32.
 template <typename W>
-void gate_up_then_down(const float* xs, const W* w13, const W* w2, float* gate_up, float* act, float* ys,
-                       const int64_t* off, int64_t R, int64_t E, int64_t h, int64_t I) {
-  grouped_product(xs, w13, gate_up, off, E, h, 2 * I);
+void gate_up_then_down(const float* xs, const W* w13, Layout l13, const W* w2, Layout l2, float* gate_up,
+                       float* act, float* ys, const int64_t* off, int64_t R, int64_t E, int64_t h, int64_t I) {
+  grouped_product(xs, w13, l13, gate_up, off, E, h, 2 * I);
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t i = 0; i < I; i += 16) {  // silu(g) * u
@@ -37,7 +37,7 @@ void gate_up_then_down(const float* xs, const W* w13, const W* w2, float* gate_u
         store(act + r * I + i, mul(silu16(g), u), mask);
       }
   });
-  grouped_product(act, w2, ys, off, E, I, h);
+  grouped_product(act, w2, l2, ys, off, E, I, h);
 }
 
 // The pairs' rows of x [T, h] in sorted order, as float32: xs [R, h].
@@ -71,12 +71,14 @@ void weighted_sums(const float* ys, const float* gate, const std::vector<int64_t
   });
 }
 
-// Checks that w holds E weights [K, N] in strip order: [E, ceil(N / 32), K, 32].
+// Checks that w holds E weights [K, N] in strip order, [E, ceil(N / 32), K, 32], or in tile order,
+// [E, ceil(N / 32), K / 2, 64].
 void check_strips(const char* name, const torch::Tensor& w, int64_t E, int64_t K, int64_t N) {
   const int64_t strips = (N + STRIP_COLUMNS - 1) / STRIP_COLUMNS;
-  TORCH_CHECK_VALUE(w.sizes() == torch::IntArrayRef({E, strips, K, STRIP_COLUMNS}),
-                    name, " must be ", E, " weights [", K, ", ", N, "] in strip order, [", E, ", ", strips,
-                    ", ", K, ", ", STRIP_COLUMNS, "]; got ", w.sizes());
+  TORCH_CHECK_VALUE(w.dim() == 4 && w.size(0) == E && w.size(1) == strips && rows_of(w) == K, name, " must be ",
+                    E, " weights [", K, ", ", N, "] in strip order, [", E, ", ", strips, ", ", K, ", ",
+                    STRIP_COLUMNS, "], or tile order, [", E, ", ", strips, ", ", K / 2, ", ",
+                    2 * STRIP_COLUMNS, "]; got ", w.sizes());
 }
 
 }  // namespace
@@ -92,9 +94,9 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert
                     "x must be a float32 or bfloat16 CPU tensor");
   TORCH_CHECK_VALUE(expert_ids.scalar_type() == torch::kInt64 && weights.scalar_type() == torch::kFloat32,
                     "expert_ids must be int64 and weights float32");
-  TORCH_CHECK_VALUE(w2.dim() == 4, "w2 must be [E, I, h] in strip order, [E, ceil(h / 32), I, 32]; got ",
-                    w2.sizes());
-  const int64_t T = x.size(0), h = x.size(1), E = w2.size(0), I = w2.size(2);
+  TORCH_CHECK_VALUE(rows_of(w2) > 0, "w2 must be [E, I, h] in strip order, [E, ceil(h / 32), I, 32], or tile "
+                    "order, [E, ceil(h / 32), I / 2, 64]; got ", w2.sizes());
+  const int64_t T = x.size(0), h = x.size(1), E = w2.size(0), I = rows_of(w2);
   TORCH_CHECK_VALUE(0 <= shared && shared <= E, "shared must lie in 0..", E, ", the experts w2 holds");
   check_strips("w13", w13, E, h, 2 * I);
   check_strips("w2", w2, E, I, h);
@@ -143,9 +145,11 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert
 
   const int64_t* off = offsets.data();
   if (w13.scalar_type() == torch::kBFloat16)
-    gate_up_then_down(xsp, bf16_bits(w13), bf16_bits(w2), gu, ap, yp, off, R, E, h, I);
+    gate_up_then_down(xsp, bf16_bits(w13), layout_of(w13), bf16_bits(w2), layout_of(w2), gu, ap, yp, off, R, E,
+                      h, I);
   else
-    gate_up_then_down(xsp, w13.data_ptr<float>(), w2.data_ptr<float>(), gu, ap, yp, off, R, E, h, I);
+    gate_up_then_down(xsp, w13.data_ptr<float>(), layout_of(w13), w2.data_ptr<float>(), layout_of(w2), gu, ap,
+                      yp, off, R, E, h, I);
 
   torch::Tensor out = torch::empty({T, h}, x.options());
   if (x.scalar_type() == torch::kFloat32)

@@ -3,12 +3,14 @@
 #include <torch/extension.h>
 
 #include "decode_layer.h"
+#include "gemm_amx.h"
 #include "kernels.h"
 
 // Every kernel lets go of the GIL while it runs (it touches no Python object), as torch's own operators do:
 // the gRPC and engine threads of a service keep running beside a kernel call.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("amx_ready", &amx_ready, "whether AMX tiles multiply here: built for them, granted by the OS");
   m.def("bf16_mm", &bf16_mm, "x @ w for a bfloat16 w, in x's dtype", nogil);
   m.def("bf16_bmm", &bf16_bmm, "x[b] @ w[b] for a bfloat16 w, in x's dtype", nogil);
   m.def("grouped_swiglu", &grouped_swiglu, "a layer's experts (in strip order) in one call",
