@@ -90,7 +90,7 @@ void check_bf16_weight(const torch::Tensor& w) {
 // every expert goes to AMX's tiles (gemm_amx.h), whatever its rows.
 template <typename W>
 void grouped(const float* x, const W* w, Layout layout, float* out, const int64_t* off, int64_t E, int64_t K,
-             int64_t N) {
+             int64_t N, TileRows given = {}) {
   const bool tiles = layout == Layout::tiles;
   if (tiles) {
     TORCH_CHECK((std::is_same_v<W, uint16_t>), "only bfloat16 weights come in tile order");
@@ -114,6 +114,8 @@ void grouped(const float* x, const W* w, Layout layout, float* out, const int64_
     return off[a[0] + 1] - off[a[0]] > off[b[0] + 1] - off[b[0]];
   });
   const int64_t work = (off[E] + READ_COST * active) * K * N;
+  int64_t lda = given.lda;  // x as the tiles take it, made once before the items' threads start
+  const uint16_t* a = given.rows || !tiles ? given.rows : tile_rows(x, off[E], K, lda);
   std::atomic<size_t> next{0};
   at::parallel_for(0, std::clamp<int64_t>(work / GEMM_GRAIN, 1, threads), 1, [&](int64_t, int64_t) {
     if (tiles) configure_tiles();
@@ -124,7 +126,7 @@ void grouped(const float* x, const W* w, Layout layout, float* out, const int64_
       float* oe = out + off[e] * N;
       if constexpr (std::is_same_v<W, uint16_t>)
         if (tiles) {
-          gemm_amx(xe, K, w + e * size, oe, N, M, K, c0, c1);
+          gemm_amx(a + off[e] * lda, lda, w + e * size, oe, N, M, K, c0, c1);
           continue;
         }
       if (layout == Layout::row_major)
@@ -148,6 +150,11 @@ void grouped_product(const float* x, const float* w, Layout layout, float* out, 
   grouped(x, w, layout, out, off, E, K, N);
 }
 
+void grouped_product(TileRows x, const uint16_t* w, float* out, const int64_t* off, int64_t E, int64_t K,
+                     int64_t N) {
+  grouped(static_cast<const float*>(nullptr), w, Layout::tiles, out, off, E, K, N, x);
+}
+
 // x [..., K] @ w -> [..., N] in x's dtype: the projections, w [K, N] or in strip order [1, N / 32, K, 32]
 // (or tile order, [1, N / 32, K / 2, 64]). A
 // bfloat16 result is summed in float32 scratch and rounded by the thread that made its columns, while they
@@ -157,8 +164,8 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   const Layout layout = layout_of(w);
   const bool strips = layout != Layout::row_major;
   TORCH_CHECK_VALUE(x.dim() >= 1 && (w.dim() == 2 || (w.dim() == 4 && w.size(0) == 1 && rows_of(w) > 0)),
-                    "x [..., K] and w [K, N], [1, N / 32, K, 32] (strip order) or [1, N / 32, K / 2, 64] (tile "
-                    "order) expected; got w ", w.sizes());
+                    "x [..., K] and w [K, N], [1, N / 32, K, 32] (strip order) or [1, N / 32, K / 2, 64] "
+                    "(tile order) expected; got w ", w.sizes());
   const int64_t K = strips ? rows_of(w) : w.size(0), N = strips ? w.size(1) * STRIP_COLUMNS : w.size(1);
   TORCH_CHECK_VALUE(x.size(-1) == K, "x [..., K] and w [K, N] do not match: K = ", x.size(-1), " and ", K);
   const int64_t M = x.numel() / K;
@@ -186,8 +193,8 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
 }
 
 // x [B, M, K] @ w -> [B, M, N] in x's dtype: the weight-absorbed MLA products, one weight per head, w
-// [B, K, N] or in strip (tile) order [B, N / 32, K, 32] ([B, N / 32, K / 2, 64]): the grouped product with the
-// heads as experts.
+// [B, K, N] or in strip (tile) order [B, N / 32, K, 32] ([B, N / 32, K / 2, 64]): the grouped product with
+// the heads as experts.
 torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w) {
   check_bf16_weight(w);
   const Layout layout = layout_of(w);

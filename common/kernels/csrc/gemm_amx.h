@@ -1,5 +1,5 @@
-// out[r, c] = sum_i x[r * ldx + i] * w[i, c] for r < M, c0 <= c < c1 on AMX tiles, with w bfloat16 in tile
-// order and x rounded to bfloat16: the products of bfloat16 weights on a CPU with AMX, at every row count.
+// out[r, c] = sum_i x[r, i] * w[i, c] for r < M, c0 <= c < c1 on AMX tiles, with w bfloat16 in tile order
+// and x rounded to bfloat16: the products of bfloat16 weights on a CPU with AMX, at every row count.
 //
 // A tile multiply (TDPBF16PS) takes the weight with pairs of rows interleaved: a row of the B tile holds
 // rows 2j and 2j + 1 of 16 columns as (w[2j, c], w[2j + 1, c]) pairs. Tile order is strip order
@@ -9,7 +9,8 @@
 // sequential stream. One multiply is a 16 x 16 x 32 product, as many multiply-adds as 512 AVX-512 FMAs: at a
 // few rows an expert the product costs what streaming its weight costs, and at hundreds (a prefill's
 // experts) it runs several times faster than FMAs. Sums are float32 in the unit's own order, so the bits
-// differ from the strip kernel's; x is rounded to bfloat16 as torch's bfloat16 GEMM takes it.
+// differ from the strip kernel's; x is rounded to bfloat16 as torch's bfloat16 GEMM takes it, once per call
+// (tile_rows), or comes so (the routed experts gather their rows as bfloat16).
 #pragma once
 
 #include <cstdint>
@@ -23,9 +24,12 @@ constexpr int64_t TILE_K = 32;  // weight rows a tile multiply takes: tile order
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <vector>
 
+#include "scratch.h"
 #include "simd.h"
 
 // Whether this process may use the tiles: Linux grants their state on request, once for the process.
@@ -47,11 +51,11 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-// 16 R rows x a strip's 32 columns: R blocks of 16 rows of x (bfloat16 [., K] at a), the strip at w, into
-// sums [16 R, 32]. Tiles: C at 0-3 (a block's two halves of the strip), A at 4-5, B at 6-7; their numbers
-// must be constants, hence the second block spelled out.
+// 16 R rows x a strip's 32 columns into tiles 0-3: R blocks of 16 rows of x (bfloat16, lda apart, at a), the
+// strip at w. Tiles: C at 0-3 (a block's two halves of the strip), A at 4-5, B at 6-7; their numbers must be
+// constants, hence the second block spelled out.
 template <int R>
-inline void tile(const uint16_t* a, int64_t K, const uint16_t* w, float* sums) {
+inline void multiply(const uint16_t* a, int64_t lda, int64_t K, const uint16_t* w) {
   _tile_zero(0);
   _tile_zero(1);
   if constexpr (R == 2) {
@@ -59,23 +63,39 @@ inline void tile(const uint16_t* a, int64_t K, const uint16_t* w, float* sums) {
     _tile_zero(3);
   }
   for (int64_t k = 0; k < K; k += TILE_K, w += TILE_K * STRIP_COLUMNS) {
-    _tile_loadd(4, a + k, K * 2);
+    _tile_loadd(4, a + k, lda * 2);
     _tile_loadd(6, w, 128);
     _tile_loadd(7, w + 32, 128);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     if constexpr (R == 2) {
-      _tile_loadd(5, a + TILE_ROWS * K + k, K * 2);
+      _tile_loadd(5, a + TILE_ROWS * lda + k, lda * 2);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  _tile_stored(0, sums, 128);
-  _tile_stored(1, sums + 16, 128);
+}
+
+// What multiply<R> left in the C tiles, 16 R rows x 32 columns, to o (rows ldo apart).
+template <int R>
+inline void store(float* o, int64_t ldo) {
+  _tile_stored(0, o, ldo * 4);
+  _tile_stored(1, o + 16, ldo * 4);
   if constexpr (R == 2) {
-    _tile_stored(2, sums + TILE_ROWS * STRIP_COLUMNS, 128);
-    _tile_stored(3, sums + TILE_ROWS * STRIP_COLUMNS + 16, 128);
+    _tile_stored(2, o + TILE_ROWS * ldo, ldo * 4);
+    _tile_stored(3, o + TILE_ROWS * ldo + 16, ldo * 4);
   }
+}
+
+// multiply<R> into out, rows m.. and columns n.. of which `rows` and `columns` exist: a whole block straight
+// from the tiles, a part one through sums.
+template <int R>
+inline void block(const uint16_t* a, int64_t lda, int64_t K, const uint16_t* w, float* out, int64_t ldo,
+                  int64_t rows, int64_t columns, float* sums) {
+  multiply<R>(a, lda, K, w);
+  if (rows == R * TILE_ROWS && columns == STRIP_COLUMNS) return store<R>(out, ldo);
+  store<R>(sums, STRIP_COLUMNS);
+  for (int64_t r = 0; r < rows; ++r) std::copy_n(sums + r * STRIP_COLUMNS, columns, out + r * ldo);
 }
 
 }  // namespace gemm_amx_detail
@@ -93,26 +113,42 @@ inline void configure_tiles() {
 }
 inline void release_tiles() { _tile_release(); }
 
-// The product over any number of rows; c0 is a multiple of STRIP_COLUMNS, c1 at most the weight's N. x's
-// rows are rounded into the thread's buffer first, zeros past M up to a whole number of row blocks.
-inline void gemm_amx(const float* x, int64_t ldx, const uint16_t* w, float* out, int64_t ldo, int64_t M,
+// A thread's scratch for R rows of K bfloat16 as the tiles take them: K + TILE_K apart (K apart, a tile's 16
+// rows would share a few cache sets), then a block of zero rows, which the last block of the last rows reads
+// (a block's rows past its expert's are multiplied, never stored).
+inline uint16_t* padded_rows(Scratch use, int64_t R, int64_t K) {
+  const int64_t lda = K + TILE_K, after = 2 * gemm_amx_detail::TILE_ROWS;
+  uint16_t* rows = reinterpret_cast<uint16_t*>(scratch(use, ((R + after) * lda + 1) / 2));
+  std::fill(rows + R * lda, rows + (R + after) * lda, 0);
+  return rows;
+}
+
+// x [R, K] float32 as the tiles take it, rounded to bfloat16 once for all of a call's products.
+inline const uint16_t* tile_rows(const float* x, int64_t R, int64_t K, int64_t& lda) {
+  lda = K + TILE_K;
+  uint16_t* rows = padded_rows(Scratch::tile_rows, R, K);
+  at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) narrow(x + r * K, reinterpret_cast<at::BFloat16*>(rows) + r * lda, K);
+  });
+  return rows;
+}
+
+// out[r, c] for r < M, c0 <= c < c1 from M rows of tile_rows (lda apart) and a weight in tile order; c0 is a
+// multiple of STRIP_COLUMNS, c1 at most the weight's N. The calling thread's tiles must be configured.
+inline void gemm_amx(const uint16_t* a, int64_t lda, const uint16_t* w, float* out, int64_t ldo, int64_t M,
                      int64_t K, int64_t c0, int64_t c1) {
   using namespace gemm_amx_detail;
   constexpr int64_t BLOCK = 2 * TILE_ROWS;
-  thread_local std::vector<uint16_t> rows;
-  thread_local std::vector<float> sums(BLOCK * STRIP_COLUMNS);
-  rows.resize((M + BLOCK - 1) / BLOCK * BLOCK * K);
-  for (int64_t m = 0; m < M; ++m) narrow(x + m * ldx, reinterpret_cast<at::BFloat16*>(rows.data()) + m * K, K);
-  std::fill(rows.begin() + M * K, rows.end(), 0);
+  alignas(64) float sums[BLOCK * STRIP_COLUMNS];
   for (int64_t n = c0; n < c1; n += STRIP_COLUMNS) {
     const int64_t columns = std::min(STRIP_COLUMNS, c1 - n);
     for (int64_t m = 0; m < M; m += BLOCK) {
-      if (M - m > TILE_ROWS)
-        tile<2>(rows.data() + m * K, K, w + n * K, sums.data());
+      const int64_t rows = std::min(BLOCK, M - m);
+      float* o = out + m * ldo + n;
+      if (rows > TILE_ROWS)
+        block<2>(a + m * lda, lda, K, w + n * K, o, ldo, rows, columns, sums);
       else
-        tile<1>(rows.data() + m * K, K, w + n * K, sums.data());
-      for (int64_t r = 0; r < std::min(BLOCK, M - m); ++r)
-        std::copy_n(sums.data() + r * STRIP_COLUMNS, columns, out + (m + r) * ldo + n);
+        block<1>(a + m * lda, lda, K, w + n * K, o, ldo, rows, columns, sums);
     }
   }
 }
@@ -122,9 +158,13 @@ inline void gemm_amx(const float* x, int64_t ldx, const uint16_t* w, float* out,
 inline bool amx_ready() { return false; }
 inline void configure_tiles() {}
 inline void release_tiles() {}
-inline void gemm_amx(const float*, int64_t, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t,
-                     int64_t) {
+inline uint16_t* padded_rows(Scratch, int64_t, int64_t) {
   TORCH_CHECK(false, "weights in tile order need the kernels built for AMX");
 }
+inline const uint16_t* tile_rows(const float*, int64_t, int64_t, int64_t&) {
+  TORCH_CHECK(false, "weights in tile order need the kernels built for AMX");
+}
+inline void gemm_amx(const uint16_t*, int64_t, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t,
+                     int64_t) {}
 
 #endif

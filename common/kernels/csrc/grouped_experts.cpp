@@ -1,13 +1,14 @@
 // Routed experts in one call on CPU, for bfloat16 or float32 weights: the whole of
 // common/kernels/grouped_experts.grouped_swiglu (why: there) without its twenty-odd operators per layer.
 //
-// The weights come in strip order (gemm_strips.h; common/model/moe.py packs them so at load); the last
-// `shared` of them are shared experts, which every token takes with weight 1 besides its routed ones. A
-// counting sort groups the (token, expert) pairs by expert, keeping token order within an expert; the pairs'
-// rows are gathered (widened to float32) in that order, each GEMM round runs every expert's rows in one
-// grouped product (bf16_gemm.cpp), SiLU-and-multiply runs on float32, and each token sums its weighted rows
-// in the sorted order, as the torch path's index_add does. Gather, SiLU and sums run on every thread: a
-// prefill chunk has thousands of pairs.
+// The weights come in strip order (gemm_strips.h), or tile order for AMX (gemm_amx.h; common/model/moe.py
+// packs them so at load); the last `shared` of them are shared experts, which every token takes with weight 1
+// besides its routed ones. A counting sort groups the (token, expert) pairs by expert, keeping token order
+// within an expert; the pairs' rows are gathered (widened to float32) in that order, each GEMM round runs
+// every expert's rows in one grouped product (bf16_gemm.cpp), SiLU-and-multiply runs on float32, and each
+// token sums its weighted rows in the sorted order, as the torch path's index_add does. In tile order the
+// rows are gathered as bfloat16 and the activation rounded to it, as the tiles take them. Gather, SiLU and
+// sums run on every thread: a prefill chunk has thousands of pairs.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "bf16_gemm.h"
+#include "gemm_amx.h"
 #include "gemm_strips.h"
 #include "scratch.h"
 #include "simd.h"
@@ -27,7 +29,8 @@ namespace {
 // float32.
 template <typename W>
 void gate_up_then_down(const float* xs, const W* w13, Layout l13, const W* w2, Layout l2, float* gate_up,
-                       float* act, float* ys, const int64_t* off, int64_t R, int64_t E, int64_t h, int64_t I) {
+                       float* act, float* ys, const int64_t* off, int64_t R, int64_t E, int64_t h,
+                       int64_t I) {
   grouped_product(xs, w13, l13, gate_up, off, E, h, 2 * I);
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
@@ -40,12 +43,49 @@ void gate_up_then_down(const float* xs, const W* w13, Layout l13, const W* w2, L
   grouped_product(act, w2, l2, ys, off, E, I, h);
 }
 
+// The same for both weights in tile order, the rows as the tiles take them (gemm_amx.h): the pairs' rows
+// gathered as bfloat16 and the activation rounded to it, where the other path stages both in float32 and
+// rounds them again for the tiles (at a prefill chunk's thousands of rows a quarter of the call).
+void gate_up_then_down(const uint16_t* xr, const uint16_t* w13, const uint16_t* w2, float* gate_up, float* ys,
+                       const int64_t* off, int64_t R, int64_t E, int64_t h, int64_t I) {
+  grouped_product(TileRows{xr, h + TILE_K}, w13, gate_up, off, E, h, 2 * I);
+  uint16_t* act = padded_rows(Scratch::activation_rows, R, I);
+  at::BFloat16* ap = reinterpret_cast<at::BFloat16*>(act);
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < I; i += 16) {  // silu(g) * u
+        const mask16 mask = tail_mask(i, I);
+        const f32x16 g = load(gate_up + r * 2 * I + i, mask), u = load(gate_up + r * 2 * I + I + i, mask);
+        store16(ap + r * (I + TILE_K) + i, mul(silu16(g), u), mask);
+      }
+  });
+  grouped_product(TileRows{act, I + TILE_K}, w2, ys, off, E, I, h);
+}
+
 // The pairs' rows of x [T, h] in sorted order, as float32: xs [R, h].
 template <typename T>
 void gather(const T* x, const std::vector<int64_t>& pair, int64_t k, int64_t h, float* xs) {
   at::parallel_for(0, pair.size(), 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) widen(x + pair[r] / k * h, xs + r * h, h);
   });
+}
+
+// The same as the tiles take them: bfloat16 rows h + TILE_K apart, zero rows after (padded_rows).
+template <typename T>
+const uint16_t* gather_rows(const T* x, const std::vector<int64_t>& pair, int64_t k, int64_t h) {
+  const int64_t R = pair.size(), lda = h + TILE_K;
+  uint16_t* rows = padded_rows(Scratch::gemm_rows, R, h);
+  at::BFloat16* p = reinterpret_cast<at::BFloat16*>(rows);
+  at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* row = x + pair[r] / k * h;
+      if constexpr (std::is_same_v<T, float>)
+        narrow(row, p + r * lda, h);
+      else
+        std::copy_n(row, h, p + r * lda);
+    }
+  });
+  return rows;
 }
 
 // out [T, h] (x's dtype): token t's sum of ys[r] * gate over its pairs' rows r, in sorted order; row_of[p] is
@@ -75,9 +115,9 @@ void weighted_sums(const float* ys, const float* gate, const std::vector<int64_t
 // [E, ceil(N / 32), K / 2, 64].
 void check_strips(const char* name, const torch::Tensor& w, int64_t E, int64_t K, int64_t N) {
   const int64_t strips = (N + STRIP_COLUMNS - 1) / STRIP_COLUMNS;
-  TORCH_CHECK_VALUE(w.dim() == 4 && w.size(0) == E && w.size(1) == strips && rows_of(w) == K, name, " must be ",
-                    E, " weights [", K, ", ", N, "] in strip order, [", E, ", ", strips, ", ", K, ", ",
-                    STRIP_COLUMNS, "], or tile order, [", E, ", ", strips, ", ", K / 2, ", ",
+  TORCH_CHECK_VALUE(w.dim() == 4 && w.size(0) == E && w.size(1) == strips && rows_of(w) == K, name,
+                    " must be ", E, " weights [", K, ", ", N, "] in strip order, [", E, ", ", strips, ", ",
+                    K, ", ", STRIP_COLUMNS, "], or tile order, [", E, ", ", strips, ", ", K / 2, ", ",
                     2 * STRIP_COLUMNS, "]; got ", w.sizes());
 }
 
@@ -135,26 +175,35 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert
   for (int64_t p = 0; p < T * k; ++p)
     if (id[p] >= 0) pair[row_of[p] = next[id[p]]++] = p;
 
-  // xs [R, h], gate_up [R, 2I], act [R, I], ys [R, h]
-  float* xsp = scratch(Scratch::expert_rows, R * (2 * h + 3 * I));
-  float *gu = xsp + R * h, *ap = gu + R * 2 * I, *yp = ap + R * I;
-  if (x.scalar_type() == torch::kFloat32)
-    gather(xc.data_ptr<float>(), pair, k, h, xsp);
-  else
-    gather(xc.data_ptr<at::BFloat16>(), pair, k, h, xsp);
-
   const int64_t* off = offsets.data();
-  if (w13.scalar_type() == torch::kBFloat16)
-    gate_up_then_down(xsp, bf16_bits(w13), layout_of(w13), bf16_bits(w2), layout_of(w2), gu, ap, yp, off, R, E,
-                      h, I);
-  else
-    gate_up_then_down(xsp, w13.data_ptr<float>(), layout_of(w13), w2.data_ptr<float>(), layout_of(w2), gu, ap,
-                      yp, off, R, E, h, I);
+  float* ys;
+  if (layout_of(w13) == Layout::tiles && layout_of(w2) == Layout::tiles) {
+    float* gu = scratch(Scratch::expert_rows, R * (2 * I + h));  // gate_up [R, 2I], ys [R, h]
+    ys = gu + R * 2 * I;
+    const uint16_t* xr = x.scalar_type() == torch::kFloat32
+                             ? gather_rows(xc.data_ptr<float>(), pair, k, h)
+                             : gather_rows(xc.data_ptr<at::BFloat16>(), pair, k, h);
+    gate_up_then_down(xr, bf16_bits(w13), bf16_bits(w2), gu, ys, off, R, E, h, I);
+  } else {
+    float* xsp = scratch(Scratch::expert_rows, R * (2 * h + 3 * I));  // xs [R, h], gate_up, act [R, I], ys
+    float *gu = xsp + R * h, *ap = gu + R * 2 * I;
+    ys = ap + R * I;
+    if (x.scalar_type() == torch::kFloat32)
+      gather(xc.data_ptr<float>(), pair, k, h, xsp);
+    else
+      gather(xc.data_ptr<at::BFloat16>(), pair, k, h, xsp);
+    if (w13.scalar_type() == torch::kBFloat16)
+      gate_up_then_down(xsp, bf16_bits(w13), layout_of(w13), bf16_bits(w2), layout_of(w2), gu, ap, ys, off, R,
+                        E, h, I);
+    else
+      gate_up_then_down(xsp, w13.data_ptr<float>(), layout_of(w13), w2.data_ptr<float>(), layout_of(w2), gu,
+                        ap, ys, off, R, E, h, I);
+  }
 
   torch::Tensor out = torch::empty({T, h}, x.options());
   if (x.scalar_type() == torch::kFloat32)
-    weighted_sums(yp, gate.data(), row_of, k, h, out.data_ptr<float>());
+    weighted_sums(ys, gate.data(), row_of, k, h, out.data_ptr<float>());
   else
-    weighted_sums(yp, gate.data(), row_of, k, h, out.data_ptr<at::BFloat16>());
+    weighted_sums(ys, gate.data(), row_of, k, h, out.data_ptr<at::BFloat16>());
   return out;
 }
