@@ -30,6 +30,7 @@ from tests.unit.test_attention_kernels import (
 pytestmark = pytest.mark.skipif(
     not cpu_extension.available(), reason="the CPU kernels need AVX-512 or AVX2 with FMA, and a compiler"
 )
+needs_tiles = pytest.mark.skipif(not bf16_gemm.tiles(), reason="needs AMX tiles (csrc/gemm_amx.h)")
 
 
 # ---------------------------------------------------------------------------------------------- prefill
@@ -158,6 +159,36 @@ def test_bfloat16_decode_matches_the_torch_path() -> None:
     assert rel_err(out, ref) < 1e-2  # the output's own bfloat16 rounding
 
 
+@needs_tiles
+@pytest.mark.parametrize("heads", [8, 20])  # one group of heads on the tiles, or two (16 and 4)
+@pytest.mark.parametrize("block_size", [32, 64])
+def test_bfloat16_decode_on_tiles_matches_the_reference(heads: int, block_size: int) -> None:
+    """bfloat16 with dimensions in whole tiles (mini's latents: 160, 128 of them values) runs on AMX's tiles,
+    the probabilities rounded to bfloat16 for the value product: within the output's own rounding of the
+    reference on the same bfloat16 inputs, and a sequence's bits the same alone, in a batch, on any thread
+    count."""
+    lens = decode_lengths(block_size) + [1300]
+    q, pages, tables, context_lens, latents = paged_case(lens, block_size, heads=heads, dim=160, seed=8)
+    q, pages = q.bfloat16(), pages.bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        batch = cpu_attention.paged_latent_decode(q, pages, tables, context_lens, 0.1, 128)
+        alone = [
+            cpu_attention.paged_latent_decode(
+                q[b : b + 1], pages, tables[b : b + 1], context_lens[b : b + 1], 0.1, 128
+            )
+            for b in range(len(lens))
+        ]
+        torch.set_num_threads(1)
+        one_thread = cpu_attention.paged_latent_decode(q, pages, tables, context_lens, 0.1, 128)
+    finally:
+        torch.set_num_threads(threads)
+    ref = reference_decode(q.float(), [x.bfloat16().float() for x in latents], 0.1, 128)
+    assert rel_err(batch, ref) < 1e-2
+    assert torch.equal(torch.cat(alone), batch) and torch.equal(one_thread, batch)
+
+
 def test_decode_rejects_what_it_cannot_read() -> None:
     q, pages, tables, context_lens, _ = paged_case([4, 5], 4, heads=1, dim=8)
     with pytest.raises(ValueError, match="context_lens must be in"):
@@ -272,9 +303,6 @@ def test_rotary_matches_the_torch_path(monkeypatch, dtype, interleaved, shape) -
 
 def packed(*weights: torch.Tensor, order=strips.strip_order) -> tuple[torch.Tensor, ...]:
     return tuple(order(w) for w in weights)
-
-
-needs_tiles = pytest.mark.skipif(not bf16_gemm.tiles(), reason="needs AMX tiles (csrc/gemm_amx.h)")
 
 
 @pytest.mark.parametrize(
