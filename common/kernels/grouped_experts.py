@@ -15,7 +15,8 @@ bfloat16 kernel of common/kernels/bf16_gemm.py, or its float32-weight twin): an 
 mini's 64-sequence decode, and one with many widens panels from the strips (on a CPU with bfloat16 units,
 a prefill's many rows an expert go to torch's GEMM instead: UNITS_ROWS). With AMX the experts are kept in
 tile order and every row count stays in the call, on the tiles (csrc/gemm_amx.h): mini's experts, bf16,
-at 64 / 256 / 2,048 tokens 1.5 / 4.5 / 32 ms a layer in strips against 1.2 / 2.1 / 14 in tiles.
+at 64 / 256 / 2,048 tokens 1.4-1.5 / 4.4-4.7 / 31-35 ms a layer in strips against 1.1-1.5 / 1.8 / 12-13
+in tiles.
 """
 
 import itertools
