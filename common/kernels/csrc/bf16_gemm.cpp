@@ -74,6 +74,20 @@ const float* float_rows(const torch::Tensor& x, int64_t K, Scratch use) {
   return rows;
 }
 
+// x [..., K] as AMX's tiles take it, where x is contiguous bfloat16: its rows copied as they are, with no
+// float32 pass in between (float_rows, then rounding back).
+TileRows copied_rows(const torch::Tensor& x, int64_t K) {
+  const int64_t M = x.numel() / K, lda = K + TILE_K;
+  uint16_t* rows = padded_rows(Scratch::tile_rows, M, K);
+  const uint16_t* p = bf16_bits(x);
+  for (int64_t r = 0; r < M; ++r) std::copy_n(p + r * K, K, rows + r * lda);
+  return {rows, lda};
+}
+
+bool takes_rows_as_they_are(const torch::Tensor& x, Layout layout) {
+  return layout == Layout::tiles && x.scalar_type() == torch::kBFloat16 && x.is_contiguous();
+}
+
 void check_bf16_weight(const torch::Tensor& w) {
   TORCH_CHECK_VALUE(w.scalar_type() == torch::kBFloat16, "w must be bfloat16");
   TORCH_CHECK_VALUE(w.device().is_cpu() && w.is_contiguous(), "w must be a contiguous CPU tensor");
@@ -156,9 +170,9 @@ void grouped_product(TileRows x, const uint16_t* w, float* out, const int64_t* o
 }
 
 // x [..., K] @ w -> [..., N] in x's dtype: the projections, w [K, N] or in strip order [1, N / 32, K, 32]
-// (or tile order, [1, N / 32, K / 2, 64]). A
-// bfloat16 result is summed in float32 scratch and rounded by the thread that made its columns, while they
-// are still in its cache (in strip order, once the product is done).
+// (or tile order, [1, N / 32, K / 2, 64]). A bfloat16 result is summed in float32 scratch and rounded by the
+// thread that made its columns, while they are still in its cache (in strip or tile order, once the product
+// is done).
 torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   check_bf16_weight(w);
   const Layout layout = layout_of(w);
@@ -169,7 +183,8 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   const int64_t K = strips ? rows_of(w) : w.size(0), N = strips ? w.size(1) * STRIP_COLUMNS : w.size(1);
   TORCH_CHECK_VALUE(x.size(-1) == K, "x [..., K] and w [K, N] do not match: K = ", x.size(-1), " and ", K);
   const int64_t M = x.numel() / K;
-  const float* xp = float_rows(x, K, Scratch::gemm_rows);
+  const bool as_they_are = takes_rows_as_they_are(x, layout);
+  const float* xp = as_they_are ? nullptr : float_rows(x, K, Scratch::gemm_rows);
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = N;
   torch::Tensor out = torch::empty(shape, x.options());
@@ -177,7 +192,7 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   float* sp = bf16_out ? scratch(Scratch::gemm_sums, M * N) : out.data_ptr<float>();
   if (strips) {
     const int64_t off[2] = {0, M};
-    grouped(xp, bf16_bits(w), layout, sp, off, 1, K, N);
+    grouped(xp, bf16_bits(w), layout, sp, off, 1, K, N, as_they_are ? copied_rows(x, K) : TileRows{});
     if (bf16_out) round_all(sp, out.data_ptr<at::BFloat16>(), M * N);
     return out;
   }
@@ -205,13 +220,14 @@ torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w) {
                     "(tile order) do not match: ", x.sizes(), " and ", w.sizes());
   const int64_t B = x.size(0), M = x.size(1), K = x.size(2);
   const int64_t N = strips ? w.size(1) * STRIP_COLUMNS : w.size(2);
-  const float* xp = float_rows(x, K, Scratch::gemm_rows);
+  const bool as_they_are = takes_rows_as_they_are(x, layout);
+  const float* xp = as_they_are ? nullptr : float_rows(x, K, Scratch::gemm_rows);
   torch::Tensor out = torch::empty({B, M, N}, x.options());
   const bool bf16_out = x.scalar_type() == torch::kBFloat16;
   float* sp = bf16_out ? scratch(Scratch::gemm_sums, B * M * N) : out.data_ptr<float>();
   std::vector<int64_t> off(B + 1);
   for (int64_t b = 0; b <= B; ++b) off[b] = b * M;
-  grouped(xp, bf16_bits(w), layout, sp, off.data(), B, K, N);
+  grouped(xp, bf16_bits(w), layout, sp, off.data(), B, K, N, as_they_are ? copied_rows(x, K) : TileRows{});
   if (bf16_out) round_all(sp, out.data_ptr<at::BFloat16>(), B * M * N);
   return out;
 }
