@@ -16,6 +16,8 @@
 #include <cstdint>
 
 #include "gemm_strips.h"
+#include "scratch.h"
+#include "simd.h"
 
 constexpr int64_t TILE_K = 32;  // weight rows a tile multiply takes: tile order's K is a multiple of it
 
@@ -27,10 +29,6 @@ constexpr int64_t TILE_K = 32;  // weight rows a tile multiply takes: tile order
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <vector>
-
-#include "scratch.h"
-#include "simd.h"
 
 // Whether this process may use the tiles: Linux grants their state on request, once for the process.
 inline bool amx_ready() {
@@ -160,9 +158,11 @@ inline void configure_tiles() {}
 inline void release_tiles() {}
 inline uint16_t* padded_rows(Scratch, int64_t, int64_t) {
   TORCH_CHECK(false, "weights in tile order need the kernels built for AMX");
+  return nullptr;
 }
 inline const uint16_t* tile_rows(const float*, int64_t, int64_t, int64_t&) {
   TORCH_CHECK(false, "weights in tile order need the kernels built for AMX");
+  return nullptr;
 }
 inline void gemm_amx(const uint16_t*, int64_t, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t,
                      int64_t) {}
