@@ -36,6 +36,7 @@ def in_strip_order(w: torch.Tensor) -> bool:
 
 
 def in_tile_order(w: torch.Tensor) -> bool:
+    """Whether w holds weights in tile order ([E, strips, K / 2, 64]), the form of strip order for AMX."""
     return w.dim() == 4 and w.shape[3] == 2 * STRIP
 
 

@@ -25,21 +25,27 @@
 
 namespace {
 
-// Rows off[e]..off[e+1] of xs through expert e's weights, in strip order as raw pointers of bfloat16 bits or
-// float32.
+// act [R, I] (rows lda apart, float32 or rounded to bfloat16) = silu(gate) * up of gate_up [R, 2I].
+template <typename T>
+void activate(const float* gate_up, int64_t R, int64_t I, T* act, int64_t lda) {
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < I; i += 16) {
+        const mask16 mask = tail_mask(i, I);
+        const f32x16 g = load(gate_up + r * 2 * I + i, mask), u = load(gate_up + r * 2 * I + I + i, mask);
+        store16(act + r * lda + i, mul(silu16(g), u), mask);
+      }
+  });
+}
+
+// Rows off[e]..off[e+1] of xs through expert e's weights, in strip or tile order, as raw pointers of bfloat16
+// bits or float32.
 template <typename W>
 void gate_up_then_down(const float* xs, const W* w13, Layout l13, const W* w2, Layout l2, float* gate_up,
                        float* act, float* ys, const int64_t* off, int64_t R, int64_t E, int64_t h,
                        int64_t I) {
   grouped_product(xs, w13, l13, gate_up, off, E, h, 2 * I);
-  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t i = 0; i < I; i += 16) {  // silu(g) * u
-        const mask16 mask = tail_mask(i, I);
-        const f32x16 g = load(gate_up + r * 2 * I + i, mask), u = load(gate_up + r * 2 * I + I + i, mask);
-        store(act + r * I + i, mul(silu16(g), u), mask);
-      }
-  });
+  activate(gate_up, R, I, act, I);
   grouped_product(act, w2, l2, ys, off, E, I, h);
 }
 
@@ -50,15 +56,7 @@ void gate_up_then_down(const uint16_t* xr, const uint16_t* w13, const uint16_t* 
                        const int64_t* off, int64_t R, int64_t E, int64_t h, int64_t I) {
   grouped_product(TileRows{xr, h + TILE_K}, w13, gate_up, off, E, h, 2 * I);
   uint16_t* act = padded_rows(Scratch::activation_rows, R, I);
-  at::BFloat16* ap = reinterpret_cast<at::BFloat16*>(act);
-  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t i = 0; i < I; i += 16) {  // silu(g) * u
-        const mask16 mask = tail_mask(i, I);
-        const f32x16 g = load(gate_up + r * 2 * I + i, mask), u = load(gate_up + r * 2 * I + I + i, mask);
-        store16(ap + r * (I + TILE_K) + i, mul(silu16(g), u), mask);
-      }
-  });
+  activate(gate_up, R, I, reinterpret_cast<at::BFloat16*>(act), I + TILE_K);
   grouped_product(TileRows{act, I + TILE_K}, w2, ys, off, E, I, h);
 }
 
