@@ -4,6 +4,8 @@ gate and MLA's projections against the model's torch path; the routed experts ag
 (token, expert). (The bfloat16 GEMMs: test_bf16_gemm.py.)"""
 
 import itertools
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 import torch
@@ -121,24 +123,39 @@ def test_decode_is_the_same_on_any_thread_count() -> None:
     assert torch.equal(one, two)
 
 
+T = TypeVar("T")
+
+
+def on_threads(count: int, run: Callable[[], T]) -> T:
+    """run() with torch's thread count set to `count`, then set back."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(count)
+        return run()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def alone_and_batched(
+    q: torch.Tensor, pages: torch.Tensor, tables: torch.Tensor, context_lens: torch.Tensor, value_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """On two threads: every sequence's decode alone (concatenated), and the batch's."""
+
+    def decode(b: slice) -> torch.Tensor:
+        return cpu_attention.paged_latent_decode(q[b], pages, tables[b], context_lens[b], 0.1, value_dim)
+
+    return on_threads(
+        2, lambda: (torch.cat([decode(slice(b, b + 1)) for b in range(q.shape[0])]), decode(slice(None)))
+    )
+
+
 @pytest.mark.parametrize("heads", [8, 16, 40])  # with AVX2: one group; two of 8 heads; of 32 and 8
 def test_decode_gives_a_sequence_the_same_bits_alone_or_in_a_batch(heads: int) -> None:
     # Alone, a short context is one split, fewer than the threads: its heads split between them.
     lens = [100, 3, 1100, 64]
     q, pages, tables, context_lens, latents = paged_case(lens, 16, heads=heads, dim=72, seed=3)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        batch = cpu_attention.paged_latent_decode(q, pages, tables, context_lens, 0.1, 64)
-        alone = [
-            cpu_attention.paged_latent_decode(
-                q[b : b + 1], pages, tables[b : b + 1], context_lens[b : b + 1], 0.1, 64
-            )
-            for b in range(len(lens))
-        ]
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(torch.cat(alone), batch)
+    alone, batch = alone_and_batched(q, pages, tables, context_lens, 64)
+    assert torch.equal(alone, batch)
     assert rel_err(batch, reference_decode(q, latents, 0.1, 64)) < TOL
 
 
@@ -170,23 +187,13 @@ def test_bfloat16_decode_on_tiles_matches_the_reference(heads: int, block_size: 
     lens = decode_lengths(block_size) + [1300]
     q, pages, tables, context_lens, latents = paged_case(lens, block_size, heads=heads, dim=160, seed=8)
     q, pages = q.bfloat16(), pages.bfloat16()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        batch = cpu_attention.paged_latent_decode(q, pages, tables, context_lens, 0.1, 128)
-        alone = [
-            cpu_attention.paged_latent_decode(
-                q[b : b + 1], pages, tables[b : b + 1], context_lens[b : b + 1], 0.1, 128
-            )
-            for b in range(len(lens))
-        ]
-        torch.set_num_threads(1)
-        one_thread = cpu_attention.paged_latent_decode(q, pages, tables, context_lens, 0.1, 128)
-    finally:
-        torch.set_num_threads(threads)
+    alone, batch = alone_and_batched(q, pages, tables, context_lens, 128)
+    one_thread = on_threads(
+        1, lambda: cpu_attention.paged_latent_decode(q, pages, tables, context_lens, 0.1, 128)
+    )
     ref = reference_decode(q.float(), [x.bfloat16().float() for x in latents], 0.1, 128)
     assert rel_err(batch, ref) < 1e-2
-    assert torch.equal(torch.cat(alone), batch) and torch.equal(one_thread, batch)
+    assert torch.equal(alone, batch) and torch.equal(one_thread, batch)
 
 
 def test_decode_rejects_what_it_cannot_read() -> None:
