@@ -77,11 +77,8 @@ const float* float_rows(const torch::Tensor& x, int64_t K, Scratch use) {
 // x [..., K] as AMX's tiles take it, where x is contiguous bfloat16: its rows copied as they are, with no
 // float32 pass in between (float_rows, then rounding back).
 TileRows copied_rows(const torch::Tensor& x, int64_t K) {
-  const int64_t M = x.numel() / K, lda = K + TILE_K;
-  uint16_t* rows = padded_rows(Scratch::tile_rows, M, K);
-  const uint16_t* p = bf16_bits(x);
-  for (int64_t r = 0; r < M; ++r) std::copy_n(p + r * K, K, rows + r * lda);
-  return {rows, lda};
+  const at::BFloat16* p = x.data_ptr<at::BFloat16>();
+  return tile_rows<at::BFloat16>(Scratch::tile_rows, x.numel() / K, K, [&](int64_t r) { return p + r * K; });
 }
 
 bool takes_rows_as_they_are(const torch::Tensor& x, Layout layout) {
@@ -128,8 +125,9 @@ void grouped(const float* x, const W* w, Layout layout, float* out, const int64_
     return off[a[0] + 1] - off[a[0]] > off[b[0] + 1] - off[b[0]];
   });
   const int64_t work = (off[E] + READ_COST * active) * K * N;
-  int64_t lda = given.lda;  // x as the tiles take it, made once before the items' threads start
-  const uint16_t* a = given.rows || !tiles ? given.rows : tile_rows(x, off[E], K, lda);
+  const auto row = [&](int64_t r) { return x + r * K; };
+  // x as the tiles take it, made before the items' threads start
+  const TileRows a = given.rows || !tiles ? given : tile_rows<float>(Scratch::tile_rows, off[E], K, row);
   std::atomic<size_t> next{0};
   at::parallel_for(0, std::clamp<int64_t>(work / GEMM_GRAIN, 1, threads), 1, [&](int64_t, int64_t) {
     if (tiles) configure_tiles();
@@ -140,7 +138,7 @@ void grouped(const float* x, const W* w, Layout layout, float* out, const int64_
       float* oe = out + off[e] * N;
       if constexpr (std::is_same_v<W, uint16_t>)
         if (tiles) {
-          gemm_amx(a + off[e] * lda, lda, w + e * size, oe, N, M, K, c0, c1);
+          gemm_amx(a.rows + off[e] * a.lda, a.lda, w + e * size, oe, N, M, K, c0, c1);
           continue;
         }
       if (layout == Layout::row_major)

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "gemm_amx.h"
 #include "gemm_strips.h"
 
 inline const uint16_t* bf16_bits(const torch::Tensor& w) {
@@ -34,11 +35,6 @@ void grouped_product(const float* x, const uint16_t* w, Layout layout, float* ou
 void grouped_product(const float* x, const float* w, Layout layout, float* out, const int64_t* off,
                      int64_t E, int64_t K, int64_t N);
 
-// Rows as AMX's tiles take them (gemm_amx.h): bfloat16, lda apart, a block of 32 zero rows after the last.
-struct TileRows {
-  const uint16_t* rows;
-  int64_t lda;
-};
 // grouped_product of weights in tile order on rows already so: the routed experts gather theirs so.
 void grouped_product(TileRows x, const uint16_t* w, float* out, const int64_t* off, int64_t E, int64_t K,
                      int64_t N);

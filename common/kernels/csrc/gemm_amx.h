@@ -10,25 +10,63 @@
 // few rows an expert the product costs what streaming its weight costs, and at hundreds (a prefill's
 // experts) it runs several times faster than FMAs. Sums are float32 in the unit's own order, so the bits
 // differ from the strip kernel's; x is rounded to bfloat16 as torch's bfloat16 GEMM takes it, once per call
-// (tile_rows), or comes so (the routed experts gather their rows as bfloat16).
+// (tile_rows: the routed experts gather their rows so, bfloat16 rows are copied as they are).
 #pragma once
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "gemm_strips.h"
 #include "scratch.h"
 #include "simd.h"
 
 constexpr int64_t TILE_K = 32;  // weight rows a tile multiply takes: tile order's K is a multiple of it
+namespace gemm_amx_detail {
+constexpr int64_t TILE_ROWS = 16;  // rows of an A or C tile, row pairs of a B tile
+}  // namespace gemm_amx_detail
+
+// Rows of x as the tiles take them: bfloat16, lda apart, then a block of 32 zero rows after the last.
+struct TileRows {
+  const uint16_t* rows;
+  int64_t lda;
+};
+
+// A thread's scratch for R rows of K bfloat16 as the tiles take them: K + TILE_K apart (K apart, a tile's 16
+// rows would share a few cache sets), then a block of zero rows, which the last block of the last rows reads
+// (a block's rows past its expert's are multiplied, never stored).
+inline uint16_t* padded_rows(Scratch use, int64_t R, int64_t K) {
+  const int64_t lda = K + TILE_K, after = 2 * gemm_amx_detail::TILE_ROWS;
+  uint16_t* rows = reinterpret_cast<uint16_t*>(scratch(use, ((R + after) * lda + 1) / 2));
+  std::fill(rows + R * lda, rows + (R + after) * lda, 0);
+  return rows;
+}
+
+// R rows of K as the tiles take them, once for all of a call's products: row r is row_of(r), float32
+// rounded to bfloat16 or bfloat16 copied as it is.
+template <typename T, typename RowOf>
+TileRows tile_rows(Scratch use, int64_t R, int64_t K, RowOf row_of) {
+  const int64_t lda = K + TILE_K;
+  uint16_t* rows = padded_rows(use, R, K);
+  at::BFloat16* p = reinterpret_cast<at::BFloat16*>(rows);
+  at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* row = row_of(r);
+      if constexpr (std::is_same_v<T, float>)
+        narrow(row, p + r * lda, K);
+      else
+        std::copy_n(row, K, p + r * lda);
+    }
+  });
+  return {rows, lda};
+}
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 
 #include <sys/syscall.h>
 #include <unistd.h>
-
-#include <ATen/Parallel.h>
-
-#include <algorithm>
 
 // Whether this process may use the tiles: Linux grants their state on request, once for the process.
 inline bool amx_ready() {
@@ -40,8 +78,6 @@ inline bool amx_ready() {
 }
 
 namespace gemm_amx_detail {
-
-constexpr int64_t TILE_ROWS = 16;  // rows of an A or C tile, row pairs of a B tile
 
 struct alignas(64) TileConfig {
   uint8_t palette, start_row, reserved[14];
@@ -111,27 +147,7 @@ inline void configure_tiles() {
 }
 inline void release_tiles() { _tile_release(); }
 
-// A thread's scratch for R rows of K bfloat16 as the tiles take them: K + TILE_K apart (K apart, a tile's 16
-// rows would share a few cache sets), then a block of zero rows, which the last block of the last rows reads
-// (a block's rows past its expert's are multiplied, never stored).
-inline uint16_t* padded_rows(Scratch use, int64_t R, int64_t K) {
-  const int64_t lda = K + TILE_K, after = 2 * gemm_amx_detail::TILE_ROWS;
-  uint16_t* rows = reinterpret_cast<uint16_t*>(scratch(use, ((R + after) * lda + 1) / 2));
-  std::fill(rows + R * lda, rows + (R + after) * lda, 0);
-  return rows;
-}
-
-// x [R, K] float32 as the tiles take it, rounded to bfloat16 once for all of a call's products.
-inline const uint16_t* tile_rows(const float* x, int64_t R, int64_t K, int64_t& lda) {
-  lda = K + TILE_K;
-  uint16_t* rows = padded_rows(Scratch::tile_rows, R, K);
-  at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) narrow(x + r * K, reinterpret_cast<at::BFloat16*>(rows) + r * lda, K);
-  });
-  return rows;
-}
-
-// out[r, c] for r < M, c0 <= c < c1 from M rows of tile_rows (lda apart) and a weight in tile order; c0 is a
+// out[r, c] for r < M, c0 <= c < c1 from M rows as tile_rows makes them and a weight in tile order; c0 is a
 // multiple of STRIP_COLUMNS, c1 at most the weight's N. The calling thread's tiles must be configured.
 inline void gemm_amx(const uint16_t* a, int64_t lda, const uint16_t* w, float* out, int64_t ldo, int64_t M,
                      int64_t K, int64_t c0, int64_t c1) {
@@ -156,14 +172,6 @@ inline void gemm_amx(const uint16_t* a, int64_t lda, const uint16_t* w, float* o
 inline bool amx_ready() { return false; }
 inline void configure_tiles() {}
 inline void release_tiles() {}
-inline uint16_t* padded_rows(Scratch, int64_t, int64_t) {
-  TORCH_CHECK(false, "weights in tile order need the kernels built for AMX");
-  return nullptr;
-}
-inline const uint16_t* tile_rows(const float*, int64_t, int64_t, int64_t&) {
-  TORCH_CHECK(false, "weights in tile order need the kernels built for AMX");
-  return nullptr;
-}
 inline void gemm_amx(const uint16_t*, int64_t, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t,
                      int64_t) {}
 

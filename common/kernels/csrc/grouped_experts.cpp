@@ -52,9 +52,9 @@ void gate_up_then_down(const float* xs, const W* w13, Layout l13, const W* w2, L
 // The same for both weights in tile order, the rows as the tiles take them (gemm_amx.h): the pairs' rows
 // gathered as bfloat16 and the activation rounded to it, where the other path stages both in float32 and
 // rounds them again for the tiles (at a prefill chunk's thousands of rows a quarter of the call).
-void gate_up_then_down(const uint16_t* xr, const uint16_t* w13, const uint16_t* w2, float* gate_up, float* ys,
+void gate_up_then_down(TileRows xr, const uint16_t* w13, const uint16_t* w2, float* gate_up, float* ys,
                        const int64_t* off, int64_t R, int64_t E, int64_t h, int64_t I) {
-  grouped_product(TileRows{xr, h + TILE_K}, w13, gate_up, off, E, h, 2 * I);
+  grouped_product(xr, w13, gate_up, off, E, h, 2 * I);
   uint16_t* act = padded_rows(Scratch::activation_rows, R, I);
   activate(gate_up, R, I, reinterpret_cast<at::BFloat16*>(act), I + TILE_K);
   grouped_product(TileRows{act, I + TILE_K}, w2, ys, off, E, I, h);
@@ -68,22 +68,10 @@ void gather(const T* x, const std::vector<int64_t>& pair, int64_t k, int64_t h, 
   });
 }
 
-// The same as the tiles take them: bfloat16 rows h + TILE_K apart, zero rows after (padded_rows).
+// The same as the tiles take them (tile_rows).
 template <typename T>
-const uint16_t* gather_rows(const T* x, const std::vector<int64_t>& pair, int64_t k, int64_t h) {
-  const int64_t R = pair.size(), lda = h + TILE_K;
-  uint16_t* rows = padded_rows(Scratch::gemm_rows, R, h);
-  at::BFloat16* p = reinterpret_cast<at::BFloat16*>(rows);
-  at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* row = x + pair[r] / k * h;
-      if constexpr (std::is_same_v<T, float>)
-        narrow(row, p + r * lda, h);
-      else
-        std::copy_n(row, h, p + r * lda);
-    }
-  });
-  return rows;
+TileRows gather_rows(const T* x, const std::vector<int64_t>& pair, int64_t k, int64_t h) {
+  return tile_rows<T>(Scratch::gemm_rows, pair.size(), h, [&](int64_t r) { return x + pair[r] / k * h; });
 }
 
 // out [T, h] (x's dtype): token t's sum of ys[r] * gate over its pairs' rows r, in sorted order; row_of[p] is
@@ -178,7 +166,7 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert
   if (layout_of(w13) == Layout::tiles && layout_of(w2) == Layout::tiles) {
     float* gu = scratch(Scratch::expert_rows, R * (2 * I + h));  // gate_up [R, 2I], ys [R, h]
     ys = gu + R * 2 * I;
-    const uint16_t* xr = x.scalar_type() == torch::kFloat32
+    const TileRows xr = x.scalar_type() == torch::kFloat32
                              ? gather_rows(xc.data_ptr<float>(), pair, k, h)
                              : gather_rows(xc.data_ptr<at::BFloat16>(), pair, k, h);
     gate_up_then_down(xr, bf16_bits(w13), bf16_bits(w2), gu, ys, off, R, E, h, I);

@@ -261,9 +261,14 @@ void decode(const torch::Tensor& q, const torch::Tensor& pages, const int32_t* t
   const T* qp = q.data_ptr<T>();
   const T* pp = pages.data_ptr<T>();
   at::parallel_for(0, splits * groups, 1, [&](int64_t j0, int64_t j1) {
-    Scratch w(s);
-    std::optional<TileScratch> on(tiles ? std::optional<TileScratch>(s) : std::nullopt);
-    if (tiles) configure_tiles();
+    std::optional<Scratch> w;  // the scratch of the path the items take
+    std::optional<TileScratch> on;
+    if (tiles) {
+      on.emplace(s);
+      configure_tiles();
+    } else {
+      w.emplace(s);
+    }
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t i = j / groups, h0 = j % groups * per_group, heads = std::min(per_group, H - h0);
       const int64_t b = owner[i], begin = (i - first[b]) * s.split_len;
@@ -275,7 +280,7 @@ void decode(const torch::Tensor& q, const torch::Tensor& pages, const int32_t* t
                        m.data() + row, l.data() + row, o.data() + row * Dv);
           continue;
         }
-      attend(qp + (b * H + h0) * D, heads, pp, tables + b * s.max_blocks, begin, end, s, w, m.data() + row,
+      attend(qp + (b * H + h0) * D, heads, pp, tables + b * s.max_blocks, begin, end, s, *w, m.data() + row,
              l.data() + row, o.data() + row * Dv);
     }
     if (tiles) release_tiles();
