@@ -180,7 +180,10 @@ class LLMEngine:
             expert_ids=None if local_experts else [],
             attention=attention is None or attention.needs_mla_weights,
         )
-        return cls(model_config, model, load_tokenizer(directory), config, attention)
+        engine = cls(model_config, model, load_tokenizer(directory), config, attention)
+        if local_experts and attention is None:  # the whole model is here: run its largest chunk once
+            engine.runner.warm_up(min(config.max_num_batched_tokens, engine.max_model_len - 1))
+        return engine
 
     @staticmethod
     def _num_blocks(model_config: ModelConfig, config: EngineConfig, device: torch.device) -> int:

@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 from common.config import EngineConfig
 from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine
-from common.engine.model_runner import WorkerLost
+from common.engine.model_runner import ModelRunner, WorkerLost
 from common.engine.sampling_params import SamplingParams
 
 CONFIG = EngineConfig(
@@ -227,3 +227,21 @@ def test_a_step_run_again_counts_its_expert_load_once(checkpoint_dir):
     clean = LLMEngine.from_checkpoint(checkpoint_dir("v2_lite"), CONFIG)
     want = [o.outputs[0].token_ids for o in clean.generate(prompts, params)]
     assert [o.outputs[0].token_ids for o in outputs] == want
+
+
+def test_the_start_up_warm_up_runs_the_largest_chunk_and_leaves_no_trace(checkpoint_dir, monkeypatch):
+    """from_checkpoint runs one chunk of max_num_batched_tokens before serving (ModelRunner.warm_up): no
+    page stays taken, and no expert load or token count reaches the metrics."""
+    chunks = []
+    warm_up = ModelRunner.warm_up
+    monkeypatch.setattr(ModelRunner, "warm_up", lambda self, n: (chunks.append(n), warm_up(self, n)))
+    names = ["latentmoe_routed_tokens_total", "latentmoe_prompt_tokens_total"]
+    before = [REGISTRY.get_sample_value(name) or 0.0 for name in names]
+    engine = LLMEngine.from_checkpoint(checkpoint_dir("v2_lite"), CONFIG)
+    assert chunks == [CONFIG.max_num_batched_tokens]
+    assert_all_pages_released(engine)
+    assert not engine.expert_load.step.any()
+    engine.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    routed, prompt = (REGISTRY.get_sample_value(name) - b for name, b in zip(names, before, strict=True))
+    assert prompt == 3
+    assert routed == (3 + 1) * engine.model_config.num_experts_per_tok * len(engine.model_config.moe_layers)
