@@ -26,6 +26,7 @@
 
 #include "gemm_acc.h"
 #include "gemm_amx.h"
+#include "scratch.h"
 
 namespace {
 
@@ -44,11 +45,11 @@ struct Shape {
 // vector, which AVX2 reads and writes without masked moves (slow there); no one reads the padding's scores.
 inline int64_t score_row(int64_t heads) { return (heads + 7) / 8 * 8; }
 
-// Scratch of one thread: the scaled query transposed [D, Hp], a page widened to float32 [block_size, D],
-// its scores and then probabilities [block_size, Hp], each head's rescale factor [H].
-struct Scratch {
+// attend's scratch of one thread: the scaled query transposed [D, Hp], a page widened to float32
+// [block_size, D], its scores and then probabilities [block_size, Hp], each head's rescale factor [H].
+struct FmaScratch {
   std::vector<float> q_t, rows, scores, correction;
-  explicit Scratch(const Shape& s)
+  explicit FmaScratch(const Shape& s)
       : q_t(s.dim * score_row(s.heads)),
         rows(std::max(s.block_size, s.heads) * s.dim),  // holds q too, before the first page
         scores(s.block_size * score_row(s.heads)),
@@ -61,7 +62,7 @@ struct Scratch {
 // heads at a time.
 template <typename T>
 void attend(const T* q, int64_t H, const T* pages, const int32_t* table, int64_t begin, int64_t end,
-            const Shape& s, Scratch& w, float* m, float* l, float* o) {
+            const Shape& s, FmaScratch& w, float* m, float* l, float* o) {
   const int64_t D = s.dim, Dv = s.value_dim, bs = s.block_size, Hp = score_row(H);
   widen(q, w.rows.data(), H * D);
   std::fill(w.q_t.begin(), w.q_t.begin() + D * Hp, 0.0f);
@@ -297,13 +298,16 @@ void decode(const torch::Tensor& q, const torch::Tensor& pages, const int32_t* t
   const bool tiles = on_tiles(s, std::is_same_v<T, at::BFloat16>);
   if (tiles) per_group = std::min(per_group, TILE_HEADS);
   const int64_t groups = (H + per_group - 1) / per_group;
-  std::vector<float> m(splits * H), l(splits * H), o(splits * H * Dv);
+  // each item's partial softmax: running max m, denominator l [splits, H], output o [splits, H, Dv]
+  float* m = scratch(Scratch::decode_partials, splits * H * (Dv + 2));
+  float* l = m + splits * H;
+  float* o = l + splits * H;
   std::vector<int64_t> owner(splits);
   for (int64_t b = 0; b < B; ++b) std::fill(owner.begin() + first[b], owner.begin() + first[b + 1], b);
   const T* qp = q.data_ptr<T>();
   const T* pp = pages.data_ptr<T>();
   at::parallel_for(0, splits * groups, 1, [&](int64_t j0, int64_t j1) {
-    std::optional<Scratch> w;  // the scratch of the path the items take
+    std::optional<FmaScratch> w;  // the scratch of the path the items take
     std::optional<TileScratch> on;
     if (tiles) {
       on.emplace(s);
@@ -319,11 +323,11 @@ void decode(const torch::Tensor& q, const torch::Tensor& pages, const int32_t* t
       if constexpr (std::is_same_v<T, at::BFloat16>)
         if (tiles) {
           attend_tiles(qp + (b * H + h0) * D, heads, pp, tables + b * s.max_blocks, begin, end, s, *on,
-                       m.data() + row, l.data() + row, o.data() + row * Dv);
+                       m + row, l + row, o + row * Dv);
           continue;
         }
-      attend(qp + (b * H + h0) * D, heads, pp, tables + b * s.max_blocks, begin, end, s, *w, m.data() + row,
-             l.data() + row, o.data() + row * Dv);
+      attend(qp + (b * H + h0) * D, heads, pp, tables + b * s.max_blocks, begin, end, s, *w, m + row, l + row,
+             o + row * Dv);
     }
     if (tiles) release_tiles();
   });
@@ -338,7 +342,7 @@ void decode(const torch::Tensor& q, const torch::Tensor& pages, const int32_t* t
         for (int64_t i = first[b]; i < first[b + 1]; ++i) {
           const float weight = std::exp(m[i * H + h] - top);
           den += l[i * H + h] * weight;
-          const float* oi = o.data() + (i * H + h) * Dv;
+          const float* oi = o + (i * H + h) * Dv;
           for (int64_t d = 0; d < Dv; ++d) acc[d] += oi[d] * weight;
         }
         for (int64_t d = 0; d < Dv; ++d) op[(b * H + h) * Dv + d] = static_cast<T>(acc[d] / den);

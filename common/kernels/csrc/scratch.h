@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <vector>
 
-enum class Scratch { gemm_rows, gemm_sums, expert_rows, tile_rows, activation_rows, count };
+enum class Scratch { gemm_rows, gemm_sums, expert_rows, tile_rows, activation_rows, decode_partials, count };
 
 inline float* scratch(Scratch use, int64_t floats) {
   thread_local std::vector<float> buffers[static_cast<int>(Scratch::count)];
