@@ -193,7 +193,7 @@ class ModelRunner:
                 sampling.append(seq)
                 logits_rows.append(len(ids) - 1)
         for seq in decodes:
-            ids.append(seq.token_ids[-1])
+            ids.append(seq.last_token_id)
             positions.append(seq.num_tokens - 1)
             sampling.append(seq)
             logits_rows.append(len(ids) - 1)

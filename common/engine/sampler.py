@@ -44,9 +44,7 @@ class Sampler:
         if len(rows) == len(params):
             token_ids = _sample(logits, params, generators)
         else:
-            # Greedy rows: exactly argmax of the raw logits (the first of ties); torch's CPU max takes 0.28
-            # ms for 64 rows of 8k where its argmax takes 0.47.
-            token_ids = logits.max(dim=-1).indices
+            token_ids = _argmax(logits)
             if rows:
                 sub_params, sub_generators = [params[i] for i in rows], [generators[i] for i in rows]
                 token_ids[rows] = _sample(logits[rows], sub_params, sub_generators)
@@ -58,6 +56,14 @@ class Sampler:
         if k > 0:
             out.top_logprobs, out.top_ids = logprobs.topk(min(k, logits.shape[-1]), dim=-1)
         return out
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's greedy token: exactly argmax of the raw logits, the first of ties. On CPU numpy's argmax:
+    for 64 rows of 8k it takes 37 us where torch's max takes 112 and its argmax 348."""
+    if logits.device.type == "cpu":
+        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    return logits.max(dim=-1).indices
 
 
 def _sample(

@@ -104,7 +104,7 @@ class Scheduler:
         running sequences until the one refused fits (or is itself preempted). All appends go in one
         block-manager call, and it is tried before preempting: no query first, one round trip per refusal."""
         while decodes:
-            copies, done = self.blocks.append_slots_in_order([(s.seq_id, [s.token_ids[-1]]) for s in decodes])
+            copies, done = self.blocks.append_slots_in_order([(s.seq_id, [s.last_token_id]) for s in decodes])
             out.copies.extend(copies)
             if done == len(decodes):
                 return

@@ -46,6 +46,11 @@ class Sequence:
         return self.request.prompt_ids + self.output_ids
 
     @property
+    def last_token_id(self) -> int:
+        """The newest token, the one a decode feeds (token_ids[-1] without building token_ids)."""
+        return self.output_ids[-1] if self.output_ids else self.request.prompt_ids[-1]
+
+    @property
     def num_tokens(self) -> int:
         return len(self.request.prompt_ids) + len(self.output_ids)
 
