@@ -640,10 +640,17 @@ def test_gate_adds_its_choices_into_its_counts(monkeypatch, kernel: bool) -> Non
 # -------------------------------------------------------------------------------------------------- mla
 
 
-def mla_case(name: str, dtype: torch.dtype, bias: bool) -> tuple[MLA, RotaryEmbedding, BlockPool]:
+# MLA's per-head widths in whole tiles (mini's are 64, 128 and 64), so that on AMX both absorbed products
+# take the tiles, reading and writing their heads' rows at the [T, H, .] tensors' strides.
+WHOLE_TILES = {"qk_nope_head_dim": 32, "kv_lora_rank": 64, "v_head_dim": 32}
+
+
+def mla_case(
+    name: str, dtype: torch.dtype, bias: bool, widths: dict | None = None
+) -> tuple[MLA, RotaryEmbedding, BlockPool]:
     """Layer 0's MLA of a test model with random weights (biases too, if asked), and random pages."""
     gen = torch.Generator().manual_seed(8)
-    config = ModelConfig.from_dict({**CONFIGS[name], "attention_bias": bias})
+    config = ModelConfig.from_dict({**CONFIGS[name], "attention_bias": bias, **(widths or {})})
     attn = MLA(config, 0)
     for p in attn.parameters():
         p.data = (torch.randn(p.shape, generator=gen) / 4).to(dtype)
@@ -653,13 +660,22 @@ def mla_case(name: str, dtype: torch.dtype, bias: bool) -> tuple[MLA, RotaryEmbe
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name, bias", [("v2_lite", False), ("v3", False), ("v2_group_yarn", True)])
+@pytest.mark.parametrize(
+    "name, bias, widths",
+    [
+        ("v2_lite", False, None),
+        ("v3", False, None),
+        ("v2_group_yarn", True, None),
+        ("v2_lite", False, WHOLE_TILES),
+    ],
+)
 @pytest.mark.parametrize("batch", ["decodes", "naive prefill", "absorbed prefill"])
-def test_mla_projections_give_the_torch_paths_bits(monkeypatch, name, bias, dtype, batch) -> None:
+def test_mla_projections_give_the_torch_paths_bits(monkeypatch, name, bias, widths, dtype, batch) -> None:
     """csrc/mla.cpp's calls (queries, cache entries, output) against MLA's torch code on the same kernels:
-    with and without a low-rank query, interleaved rope, biases; decodes alone, and beside a prefill chunk
-    attended naively (short context) or absorbed (a chunk of one after a long prefix)."""
-    attn, rotary, pool = mla_case(name, dtype, bias)
+    with and without a low-rank query, interleaved rope, biases, per-head widths in whole tiles; decodes
+    alone, and beside a prefill chunk attended naively (short context) or absorbed (a chunk of one after a
+    long prefix)."""
+    attn, rotary, pool = mla_case(name, dtype, bias, widths)
     decodes = [([0, 1], 7), ([2], 1), ([3, 4, 5], 9)]
     prefills = {"decodes": [], "naive prefill": [([6, 7], 0, 6)], "absorbed prefill": [([6, 7, 8], 10, 1)]}
     step = AttentionBatch.build(prefills[batch], decodes, pool.block_size)

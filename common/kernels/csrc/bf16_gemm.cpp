@@ -48,14 +48,20 @@ void round_all(const float* sums, at::BFloat16* out, int64_t n) {
   at::parallel_for(0, n, 1 << 14, [&](int64_t a, int64_t b) { narrow(sums + a, out + a, b - a); });
 }
 
-// The rows of x [..., K] at their strides (up to two leading dimensions), widened to float32 into rows.
+// Row r of x [..., K] at its strides (up to two leading dimensions, the last stride 1), as a function of r.
+template <typename T>
+auto row_at(const torch::Tensor& x) {
+  const T* p = x.data_ptr<T>();
+  const int64_t inner = x.dim() == 3 ? x.size(1) : 1;
+  const int64_t outer_stride = x.dim() >= 2 ? x.stride(0) : 0, inner_stride = x.dim() == 3 ? x.stride(1) : 0;
+  return [=](int64_t r) { return p + r / inner * outer_stride + r % inner * inner_stride; };
+}
+
+// The rows of x [..., K] at their strides, widened to float32 into rows.
 template <typename T>
 void widen_rows(const torch::Tensor& x, int64_t K, float* rows) {
-  const T* p = x.data_ptr<T>();
-  const int64_t M = x.numel() / K, inner = x.dim() == 3 ? x.size(1) : 1;
-  const int64_t outer_stride = x.dim() >= 2 ? x.stride(0) : 0, inner_stride = x.dim() == 3 ? x.stride(1) : 0;
-  for (int64_t r = 0; r < M; ++r)
-    widen(p + r / inner * outer_stride + r % inner * inner_stride, rows + r * K, K);
+  const auto row = row_at<T>(x);
+  for (int64_t r = 0; r < x.numel() / K; ++r) widen(row(r), rows + r * K, K);
 }
 
 // x [..., K] (float32 or bfloat16, on the CPU) as contiguous float32 rows [M, K]: x's own memory when it is
@@ -74,15 +80,22 @@ const float* float_rows(const torch::Tensor& x, int64_t K, Scratch use) {
   return rows;
 }
 
-// x [..., K] as AMX's tiles take it, where x is contiguous bfloat16: its rows copied as they are, with no
-// float32 pass in between (float_rows, then rounding back).
+// x [..., K] as AMX's tiles take it, where x is bfloat16 (up to two leading dimensions at any strides): its
+// rows copied as they are, with no float32 pass in between (float_rows, then rounding back).
 TileRows copied_rows(const torch::Tensor& x, int64_t K) {
-  const at::BFloat16* p = x.data_ptr<at::BFloat16>();
-  return tile_rows<at::BFloat16>(Scratch::tile_rows, x.numel() / K, K, [&](int64_t r) { return p + r * K; });
+  return tile_rows<at::BFloat16>(Scratch::tile_rows, x.numel() / K, K, row_at<at::BFloat16>(x));
 }
 
 bool takes_rows_as_they_are(const torch::Tensor& x, Layout layout) {
-  return layout == Layout::tiles && x.scalar_type() == torch::kBFloat16 && x.is_contiguous();
+  return layout == Layout::tiles && x.scalar_type() == torch::kBFloat16 && x.dim() <= 3 && x.stride(-1) == 1;
+}
+
+// Each expert's first row of out, its rows where the grouped product puts them: off[e] rows in, N apart.
+template <typename O>
+std::vector<O*> rows_by_offset(O* out, const int64_t* off, int64_t E, int64_t N) {
+  std::vector<O*> first(E);
+  for (int64_t e = 0; e < E; ++e) first[e] = out + off[e] * N;
+  return first;
 }
 
 void check_bf16_weight(const torch::Tensor& w) {
@@ -98,11 +111,13 @@ void check_bf16_weight(const torch::Tensor& w) {
 // so threads take items as they finish, the largest first. The weights are row-major [E, K, N] (MLA's
 // absorbed products) or in strip order (the routed experts, gemm_strips.h): there an expert with a few rows
 // streams its strips, one with many widens its panels from them; the same sums either way. In tile order
-// every expert goes to AMX's tiles (gemm_amx.h), whatever its rows.
-template <typename W>
-void grouped(const float* x, const W* w, Layout layout, float* out, const int64_t* off, int64_t E, int64_t K,
-             int64_t N, TileRows given = {}) {
+// every expert goes to AMX's tiles (gemm_amx.h), whatever its rows. Expert e's rows go to out[e], ldo apart:
+// float32, or on the tiles bfloat16 rounded from the float32 sums.
+template <typename W, typename O>
+void grouped(const float* x, const W* w, Layout layout, O* const* out, int64_t ldo, const int64_t* off,
+             int64_t E, int64_t K, int64_t N, TileRows given = {}) {
   const bool tiles = layout == Layout::tiles;
+  TORCH_CHECK((std::is_same_v<O, float>) || tiles, "bfloat16 results come from the tiles only");
   if (tiles) {
     TORCH_CHECK((std::is_same_v<W, uint16_t>), "only bfloat16 weights come in tile order");
     TORCH_CHECK(amx_ready(), "weights in tile order need AMX, which this process cannot use");
@@ -135,18 +150,20 @@ void grouped(const float* x, const W* w, Layout layout, float* out, const int64_
       const auto [e, b0, b1] = items[i];
       const int64_t M = off[e + 1] - off[e], c0 = b0 * PANEL_COLUMNS, c1 = std::min(b1 * PANEL_COLUMNS, N);
       const float* xe = x + off[e] * K;
-      float* oe = out + off[e] * N;
+      O* oe = out[e];
       if constexpr (std::is_same_v<W, uint16_t>)
         if (tiles) {
-          gemm_amx(a.rows + off[e] * a.lda, a.lda, w + e * size, oe, N, M, K, c0, c1);
+          gemm_amx(a.rows + off[e] * a.lda, a.lda, w + e * size, oe, ldo, M, K, c0, c1);
           continue;
         }
-      if (layout == Layout::row_major)
-        gemm_packed(xe, K, RowMajor<W>{w + e * size, N}, oe, N, M, K, c0, c1);
-      else if (M <= STRIPS_UP_TO)
-        gemm_strips(xe, K, w + e * size, oe, N, M, K, c0, c1);
-      else
-        gemm_packed(xe, K, StripOrder<W>{w + e * size, K}, oe, N, M, K, c0, c1);
+      if constexpr (std::is_same_v<O, float>) {
+        if (layout == Layout::row_major)
+          gemm_packed(xe, K, RowMajor<W>{w + e * size, N}, oe, ldo, M, K, c0, c1);
+        else if (M <= STRIPS_UP_TO)
+          gemm_strips(xe, K, w + e * size, oe, ldo, M, K, c0, c1);
+        else
+          gemm_packed(xe, K, StripOrder<W>{w + e * size, K}, oe, ldo, M, K, c0, c1);
+      }
     }
     if (tiles) release_tiles();
   });
@@ -154,23 +171,24 @@ void grouped(const float* x, const W* w, Layout layout, float* out, const int64_
 
 void grouped_product(const float* x, const uint16_t* w, Layout layout, float* out, const int64_t* off,
                      int64_t E, int64_t K, int64_t N) {
-  grouped(x, w, layout, out, off, E, K, N);
+  grouped(x, w, layout, rows_by_offset(out, off, E, N).data(), N, off, E, K, N);
 }
 
 void grouped_product(const float* x, const float* w, Layout layout, float* out, const int64_t* off,
                      int64_t E, int64_t K, int64_t N) {
-  grouped(x, w, layout, out, off, E, K, N);
+  grouped(x, w, layout, rows_by_offset(out, off, E, N).data(), N, off, E, K, N);
 }
 
 void grouped_product(TileRows x, const uint16_t* w, float* out, const int64_t* off, int64_t E, int64_t K,
                      int64_t N) {
-  grouped(static_cast<const float*>(nullptr), w, Layout::tiles, out, off, E, K, N, x);
+  grouped(static_cast<const float*>(nullptr), w, Layout::tiles, rows_by_offset(out, off, E, N).data(), N, off,
+          E, K, N, x);
 }
 
 // x [..., K] @ w -> [..., N] in x's dtype: the projections, w [K, N] or in strip order [1, N / 32, K, 32]
 // (or tile order, [1, N / 32, K / 2, 64]). A bfloat16 result is summed in float32 scratch and rounded by the
-// thread that made its columns, while they are still in its cache (in strip or tile order, once the product
-// is done).
+// thread that made its columns, while they are still in its cache (on the tiles block by block; in strip
+// order once the product is done).
 torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   check_bf16_weight(w);
   const Layout layout = layout_of(w);
@@ -190,7 +208,13 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   float* sp = bf16_out ? scratch(Scratch::gemm_sums, M * N) : out.data_ptr<float>();
   if (strips) {
     const int64_t off[2] = {0, M};
-    grouped(xp, bf16_bits(w), layout, sp, off, 1, K, N, as_they_are ? copied_rows(x, K) : TileRows{});
+    const TileRows given = as_they_are ? copied_rows(x, K) : TileRows{};
+    if (bf16_out && layout == Layout::tiles) {
+      at::BFloat16* o = out.data_ptr<at::BFloat16>();
+      grouped(xp, bf16_bits(w), layout, &o, N, off, 1, K, N, given);
+      return out;
+    }
+    grouped(xp, bf16_bits(w), layout, &sp, N, off, 1, K, N, given);
     if (bf16_out) round_all(sp, out.data_ptr<at::BFloat16>(), M * N);
     return out;
   }
@@ -205,27 +229,54 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   return out;
 }
 
-// x [B, M, K] @ w -> [B, M, N] in x's dtype: the weight-absorbed MLA products, one weight per head, w
-// [B, K, N] or in strip (tile) order [B, N / 32, K, 32] ([B, N / 32, K / 2, 64]): the grouped product with
-// the heads as experts.
-torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w) {
+// (B, M, K, N) of x [B, M, K] @ w [B, K, N] or w in strip or tile order, checked.
+std::array<int64_t, 4> bmm_shape(const torch::Tensor& x, const torch::Tensor& w) {
   check_bf16_weight(w);
-  const Layout layout = layout_of(w);
-  const bool strips = layout != Layout::row_major;
+  const bool strips = layout_of(w) != Layout::row_major;
   TORCH_CHECK_VALUE(x.dim() == 3 && (w.dim() == 3 || (w.dim() == 4 && rows_of(w) > 0)) &&
                         x.size(0) == w.size(0) && x.size(2) == (strips ? rows_of(w) : w.size(1)),
                     "x [B, M, K] and w [B, K, N], [B, N / 32, K, 32] (strip order) or [B, N / 32, K / 2, 64] "
                     "(tile order) do not match: ", x.sizes(), " and ", w.sizes());
-  const int64_t B = x.size(0), M = x.size(1), K = x.size(2);
-  const int64_t N = strips ? w.size(1) * STRIP_COLUMNS : w.size(2);
+  return {x.size(0), x.size(1), x.size(2), strips ? w.size(1) * STRIP_COLUMNS : w.size(2)};
+}
+
+// x [B, M, K] @ w -> out [B, M, N] (x's dtype, its last stride 1, other strides any): the weight-absorbed MLA
+// products, one weight per head, w [B, K, N] or in strip (tile) order [B, N / 32, K, 32] ([B, N / 32, K / 2,
+// 64]): the grouped product with the heads as experts. Rows go in and out at their strides (a head's rows of
+// a [T, H, K] tensor), so MLA needs no transposed copies around the product; only a bfloat16 result off the
+// tiles is summed in float32 scratch first.
+void bf16_bmm_into(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& out) {
+  const auto [B, M, K, N] = bmm_shape(x, w);
+  TORCH_CHECK_VALUE(out.sizes() == torch::IntArrayRef({B, M, N}) && out.scalar_type() == x.scalar_type() &&
+                        out.stride(2) == 1,
+                    "out must be [", B, ", ", M, ", ", N, "] of x's dtype with a last stride of 1");
+  const Layout layout = layout_of(w);
   const bool as_they_are = takes_rows_as_they_are(x, layout);
   const float* xp = as_they_are ? nullptr : float_rows(x, K, Scratch::gemm_rows);
-  torch::Tensor out = torch::empty({B, M, N}, x.options());
-  const bool bf16_out = x.scalar_type() == torch::kBFloat16;
-  float* sp = bf16_out ? scratch(Scratch::gemm_sums, B * M * N) : out.data_ptr<float>();
+  const TileRows given = as_they_are ? copied_rows(x, K) : TileRows{};
   std::vector<int64_t> off(B + 1);
   for (int64_t b = 0; b <= B; ++b) off[b] = b * M;
-  grouped(xp, bf16_bits(w), layout, sp, off.data(), B, K, N, as_they_are ? copied_rows(x, K) : TileRows{});
-  if (bf16_out) round_all(sp, out.data_ptr<at::BFloat16>(), B * M * N);
+  const auto heads = [&](auto* first) {  // each head's first row of out
+    std::vector<decltype(first)> rows(B);
+    for (int64_t b = 0; b < B; ++b) rows[b] = first + b * out.stride(0);
+    return rows;
+  };
+  const uint16_t* wp = bf16_bits(w);
+  if (x.scalar_type() == torch::kFloat32)
+    return grouped(xp, wp, layout, heads(out.data_ptr<float>()).data(), out.stride(1), off.data(), B, K, N,
+                   given);
+  if (layout == Layout::tiles)
+    return grouped(xp, wp, layout, heads(out.data_ptr<at::BFloat16>()).data(), out.stride(1), off.data(), B,
+                   K, N, given);
+  float* sp = scratch(Scratch::gemm_sums, B * M * N);
+  grouped(xp, wp, layout, rows_by_offset(sp, off.data(), B, N).data(), N, off.data(), B, K, N, given);
+  if (out.is_contiguous()) return round_all(sp, out.data_ptr<at::BFloat16>(), B * M * N);
+  out.copy_(torch::from_blob(sp, {B, M, N}, torch::kFloat32));
+}
+
+torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w) {
+  const auto [B, M, K, N] = bmm_shape(x, w);
+  torch::Tensor out = torch::empty({B, M, N}, x.options());
+  bf16_bmm_into(x, w, out);
   return out;
 }

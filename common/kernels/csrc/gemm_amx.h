@@ -121,15 +121,21 @@ inline void store(float* o, int64_t ldo) {
   }
 }
 
-// multiply<R> into out, rows m.. and columns n.. of which `rows` and `columns` exist: a whole block straight
-// from the tiles, a part one through sums.
-template <int R>
-inline void block(const uint16_t* a, int64_t lda, int64_t K, const uint16_t* w, float* out, int64_t ldo,
+// multiply<R> into out, rows m.. and columns n.. of which `rows` and `columns` exist: a whole block of
+// float32 straight from the tiles, a part one or bfloat16 through sums (rounded as torch rounds).
+template <int R, typename O>
+inline void block(const uint16_t* a, int64_t lda, int64_t K, const uint16_t* w, O* out, int64_t ldo,
                   int64_t rows, int64_t columns, float* sums) {
   multiply<R>(a, lda, K, w);
-  if (rows == R * TILE_ROWS && columns == STRIP_COLUMNS) return store<R>(out, ldo);
+  if constexpr (std::is_same_v<O, float>)
+    if (rows == R * TILE_ROWS && columns == STRIP_COLUMNS) return store<R>(out, ldo);
   store<R>(sums, STRIP_COLUMNS);
-  for (int64_t r = 0; r < rows; ++r) std::copy_n(sums + r * STRIP_COLUMNS, columns, out + r * ldo);
+  for (int64_t r = 0; r < rows; ++r) {
+    if constexpr (std::is_same_v<O, float>)
+      std::copy_n(sums + r * STRIP_COLUMNS, columns, out + r * ldo);
+    else
+      narrow(sums + r * STRIP_COLUMNS, out + r * ldo, columns);
+  }
 }
 
 }  // namespace gemm_amx_detail
@@ -148,8 +154,10 @@ inline void configure_tiles() {
 inline void release_tiles() { _tile_release(); }
 
 // out[r, c] for r < M, c0 <= c < c1 from M rows as tile_rows makes them and a weight in tile order; c0 is a
-// multiple of STRIP_COLUMNS, c1 at most the weight's N. The calling thread's tiles must be configured.
-inline void gemm_amx(const uint16_t* a, int64_t lda, const uint16_t* w, float* out, int64_t ldo, int64_t M,
+// multiple of STRIP_COLUMNS, c1 at most the weight's N; out float32, or bfloat16 rounded from the float32
+// sums. The calling thread's tiles must be configured.
+template <typename O>
+inline void gemm_amx(const uint16_t* a, int64_t lda, const uint16_t* w, O* out, int64_t ldo, int64_t M,
                      int64_t K, int64_t c0, int64_t c1) {
   using namespace gemm_amx_detail;
   constexpr int64_t BLOCK = 2 * TILE_ROWS;
@@ -158,7 +166,7 @@ inline void gemm_amx(const uint16_t* a, int64_t lda, const uint16_t* w, float* o
     const int64_t columns = std::min(STRIP_COLUMNS, c1 - n);
     for (int64_t m = 0; m < M; m += BLOCK) {
       const int64_t rows = std::min(BLOCK, M - m);
-      float* o = out + m * ldo + n;
+      O* o = out + m * ldo + n;
       if (rows > TILE_ROWS)
         block<2>(a + m * lda, lda, K, w + n * K, o, ldo, rows, columns, sums);
       else
@@ -172,7 +180,8 @@ inline void gemm_amx(const uint16_t* a, int64_t lda, const uint16_t* w, float* o
 inline bool amx_ready() { return false; }
 inline void configure_tiles() {}
 inline void release_tiles() {}
-inline void gemm_amx(const uint16_t*, int64_t, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t,
+template <typename O>
+inline void gemm_amx(const uint16_t*, int64_t, const uint16_t*, O*, int64_t, int64_t, int64_t, int64_t,
                      int64_t) {}
 
 #endif

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <optional>
 
+#include "bf16_gemm.h"
 #include "kernels.h"
 
 namespace {
@@ -20,6 +21,17 @@ namespace {
 torch::Tensor product(const torch::Tensor& x, const torch::Tensor& w) {
   if (w.scalar_type() != torch::kBFloat16) return at::matmul(x, w);
   return w.dim() == 3 || (w.dim() == 4 && w.size(0) > 1) ? bf16_bmm(x, w) : bf16_mm(x, w);
+}
+
+// out = x [H, T, K] @ w, a weight per head (as product's), written into out [H, T, N] at its strides.
+void product_into(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& out) {
+  if (w.scalar_type() == torch::kBFloat16) return bf16_bmm_into(x, w, out);
+  out.copy_(at::matmul(x, w));
+}
+
+// N of a weight per head [H, K, N], or in strip or tile order [H, N / 32, ., .].
+int64_t columns_of(const torch::Tensor& w) {
+  return layout_of(w) == Layout::row_major ? w.size(2) : w.size(1) * STRIP_COLUMNS;
 }
 
 torch::Tensor projection(const torch::Tensor& x, const torch::Tensor& w,
@@ -55,7 +67,11 @@ torch::Tensor mla_queries(const torch::Tensor& x, const std::optional<torch::Ten
   const torch::Tensor q_nope = q.narrow(2, 0, nope_dim);
   const torch::Tensor q_pe = rotary(q.narrow(2, nope_dim, rope_dim), cos, sin, interleaved);
   if (!w_uk) return at::cat({q_nope, q_pe}, -1);
-  return at::cat({product(q_nope.transpose(0, 1), *w_uk).transpose(0, 1), q_pe}, -1);
+  const int64_t rank = columns_of(*w_uk);
+  torch::Tensor absorbed = at::empty({x.size(0), heads, rank + rope_dim}, q.options());
+  product_into(q_nope.transpose(0, 1), *w_uk, absorbed.narrow(2, 0, rank).transpose(0, 1));
+  absorbed.narrow(2, rank, rope_dim).copy_(q_pe);
+  return absorbed;
 }
 
 // The cache entries [RMSNorm(c_kv), rotated k_pe] of x's tokens, kv_a_proj's two parts, written at their
@@ -98,5 +114,8 @@ void mla_cache_latents(const torch::Tensor& x, const torch::Tensor& kv_a_proj,
 torch::Tensor mla_output(const torch::Tensor& o_latent, const torch::Tensor& w_uv_t,
                          const torch::Tensor& o_proj, const std::optional<torch::Tensor>& o_bias) {
   TORCH_CHECK_VALUE(o_latent.dim() == 3, "o_latent must be [T, H, d_c]");
-  return projection(product(o_latent.transpose(0, 1), w_uv_t).transpose(0, 1).flatten(1), o_proj, o_bias);
+  const int64_t T = o_latent.size(0), H = o_latent.size(1), v_dim = columns_of(w_uv_t);
+  torch::Tensor o = at::empty({T, H * v_dim}, o_latent.options());  // the heads' outputs side by side
+  product_into(o_latent.transpose(0, 1), w_uv_t, o.view({T, H, v_dim}).transpose(0, 1));
+  return projection(o, o_proj, o_bias);
 }
