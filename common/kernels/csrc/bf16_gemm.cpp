@@ -112,18 +112,22 @@ void check_bf16_weight(const torch::Tensor& w) {
 // absorbed products) or in strip order (the routed experts, gemm_strips.h): there an expert with a few rows
 // streams its strips, one with many widens its panels from them; the same sums either way. In tile order
 // every expert goes to AMX's tiles (gemm_amx.h), whatever its rows. Expert e's rows go to out[e], ldo apart:
-// float32, or on the tiles bfloat16 rounded from the float32 sums.
+// float32, or on the tiles bfloat16 rounded from the float32 sums; with swiglu (on the tiles), the weights
+// are w13 [K, N = 2I] and out gets SiLU-and-multiply of their halves, [., I].
 template <typename W, typename O>
 void grouped(const float* x, const W* w, Layout layout, O* const* out, int64_t ldo, const int64_t* off,
-             int64_t E, int64_t K, int64_t N, TileRows given = {}) {
+             int64_t E, int64_t K, int64_t N, TileRows given = {}, bool swiglu = false) {
   const bool tiles = layout == Layout::tiles;
   TORCH_CHECK((std::is_same_v<O, float>) || tiles, "bfloat16 results come from the tiles only");
+  TORCH_CHECK(!swiglu || (tiles && std::is_same_v<O, at::BFloat16> && N % (2 * STRIP_COLUMNS) == 0),
+              "SiLU-and-multiply is made on the tiles, into bfloat16, of halves in whole strips");
   if (tiles) {
     TORCH_CHECK((std::is_same_v<W, uint16_t>), "only bfloat16 weights come in tile order");
     TORCH_CHECK(amx_ready(), "weights in tile order need AMX, which this process cannot use");
     TORCH_CHECK_VALUE(K % TILE_K == 0, "a weight in tile order has a multiple of ", TILE_K, " rows, not ", K);
   }
-  const int64_t blocks = (N + PANEL_COLUMNS - 1) / PANEL_COLUMNS;
+  const int64_t columns = swiglu ? N / 2 : N;  // of out
+  const int64_t blocks = (columns + PANEL_COLUMNS - 1) / PANEL_COLUMNS;
   // an expert's weight: in strip or tile order its columns padded to whole strips
   const int64_t size =
       K * (layout == Layout::row_major ? N : (N + STRIP_COLUMNS - 1) / STRIP_COLUMNS * STRIP_COLUMNS);
@@ -148,11 +152,17 @@ void grouped(const float* x, const W* w, Layout layout, O* const* out, int64_t l
     if (tiles) configure_tiles();
     for (size_t i; (i = next++) < items.size();) {
       const auto [e, b0, b1] = items[i];
-      const int64_t M = off[e + 1] - off[e], c0 = b0 * PANEL_COLUMNS, c1 = std::min(b1 * PANEL_COLUMNS, N);
+      const int64_t M = off[e + 1] - off[e], c0 = b0 * PANEL_COLUMNS;
+      const int64_t c1 = std::min(b1 * PANEL_COLUMNS, columns);
       const float* xe = x + off[e] * K;
       O* oe = out[e];
       if constexpr (std::is_same_v<W, uint16_t>)
         if (tiles) {
+          if constexpr (std::is_same_v<O, at::BFloat16>)
+            if (swiglu) {
+              gemm_amx_swiglu(a.rows + off[e] * a.lda, a.lda, w + e * size, oe, ldo, M, K, columns, c0, c1);
+              continue;
+            }
           gemm_amx(a.rows + off[e] * a.lda, a.lda, w + e * size, oe, ldo, M, K, c0, c1);
           continue;
         }
@@ -183,6 +193,12 @@ void grouped_product(TileRows x, const uint16_t* w, float* out, const int64_t* o
                      int64_t N) {
   grouped(static_cast<const float*>(nullptr), w, Layout::tiles, rows_by_offset(out, off, E, N).data(), N, off,
           E, K, N, x);
+}
+
+void grouped_swiglu_product(TileRows x, const uint16_t* w13, at::BFloat16* act, int64_t ld,
+                            const int64_t* off, int64_t E, int64_t K, int64_t I) {
+  grouped(static_cast<const float*>(nullptr), w13, Layout::tiles, rows_by_offset(act, off, E, ld).data(), ld,
+          off, E, K, 2 * I, x, true);
 }
 
 // x [..., K] @ w -> [..., N] in x's dtype: the projections, w [K, N] or in strip order [1, N / 32, K, 32]

@@ -138,6 +138,70 @@ inline void block(const uint16_t* a, int64_t lda, int64_t K, const uint16_t* w, 
   }
 }
 
+// 16 R rows x 16 columns of both halves of an expert's w13 into tiles 0-3: C at 0 (gate) and 1 (up) for rows
+// 0-15, 2 and 3 for rows 16-31; A at 4-5; B at 6 (gate) and 7 (up), the half strips at gate and up.
+template <int R>
+inline void multiply_halves(const uint16_t* a, int64_t lda, int64_t K, const uint16_t* gate,
+                            const uint16_t* up) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (R == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t k = 0; k < K; k += TILE_K, gate += TILE_K * STRIP_COLUMNS, up += TILE_K * STRIP_COLUMNS) {
+    _tile_loadd(4, a + k, lda * 2);
+    _tile_loadd(6, gate, 128);
+    _tile_loadd(7, up, 128);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (R == 2) {
+      _tile_loadd(5, a + TILE_ROWS * lda + k, lda * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+}
+
+// 16 rows x a whole strip of each half into tiles 0-3: C at 0-1 (gate's 32 columns), 2-3 (up's); A at 4; B
+// at 5-7. For a few rows, where the product streams its weight: each strip is read whole, front to back.
+inline void multiply_strips(const uint16_t* a, int64_t lda, int64_t K, const uint16_t* gate,
+                            const uint16_t* up) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k = 0; k < K; k += TILE_K, gate += TILE_K * STRIP_COLUMNS, up += TILE_K * STRIP_COLUMNS) {
+    _tile_loadd(4, a + k, lda * 2);
+    _tile_loadd(5, gate, 128);
+    _tile_loadd(6, gate + 32, 128);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(7, up, 128);
+    _tile_loadd(5, up + 32, 128);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+}
+
+// The C tiles 0-3 as act's `rows` rows of `width` columns (16 or 32), silu(gate) * up rounded to bfloat16, as
+// SiLU-and-multiply makes it of the two products' float32 sums. The tiles hold gate and up blocks of 16 x 16:
+// `gate(r, c)` is where row r's gate sums of columns c..c+15 sit (up's follow `up` floats later).
+template <typename GateAt>
+inline void store_swiglu(at::BFloat16* act, int64_t ld, int64_t rows, int64_t width, float* sums,
+                         int64_t up, GateAt gate) {
+  constexpr int64_t TILE = TILE_ROWS * 16;  // floats of a C tile
+  _tile_stored(0, sums, 64);  // tiles a block of fewer rows left alone hold zeros
+  _tile_stored(1, sums + TILE, 64);
+  _tile_stored(2, sums + 2 * TILE, 64);
+  _tile_stored(3, sums + 3 * TILE, 64);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < width; c += 16) {
+      const float* g = sums + gate(r, c);
+      store16(act + r * ld + c, mul(silu16(load(g)), load(g + up)), first_lanes(16));
+    }
+}
+
 }  // namespace gemm_amx_detail
 
 // Eight tiles of 16 rows x 64 bytes, as gemm_amx uses them: a thread configures its tiles before its
@@ -175,6 +239,40 @@ inline void gemm_amx(const uint16_t* a, int64_t lda, const uint16_t* w, O* out, 
   }
 }
 
+// act[r, c] = silu(x @ w[:, c]) * (x @ w[:, I + c]) for r < M, c0 <= c < c1 <= I, rounded to bfloat16: an
+// expert's w13 [K, 2I] in tile order, its gate and up halves multiplied side by side, so their float32 sums
+// never leave the thread (a product of w13 and then SiLU-and-multiply write and read them back, a prefill
+// chunk's experts some 100 MB a layer), and bit for bit what those make. c0 and I are multiples of
+// STRIP_COLUMNS; x's rows as tile_rows makes them. The calling thread's tiles must be configured.
+inline void gemm_amx_swiglu(const uint16_t* a, int64_t lda, const uint16_t* w, at::BFloat16* act, int64_t ld,
+                            int64_t M, int64_t K, int64_t I, int64_t c0, int64_t c1) {
+  using namespace gemm_amx_detail;
+  constexpr int64_t BLOCK = 2 * TILE_ROWS;
+  constexpr int64_t TILE = TILE_ROWS * 16;
+  alignas(64) float sums[4 * TILE];
+  if (M <= TILE_ROWS) {  // a few rows: whole strips, 16 rows
+    for (int64_t n = c0; n < c1; n += STRIP_COLUMNS) {
+      multiply_strips(a, lda, K, w + n * K, w + (I + n) * K);
+      store_swiglu(act + n, ld, M, STRIP_COLUMNS, sums, 2 * TILE,
+                   [](int64_t r, int64_t c) { return c / 16 * TILE + r * 16; });
+    }
+    return;
+  }
+  for (int64_t n = c0; n < c1; n += 16) {  // more: 32 rows of half a strip of each, 16 columns of gate, of up
+    const uint16_t* gate = w + n / STRIP_COLUMNS * STRIP_COLUMNS * K + n % STRIP_COLUMNS * 2;
+    const uint16_t* up = gate + I * K;
+    for (int64_t m = 0; m < M; m += BLOCK) {
+      const int64_t rows = std::min(BLOCK, M - m);
+      if (rows > TILE_ROWS)
+        multiply_halves<2>(a + m * lda, lda, K, gate, up);
+      else
+        multiply_halves<1>(a + m * lda, lda, K, gate, up);
+      store_swiglu(act + m * ld + n, ld, rows, 16, sums, TILE,
+                   [](int64_t r, int64_t) { return r / TILE_ROWS * 2 * TILE + r % TILE_ROWS * 16; });
+    }
+  }
+}
+
 #else
 
 inline bool amx_ready() { return false; }
@@ -183,5 +281,7 @@ inline void release_tiles() {}
 template <typename O>
 inline void gemm_amx(const uint16_t*, int64_t, const uint16_t*, O*, int64_t, int64_t, int64_t, int64_t,
                      int64_t) {}
+inline void gemm_amx_swiglu(const uint16_t*, int64_t, const uint16_t*, at::BFloat16*, int64_t, int64_t,
+                            int64_t, int64_t, int64_t, int64_t) {}
 
 #endif

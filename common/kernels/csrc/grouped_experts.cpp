@@ -51,12 +51,19 @@ void gate_up_then_down(const float* xs, const W* w13, Layout l13, const W* w2, L
 
 // The same for both weights in tile order, the rows as the tiles take them (gemm_amx.h): the pairs' rows
 // gathered as bfloat16 and the activation rounded to it, where the other path stages both in float32 and
-// rounds them again for the tiles (at a prefill chunk's thousands of rows a quarter of the call).
-void gate_up_then_down(TileRows xr, const uint16_t* w13, const uint16_t* w2, float* gate_up, float* ys,
-                       const int64_t* off, int64_t R, int64_t E, int64_t h, int64_t I) {
-  grouped_product(xr, w13, gate_up, off, E, h, 2 * I);
+// rounds them again for the tiles (at a prefill chunk's thousands of rows a quarter of the call). Where the
+// halves of w13 are whole strips, the activation is made with the first product, its sums never written out.
+void gate_up_then_down(TileRows xr, const uint16_t* w13, const uint16_t* w2, float* ys, const int64_t* off,
+                       int64_t R, int64_t E, int64_t h, int64_t I) {
   uint16_t* act = padded_rows(Scratch::activation_rows, R, I);
-  activate(gate_up, R, I, reinterpret_cast<at::BFloat16*>(act), I + TILE_K);
+  at::BFloat16* act_rows = reinterpret_cast<at::BFloat16*>(act);
+  if (I % STRIP_COLUMNS == 0) {
+    grouped_swiglu_product(xr, w13, act_rows, I + TILE_K, off, E, h, I);
+  } else {
+    float* gate_up = scratch(Scratch::expert_rows, R * 2 * I);
+    grouped_product(xr, w13, gate_up, off, E, h, 2 * I);
+    activate(gate_up, R, I, act_rows, I + TILE_K);
+  }
   grouped_product(TileRows{act, I + TILE_K}, w2, ys, off, E, I, h);
 }
 
@@ -164,12 +171,11 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert
   const int64_t* off = offsets.data();
   float* ys;
   if (layout_of(w13) == Layout::tiles && layout_of(w2) == Layout::tiles) {
-    float* gu = scratch(Scratch::expert_rows, R * (2 * I + h));  // gate_up [R, 2I], ys [R, h]
-    ys = gu + R * 2 * I;
+    ys = scratch(Scratch::gemm_sums, R * h);
     const TileRows xr = x.scalar_type() == torch::kFloat32
                              ? gather_rows(xc.data_ptr<float>(), pair, k, h)
                              : gather_rows(xc.data_ptr<at::BFloat16>(), pair, k, h);
-    gate_up_then_down(xr, bf16_bits(w13), bf16_bits(w2), gu, ys, off, R, E, h, I);
+    gate_up_then_down(xr, bf16_bits(w13), bf16_bits(w2), ys, off, R, E, h, I);
   } else {
     float* xsp = scratch(Scratch::expert_rows, R * (2 * h + 3 * I));  // xs [R, h], gate_up, act [R, I], ys
     float *gu = xsp + R * h, *ap = gu + R * 2 * I;
