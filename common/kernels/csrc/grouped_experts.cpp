@@ -7,8 +7,9 @@
 // within an expert; the pairs' rows are gathered (widened to float32) in that order, each GEMM round runs
 // every expert's rows in one grouped product (bf16_gemm.cpp), SiLU-and-multiply runs on float32, and each
 // token sums its weighted rows in the sorted order, as the torch path's index_add does. In tile order the
-// rows are gathered as bfloat16 and the activation rounded to it, as the tiles take them. Gather, SiLU and
-// sums run on every thread: a prefill chunk has thousands of pairs.
+// rows are gathered as bfloat16, and SiLU-and-multiply is made with the first product and rounded to
+// bfloat16, as the tiles take it. Gather, SiLU and sums run on every thread: a prefill chunk has thousands of
+// pairs.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -25,15 +26,14 @@
 
 namespace {
 
-// act [R, I] (rows lda apart, float32 or rounded to bfloat16) = silu(gate) * up of gate_up [R, 2I].
-template <typename T>
-void activate(const float* gate_up, int64_t R, int64_t I, T* act, int64_t lda) {
+// act [R, I] = silu(gate) * up of gate_up [R, 2I].
+void activate(const float* gate_up, int64_t R, int64_t I, float* act) {
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t i = 0; i < I; i += 16) {
         const mask16 mask = tail_mask(i, I);
         const f32x16 g = load(gate_up + r * 2 * I + i, mask), u = load(gate_up + r * 2 * I + I + i, mask);
-        store16(act + r * lda + i, mul(silu16(g), u), mask);
+        store(act + r * I + i, mul(silu16(g), u), mask);
       }
   });
 }
@@ -45,25 +45,18 @@ void gate_up_then_down(const float* xs, const W* w13, Layout l13, const W* w2, L
                        float* act, float* ys, const int64_t* off, int64_t R, int64_t E, int64_t h,
                        int64_t I) {
   grouped_product(xs, w13, l13, gate_up, off, E, h, 2 * I);
-  activate(gate_up, R, I, act, I);
+  activate(gate_up, R, I, act);
   grouped_product(act, w2, l2, ys, off, E, I, h);
 }
 
 // The same for both weights in tile order, the rows as the tiles take them (gemm_amx.h): the pairs' rows
-// gathered as bfloat16 and the activation rounded to it, where the other path stages both in float32 and
-// rounds them again for the tiles (at a prefill chunk's thousands of rows a quarter of the call). Where the
-// halves of w13 are whole strips, the activation is made with the first product, its sums never written out.
+// gathered as bfloat16, and the activation made with the first product and rounded to bfloat16 (w2's rows,
+// I, are whole tiles, so w13's halves are whole strips: gemm_amx_swiglu), where the other path stages both in
+// float32 (at a prefill chunk's thousands of rows, writing and reading back 100 MB a layer).
 void gate_up_then_down(TileRows xr, const uint16_t* w13, const uint16_t* w2, float* ys, const int64_t* off,
                        int64_t R, int64_t E, int64_t h, int64_t I) {
   uint16_t* act = padded_rows(Scratch::activation_rows, R, I);
-  at::BFloat16* act_rows = reinterpret_cast<at::BFloat16*>(act);
-  if (I % STRIP_COLUMNS == 0) {
-    grouped_swiglu_product(xr, w13, act_rows, I + TILE_K, off, E, h, I);
-  } else {
-    float* gate_up = scratch(Scratch::expert_rows, R * 2 * I);
-    grouped_product(xr, w13, gate_up, off, E, h, 2 * I);
-    activate(gate_up, R, I, act_rows, I + TILE_K);
-  }
+  grouped_swiglu_product(xr, w13, reinterpret_cast<at::BFloat16*>(act), I + TILE_K, off, E, h, I);
   grouped_product(TileRows{act, I + TILE_K}, w2, ys, off, E, I, h);
 }
 
