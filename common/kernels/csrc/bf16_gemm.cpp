@@ -212,7 +212,7 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK_VALUE(x.dim() >= 1 && (w.dim() == 2 || (w.dim() == 4 && w.size(0) == 1 && rows_of(w) > 0)),
                     "x [..., K] and w [K, N], [1, N / 32, K, 32] (strip order) or [1, N / 32, K / 2, 64] "
                     "(tile order) expected; got w ", w.sizes());
-  const int64_t K = strips ? rows_of(w) : w.size(0), N = strips ? w.size(1) * STRIP_COLUMNS : w.size(1);
+  const int64_t K = strips ? rows_of(w) : w.size(0), N = columns_of(w);
   TORCH_CHECK_VALUE(x.size(-1) == K, "x [..., K] and w [K, N] do not match: K = ", x.size(-1), " and ", K);
   const int64_t M = x.numel() / K;
   const bool as_they_are = takes_rows_as_they_are(x, layout);
@@ -253,7 +253,7 @@ std::array<int64_t, 4> bmm_shape(const torch::Tensor& x, const torch::Tensor& w)
                         x.size(0) == w.size(0) && x.size(2) == (strips ? rows_of(w) : w.size(1)),
                     "x [B, M, K] and w [B, K, N], [B, N / 32, K, 32] (strip order) or [B, N / 32, K / 2, 64] "
                     "(tile order) do not match: ", x.sizes(), " and ", w.sizes());
-  return {x.size(0), x.size(1), x.size(2), strips ? w.size(1) * STRIP_COLUMNS : w.size(2)};
+  return {x.size(0), x.size(1), x.size(2), columns_of(w)};
 }
 
 // x [B, M, K] @ w -> out [B, M, N] (x's dtype, its last stride 1, other strides any): the weight-absorbed MLA

@@ -28,6 +28,11 @@ inline int64_t rows_of(const torch::Tensor& w) {
   return w.size(3) == STRIP_COLUMNS ? w.size(2) : w.size(3) == 2 * STRIP_COLUMNS ? 2 * w.size(2) : 0;
 }
 
+// N of a weight [K, N] or weights [E, K, N], row-major or in strip or tile order (there whole strips).
+inline int64_t columns_of(const torch::Tensor& w) {
+  return layout_of(w) == Layout::row_major ? w.size(-1) : w.size(1) * STRIP_COLUMNS;
+}
+
 // out rows off[e]..off[e+1] [., N] = x rows off[e]..off[e+1] [., K] @ w[e] [K, N], for every e < E, with
 // bfloat16 (as bits) weights in strip or tile order, or float32 ones in strip order.
 void grouped_product(const float* x, const uint16_t* w, Layout layout, float* out, const int64_t* off,

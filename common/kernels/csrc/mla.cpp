@@ -29,11 +29,6 @@ void product_into(const torch::Tensor& x, const torch::Tensor& w, const torch::T
   out.copy_(at::matmul(x, w));
 }
 
-// N of a weight per head [H, K, N], or in strip or tile order [H, N / 32, ., .].
-int64_t columns_of(const torch::Tensor& w) {
-  return layout_of(w) == Layout::row_major ? w.size(2) : w.size(1) * STRIP_COLUMNS;
-}
-
 torch::Tensor projection(const torch::Tensor& x, const torch::Tensor& w,
                          const std::optional<torch::Tensor>& bias) {
   torch::Tensor y = product(x, w);
