@@ -191,7 +191,7 @@ template <typename GateAt>
 inline void store_swiglu(at::BFloat16* act, int64_t ld, int64_t rows, int64_t width, float* sums,
                          int64_t up, GateAt gate) {
   constexpr int64_t TILE = TILE_ROWS * 16;  // floats of a C tile
-  _tile_stored(0, sums, 64);  // tiles a block of fewer rows left alone hold zeros
+  _tile_stored(0, sums, 64);  // all four, though a block of 16 rows by halves reads only two
   _tile_stored(1, sums + TILE, 64);
   _tile_stored(2, sums + 2 * TILE, 64);
   _tile_stored(3, sums + 3 * TILE, 64);
