@@ -85,21 +85,22 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-// 16 R rows x a strip's 32 columns into tiles 0-3: R blocks of 16 rows of x (bfloat16, lda apart, at a), the
-// strip at w. Tiles: C at 0-3 (a block's two halves of the strip), A at 4-5, B at 6-7; their numbers must be
-// constants, hence the second block spelled out.
+// 16 R rows x 32 columns into tiles 0-3: R blocks of 16 rows of x (bfloat16, lda apart, at a) against two
+// runs of 16 columns in tile order, `left` and `right`, each a strip's half (a strip's two halves: left =
+// strip, right = strip + 32; or the same half of w13's gate and up). Tiles: C at 0-3 (a block's left and
+// right), A at 4-5, B at 6-7; their numbers must be constants, hence the second block spelled out.
 template <int R>
-inline void multiply(const uint16_t* a, int64_t lda, int64_t K, const uint16_t* w) {
+inline void multiply(const uint16_t* a, int64_t lda, int64_t K, const uint16_t* left, const uint16_t* right) {
   _tile_zero(0);
   _tile_zero(1);
   if constexpr (R == 2) {
     _tile_zero(2);
     _tile_zero(3);
   }
-  for (int64_t k = 0; k < K; k += TILE_K, w += TILE_K * STRIP_COLUMNS) {
+  for (int64_t k = 0; k < K; k += TILE_K, left += TILE_K * STRIP_COLUMNS, right += TILE_K * STRIP_COLUMNS) {
     _tile_loadd(4, a + k, lda * 2);
-    _tile_loadd(6, w, 128);
-    _tile_loadd(7, w + 32, 128);
+    _tile_loadd(6, left, 128);
+    _tile_loadd(7, right, 128);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     if constexpr (R == 2) {
@@ -126,7 +127,7 @@ inline void store(float* o, int64_t ldo) {
 template <int R, typename O>
 inline void block(const uint16_t* a, int64_t lda, int64_t K, const uint16_t* w, O* out, int64_t ldo,
                   int64_t rows, int64_t columns, float* sums) {
-  multiply<R>(a, lda, K, w);
+  multiply<R>(a, lda, K, w, w + 32);
   if constexpr (std::is_same_v<O, float>)
     if (rows == R * TILE_ROWS && columns == STRIP_COLUMNS) return store<R>(out, ldo);
   store<R>(sums, STRIP_COLUMNS);
@@ -135,31 +136,6 @@ inline void block(const uint16_t* a, int64_t lda, int64_t K, const uint16_t* w, 
       std::copy_n(sums + r * STRIP_COLUMNS, columns, out + r * ldo);
     else
       narrow(sums + r * STRIP_COLUMNS, out + r * ldo, columns);
-  }
-}
-
-// 16 R rows x 16 columns of both halves of an expert's w13 into tiles 0-3: C at 0 (gate) and 1 (up) for rows
-// 0-15, 2 and 3 for rows 16-31; A at 4-5; B at 6 (gate) and 7 (up), the half strips at gate and up.
-template <int R>
-inline void multiply_halves(const uint16_t* a, int64_t lda, int64_t K, const uint16_t* gate,
-                            const uint16_t* up) {
-  _tile_zero(0);
-  _tile_zero(1);
-  if constexpr (R == 2) {
-    _tile_zero(2);
-    _tile_zero(3);
-  }
-  for (int64_t k = 0; k < K; k += TILE_K, gate += TILE_K * STRIP_COLUMNS, up += TILE_K * STRIP_COLUMNS) {
-    _tile_loadd(4, a + k, lda * 2);
-    _tile_loadd(6, gate, 128);
-    _tile_loadd(7, up, 128);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    if constexpr (R == 2) {
-      _tile_loadd(5, a + TILE_ROWS * lda + k, lda * 2);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
   }
 }
 
@@ -264,9 +240,9 @@ inline void gemm_amx_swiglu(const uint16_t* a, int64_t lda, const uint16_t* w, a
     for (int64_t m = 0; m < M; m += BLOCK) {
       const int64_t rows = std::min(BLOCK, M - m);
       if (rows > TILE_ROWS)
-        multiply_halves<2>(a + m * lda, lda, K, gate, up);
+        multiply<2>(a + m * lda, lda, K, gate, up);
       else
-        multiply_halves<1>(a + m * lda, lda, K, gate, up);
+        multiply<1>(a + m * lda, lda, K, gate, up);
       store_swiglu(act + m * ld + n, ld, rows, 16, sums, TILE,
                    [](int64_t r, int64_t) { return r / TILE_ROWS * 2 * TILE + r % TILE_ROWS * 16; });
     }
