@@ -221,16 +221,15 @@ torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w) {
   shape.back() = N;
   torch::Tensor out = torch::empty(shape, x.options());
   const bool bf16_out = x.scalar_type() == torch::kBFloat16;
+  const int64_t off[2] = {0, M};
+  if (bf16_out && layout == Layout::tiles) {  // rounded into out block by block: no float32 sums
+    at::BFloat16* o = out.data_ptr<at::BFloat16>();
+    grouped(xp, bf16_bits(w), layout, &o, N, off, 1, K, N, as_they_are ? copied_rows(x, K) : TileRows{});
+    return out;
+  }
   float* sp = bf16_out ? scratch(Scratch::gemm_sums, M * N) : out.data_ptr<float>();
   if (strips) {
-    const int64_t off[2] = {0, M};
-    const TileRows given = as_they_are ? copied_rows(x, K) : TileRows{};
-    if (bf16_out && layout == Layout::tiles) {
-      at::BFloat16* o = out.data_ptr<at::BFloat16>();
-      grouped(xp, bf16_bits(w), layout, &o, N, off, 1, K, N, given);
-      return out;
-    }
-    grouped(xp, bf16_bits(w), layout, &sp, N, off, 1, K, N, given);
+    grouped(xp, bf16_bits(w), layout, &sp, N, off, 1, K, N, as_they_are ? copied_rows(x, K) : TileRows{});
     if (bf16_out) round_all(sp, out.data_ptr<at::BFloat16>(), M * N);
     return out;
   }
