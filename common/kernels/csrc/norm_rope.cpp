@@ -7,6 +7,8 @@
 
 #include <cmath>
 
+#include "simd.h"
+
 namespace {
 
 constexpr int64_t GRAIN_ROWS = 16;
@@ -25,16 +27,24 @@ void rms_norm_rows(const T* x, int64_t row_stride, T* residual, const T* weight,
       const T* xr = x + r * row_stride;
       if (residual != nullptr) {
         T* res = residual + r * dim;
-        for (int64_t d = 0; d < dim; ++d) res[d] = static_cast<T>(to_float(xr[d]) + to_float(res[d]));
+        for (int64_t d = 0; d < dim; d += 16) {
+          const mask16 mask = tail_mask(d, dim);
+          store16(res + d, add(load16(xr + d, mask), load16(res + d, mask)), mask);
+        }
         xr = res;
       }
-      float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-      for (int64_t d = 0; d < dim; ++d) squares += to_float(xr[d]) * to_float(xr[d]);
-      const float inv = 1.0f / std::sqrt(squares / dim + eps);
+      f32x16 squares = zeros();  // the lanes past a row's end load as zeros
+      for (int64_t d = 0; d < dim; d += 16) {
+        const f32x16 v = load16(xr + d, tail_mask(d, dim));
+        squares = fmadd(v, v, squares);
+      }
+      const f32x16 inv = splat(1.0f / std::sqrt(sum_lanes(squares) / dim + eps));
       T* o = out + r * dim;
-      for (int64_t d = 0; d < dim; ++d)
-        o[d] = static_cast<T>(to_float(weight[d]) * to_float(static_cast<T>(to_float(xr[d]) * inv)));
+      for (int64_t d = 0; d < dim; d += 16) {
+        const mask16 mask = tail_mask(d, dim);
+        const f32x16 normalised = rounded_as<T>(mul(load16(xr + d, mask), inv));
+        store16(o + d, mul(load16(weight + d, mask), normalised), mask);
+      }
     }
   });
 }

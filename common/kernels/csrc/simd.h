@@ -296,6 +296,15 @@ inline void narrow(const float* p, T* out, int64_t n) {
   }
 }
 
+// The sum of v's 16 lanes, added in lane order (the same bits on every instruction set).
+inline float sum_lanes(f32x16 v) {
+  alignas(64) float lanes[16];
+  store(lanes, v);
+  float sum = 0.0f;
+  for (const float lane : lanes) sum += lane;
+  return sum;
+}
+
 // exp(x) for 16 floats at once: range reduction x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial
 // for exp(r), then the scaling by 2^n; about 1 ulp. Above 88 it is inf, as exp is; below -87 about 1e-38
 // instead of 0 or a denormal, which no softmax or SiLU here can tell apart.
