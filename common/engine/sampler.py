@@ -6,7 +6,8 @@ probability exceeds u (filtered tokens have probability 0 and are never picked).
 use, argmax(p / q) with q ~ Exp(1), needs a random number per vocabulary entry, and torch's CPU generator
 took 1.8 ms for those of 64 rows of an 8k vocabulary, the whole race 4.6 ms of a 35 ms decode step. A
 seeded request draws its u from its own torch.Generator, so its tokens do not depend on its batch mates or
-its row index.
+its row index. On CPU the draw is one C++ call (csrc/sampling.cpp) that orders the tokens its own fixed way:
+a seed gives other tokens there than on torch's path, from the same distribution.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from common.engine.sampling_params import SamplingParams
+from common.kernels import cpu_extension
 
 
 @dataclass
@@ -71,8 +73,9 @@ def _sample(
 ) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p filtering, then one inverse-CDF draw per row."""
     vocab, device = logits.shape[-1], logits.device
-    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
-    logits = logits / temperature[:, None]
+    if any(p.temperature != 1.0 for p in params):
+        temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
+        logits = logits / temperature[:, None]
 
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]  # 0: this row keeps every token
     if any(top_k):
@@ -91,6 +94,8 @@ def _sample(
     for i, generator in enumerate(generators):
         if generator is not None:
             u[i] = torch.rand(1, generator=generator, dtype=logits.dtype, device=device)
+    if cpu_extension.runs(logits) and logits.stride(-1) == 1:  # the same draw in one pass (csrc/sampling.cpp)
+        return cpu_extension.module().inverse_cdf_draw(logits, u)
     cdf = logits.softmax(dim=-1).cumsum_(dim=-1)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=vocab - 1)
 

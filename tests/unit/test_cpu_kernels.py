@@ -707,3 +707,31 @@ def test_mla_cache_latents_checks_every_slot_before_writing() -> None:
     with pytest.raises(ValueError, match=r"slots must be contiguous int64 \[2\]"):
         attn.cache_latents(x, cos, sin, torch.tensor([5]), pool, fused=True)
     assert torch.equal(pool.pages, before)
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+
+def lane_order(vocab: int) -> torch.Tensor:
+    """The order csrc/sampling.cpp's inverse CDF runs over a row: lane by lane, tokens j, j + 16, ..."""
+    padded = torch.arange(-(-vocab // 16) * 16).view(-1, 16).t().flatten()
+    return padded[padded < vocab]
+
+
+@pytest.mark.parametrize("vocab", [1, 37, 8192])
+def test_inverse_cdf_draw_inverts_the_distribution_in_lane_order(vocab: int) -> None:
+    """Against float64 cumulative probabilities in the kernel's order: away from a boundary between two tokens
+    every u gives the token whose interval holds it; filtered tokens are never drawn, not even at u = 0 or
+    the largest u below 1."""
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(vocab, generator=gen) * 3
+    logits[torch.rand(vocab, generator=gen) < 0.5] = float("-inf")
+    logits[vocab // 2] = 1.0  # one token at least survives
+    order = lane_order(vocab)
+    cdf = logits.double().softmax(0)[order].cumsum(0)
+    u = torch.cat([torch.rand(2000, generator=gen), torch.tensor([0.0, 1 - 2**-24])])
+    drawn = cpu_extension.module().inverse_cdf_draw(logits.expand(u.numel(), -1).contiguous(), u)
+    want = order[torch.searchsorted(cdf, u.double(), right=True).clamp(max=vocab - 1)]
+    clear = ((cdf[None, :] - u.double()[:, None]).abs() > 1e-5).all(dim=1)
+    assert torch.equal(drawn[clear], want[clear])
+    assert torch.isfinite(logits[drawn]).all()

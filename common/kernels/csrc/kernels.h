@@ -43,3 +43,4 @@ void mla_cache_latents(const torch::Tensor& x, const torch::Tensor& kv_a_proj,
                        const torch::Tensor& pages, const torch::Tensor& slots);
 torch::Tensor mla_output(const torch::Tensor& o_latent, const torch::Tensor& w_uv_t,
                          const torch::Tensor& o_proj, const std::optional<torch::Tensor>& o_bias);
+torch::Tensor inverse_cdf_draw(const torch::Tensor& logits, const torch::Tensor& u);

@@ -30,6 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mla_cache_latents", &mla_cache_latents, "a MLA layer's cache entries, written into its pages",
         nogil);
   m.def("mla_output", &mla_output, "absorbed MLA's latent outputs through W_UV and o_proj", nogil);
+  m.def("inverse_cdf_draw", &inverse_cdf_draw, "a token a row: its softmax's inverse CDF at u", nogil);
   using L = DecodeLayer;
   using Tensor = torch::Tensor;
   py::class_<L>(m, "DecodeLayer", "a decoder layer of a decode step as one call, weights bound")

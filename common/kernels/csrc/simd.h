@@ -32,6 +32,7 @@ inline f32x16 maximum(f32x16 a, f32x16 b) { return _mm512_max_ps(a, b); }
 inline f32x16 fmadd(f32x16 a, f32x16 b, f32x16 c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
 inline f32x16 fnmadd(f32x16 a, f32x16 b, f32x16 c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
 inline f32x16 where(mask16 m, f32x16 a, f32x16 b) { return _mm512_mask_blend_ps(m, b, a); }  // m ? a : b
+inline mask16 less(f32x16 a, f32x16 b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
 
 // Lanes 0..count-1 (none when count <= 0, all from 16 on).
 inline mask16 first_lanes(int64_t count) {
@@ -141,6 +142,10 @@ inline f32x16 fnmadd(f32x16 a, f32x16 b, f32x16 c) {
 inline f32x16 where(mask16 m, f32x16 a, f32x16 b) {
   return {_mm256_blendv_ps(b.lo, a.lo, _mm256_castsi256_ps(m.lo)),
           _mm256_blendv_ps(b.hi, a.hi, _mm256_castsi256_ps(m.hi))};
+}
+inline mask16 less(f32x16 a, f32x16 b) {
+  return {_mm256_castps_si256(_mm256_cmp_ps(a.lo, b.lo, _CMP_LT_OQ)),
+          _mm256_castps_si256(_mm256_cmp_ps(a.hi, b.hi, _CMP_LT_OQ))};
 }
 
 inline mask16 first_lanes(int64_t count) {
