@@ -199,15 +199,20 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def add_request(
-        self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        final_only: bool = False,
     ) -> str:
-        """Queue a request; raises ValueError (nothing queued) if the prompt or params cannot be served."""
+        """Queue a request; raises ValueError (nothing queued) if the prompt or params cannot be served.
+        final_only: step() returns its output once, when it finishes (Request.final_only)."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         prompt_ids = self.validate_prompt(prompt, params)
-        request = Request(request_id, prompt_ids, params)
+        request = Request(request_id, prompt_ids, params, final_only=final_only)
         metrics.PROMPT_TOKENS.inc(len(prompt_ids))
         seq = self._new_sequence(request, 0)
         request.seqs.append(seq)
@@ -373,6 +378,8 @@ class LLMEngine:
     def _collect_outputs(self, requests: Seq[Request]) -> list[RequestOutput]:
         outputs = []
         for request in requests:
+            if request.final_only and not request.finished:
+                continue
             completions = []
             for seq in request.seqs:
                 delta_ids = seq.output_ids[seq.sent_tokens :]
@@ -407,7 +414,7 @@ class LLMEngine:
         params_list = (
             params if isinstance(params, list | tuple) else [params or SamplingParams()] * len(prompts)
         )
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        ids = [self.add_request(p, sp, final_only=True) for p, sp in zip(prompts, params_list, strict=True)]
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
             for out in self.step():

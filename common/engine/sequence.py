@@ -74,6 +74,9 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # Only the last output is wanted (the batch API; vLLM's RequestOutputKind.FINAL_ONLY): no output is built
+    # for the steps before, where a streaming caller gets every step's delta.
+    final_only: bool = False
 
     @property
     def finished(self) -> bool:

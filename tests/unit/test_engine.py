@@ -76,6 +76,27 @@ def test_n_outputs_share_the_prompt_pages(engine):
     assert_all_pages_released(engine)
 
 
+def test_a_final_only_request_gets_one_output_with_everything_in_it(engine):
+    """The batch API's requests (vLLM's FINAL_ONLY): no output before the last step, whose delta is the whole
+    completion, the same tokens and text as a streamed request's deltas add up to."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine.add_request([5, 6, 7], params, "streamed")
+    engine.add_request([5, 6, 7], params, "final", final_only=True)
+    outputs = []
+    for _ in range(100):
+        if not engine.has_unfinished_requests():
+            break
+        outputs += engine.step()
+    streamed = [o for o in outputs if o.request_id == "streamed"]
+    (final,) = [o for o in outputs if o.request_id == "final"]
+    assert len(streamed) == 6 and final.finished
+    completion = final.outputs[0]
+    assert completion.delta_token_ids == completion.token_ids == streamed[-1].outputs[0].token_ids
+    assert completion.text and completion.delta_text == completion.text
+    assert completion.text == "".join(o.outputs[0].delta_text for o in streamed)
+    assert_all_pages_released(engine)
+
+
 def test_abort_frees_every_page_at_once(engine):
     params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
     engine.add_request(list(range(10, 30)), params, "a")
