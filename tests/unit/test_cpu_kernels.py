@@ -73,6 +73,36 @@ def test_bfloat16_prefill_matches_the_torch_path() -> None:
     assert rel_err(out, ref) < 1e-2  # the output's own bfloat16 rounding
 
 
+@needs_tiles
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads, d_qk, d_v", [(2, 96, 64), (1, 160, 128)])  # mini's naive and absorbed widths
+def test_bfloat16_prefill_on_tiles_matches_the_reference(
+    causal: bool, heads: int, d_qk: int, d_v: int
+) -> None:
+    """bfloat16 with dimensions in whole tiles runs on AMX's tiles, the probabilities rounded to bfloat16 for
+    the value product: within the output's own rounding of the reference on the same bfloat16 inputs, around
+    the 16-query blocks and 32-key steps, after cached prefixes, on any thread count; keys and values read
+    through their strides (one latent row for every head, as the absorbed prefill gives them)."""
+    q_lens = [1, 5, 16, 17, 63, 64, 65, 0, 130, 200]
+    k_lens = [1, 40, 16, 48, 63, 100, 65, 9, 130, 333]
+    q, k, v, cu_q, cu_k = varlen_case(q_lens, k_lens, heads=heads, d_qk=d_qk, d_v=d_v, seed=2)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+    def attend(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return cpu_attention.flash_attn_varlen(q, k, v, cu_q, cu_k, 200, 333, 0.1, causal)
+
+    out = attend(k, v)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, reference_varlen(q.float(), k.float(), v.float(), cu_q, cu_k, 0.1, causal)) < 1e-2
+    assert torch.equal(on_threads(1, lambda: attend(k, v)), out)
+    latent = k[:, :1].expand(-1, heads, -1)
+    shared = attend(latent, latent[..., :d_v])
+    reference = reference_varlen(
+        q.float(), latent.float(), latent[..., :d_v].float(), cu_q, cu_k, 0.1, causal
+    )
+    assert rel_err(shared, reference) < 1e-2
+
+
 def test_prefill_is_the_same_on_any_thread_count() -> None:
     q, k, v, cu_q, cu_k = varlen_case([100, 7, 300], [150, 7, 300], heads=3, d_qk=32, d_v=32, seed=3)
     threads = torch.get_num_threads()

@@ -184,6 +184,45 @@ inline void store_swiglu(at::BFloat16* act, int64_t ld, int64_t rows, int64_t wi
 
 }  // namespace gemm_amx_detail
 
+// rows [16] of 16 32-bit lanes, transposed in place: lane j of row i goes to lane i of row j.
+inline void transpose16(__m512i rows[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4)
+    for (int j = 0; j < 2; ++j) {
+      rows[i + 2 * j] = _mm512_unpacklo_epi64(t[i + j], t[i + j + 2]);
+      rows[i + 2 * j + 1] = _mm512_unpackhi_epi64(t[i + j], t[i + j + 2]);
+    }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_i32x4(rows[i + j], rows[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_i32x4(rows[i + j], rows[i + j + 4], 0xDD);
+    }
+  for (int j = 0; j < 8; ++j) {
+    rows[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+    rows[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xDD);
+  }
+}
+
+// Rows x and y of `columns` bfloat16 (a multiple of 32; nullptr reads as zeros) as pairs, the B of a tile
+// product over them: out[2c] = x[c], out[2c + 1] = y[c].
+inline void interleave_rows(const uint16_t* x, const uint16_t* y, int64_t columns, uint16_t* out) {
+  alignas(64) static const uint16_t first_half[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                                       37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                                       11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i low = _mm512_load_si512(first_half);
+  const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+  for (int64_t c = 0; c < columns; c += 32) {
+    const __m512i a = x != nullptr ? _mm512_loadu_si512(x + c) : _mm512_setzero_si512();
+    const __m512i b = y != nullptr ? _mm512_loadu_si512(y + c) : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + 2 * c, _mm512_permutex2var_epi16(a, low, b));
+    _mm512_storeu_si512(out + 2 * c + 32, _mm512_permutex2var_epi16(a, high, b));
+  }
+}
+
 // Eight tiles of 16 rows x 64 bytes, as gemm_amx uses them: a thread configures its tiles before its
 // products, since other code (oneDNN) may have configured them otherwise, and releases them after.
 inline void configure_tiles() {
@@ -239,8 +278,9 @@ inline void gemm_amx_swiglu(const uint16_t* a, int64_t lda, const uint16_t* w, a
     }
     return;
   }
+  // more: 32 rows of half a strip of each, 16 columns of gate, of up
   for (int64_t pass = 0; pass < M; pass += PASS_ROWS)
-    for (int64_t n = c0; n < c1; n += 16) {  // more: 32 rows of half a strip of each, 16 columns of gate, of up
+    for (int64_t n = c0; n < c1; n += 16) {
       const uint16_t* gate = w + n / STRIP_COLUMNS * STRIP_COLUMNS * K + n % STRIP_COLUMNS * 2;
       const uint16_t* up = gate + I * K;
       for (int64_t m = pass; m < std::min(M, pass + PASS_ROWS); m += BLOCK) {

@@ -131,29 +131,6 @@ bool on_tiles(const Shape& s, bool bf16) {
   return bf16 && amx_ready() && s.dim % TILE_K == 0 && s.value_dim % 64 == 0 && s.block_size % TILE_K == 0;
 }
 
-// rows [16] of 16 32-bit lanes, transposed in place: lane j of row i goes to lane i of row j.
-inline void transpose16(__m512i rows[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4)
-    for (int j = 0; j < 2; ++j) {
-      rows[i + 2 * j] = _mm512_unpacklo_epi64(t[i + j], t[i + j + 2]);
-      rows[i + 2 * j + 1] = _mm512_unpackhi_epi64(t[i + j], t[i + j + 2]);
-    }
-  for (int i = 0; i < 16; i += 8)
-    for (int j = 0; j < 4; ++j) {
-      t[i + j] = _mm512_shuffle_i32x4(rows[i + j], rows[i + j + 4], 0x88);
-      t[i + j + 4] = _mm512_shuffle_i32x4(rows[i + j], rows[i + j + 4], 0xDD);
-    }
-  for (int j = 0; j < 8; ++j) {
-    rows[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
-    rows[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xDD);
-  }
-}
-
 // attend on AMX's tiles for bfloat16, up to 16 heads: per page, scores [n, 16] = page [n, D] @ q^T on the
 // tiles straight from the page (16 tokens a tile), the online softmax in float32 as attend's, then
 // p @ page [n, :Dv] with p rounded to bfloat16 (as torch's bfloat16 attention rounds its probabilities before
@@ -220,20 +197,9 @@ void attend_tiles(const at::BFloat16* q, int64_t H, const at::BFloat16* pages, c
       for (int64_t h = 0; h < 16; ++h)
         _mm512_storeu_si512(w.p.data() + (b * TILE_HEADS + h) * TILE_K, pairs[h]);
     }
-    alignas(64) static const uint16_t first_half[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
-                                                         37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
-                                                         11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-    const __m512i low = _mm512_load_si512(first_half);
-    const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
-    for (int64_t j = 0; j < blocks * TILE_K; j += 2) {  // tokens j and j + 1 interleaved, 32 columns a time
+    for (int64_t j = 0; j < blocks * TILE_K; j += 2) {  // tokens j and j + 1 interleaved
       const uint16_t* a = page + j * D;
-      uint16_t* out = w.v_pairs.data() + j * Dv;
-      for (int64_t c = 0; c < Dv; c += 32) {
-        const __m512i x = j < n ? _mm512_loadu_si512(a + c) : _mm512_setzero_si512();
-        const __m512i y = j + 1 < n ? _mm512_loadu_si512(a + D + c) : _mm512_setzero_si512();
-        _mm512_storeu_si512(out + 2 * c, _mm512_permutex2var_epi16(x, low, y));
-        _mm512_storeu_si512(out + 2 * c + 32, _mm512_permutex2var_epi16(x, high, y));
-      }
+      interleave_rows(j < n ? a : nullptr, j + 1 < n ? a + D : nullptr, Dv, w.v_pairs.data() + j * Dv);
     }
     const int64_t ld = Dv * 4;  // bytes between rows of pv and of v_pairs
     for (int64_t c = 0; c < Dv; c += 64) {  // pv in four C tiles of 16 columns each, over the page's blocks

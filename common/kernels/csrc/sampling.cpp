@@ -61,8 +61,8 @@ int64_t draw(const float* logits, int64_t V, float u, float* weights) {
 
 // logits [B, V] float32 (unit column stride), u [B] float32 in [0, 1) -> int64 [B].
 torch::Tensor inverse_cdf_draw(const torch::Tensor& logits, const torch::Tensor& u) {
-  TORCH_CHECK_VALUE(logits.device().is_cpu() && logits.scalar_type() == torch::kFloat32 && logits.dim() == 2 &&
-                        logits.stride(1) == 1 && logits.size(1) > 0,
+  TORCH_CHECK_VALUE(logits.device().is_cpu() && logits.scalar_type() == torch::kFloat32 &&
+                        logits.dim() == 2 && logits.stride(1) == 1 && logits.size(1) > 0,
                     "logits must be a float32 CPU tensor [rows, vocab] with unit column stride");
   TORCH_CHECK_VALUE(u.device().is_cpu() && u.scalar_type() == torch::kFloat32 && u.is_contiguous() &&
                         u.numel() == logits.size(0),
@@ -74,7 +74,8 @@ torch::Tensor inverse_cdf_draw(const torch::Tensor& logits, const torch::Tensor&
   int64_t* out = tokens.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> weights((V + 15) / 16 * 16);
-    for (int64_t r = r0; r < r1; ++r) out[r] = draw(rows + r * logits.stride(0), V, uniforms[r], weights.data());
+    for (int64_t r = r0; r < r1; ++r)
+      out[r] = draw(rows + r * logits.stride(0), V, uniforms[r], weights.data());
   });
   return tokens;
 }

@@ -6,7 +6,9 @@
 // gemm_packed.h's register tiles: the scores transposed, s^T [keys, queries] = k [keys, D] @ q^T [D, 64],
 // where q^T (scaled, built once per item) is the panel, and out [queries, Dv] += p [queries, keys] @
 // v [keys, Dv], p read out of s^T by strides and v widened into 64-column panels. In between, the softmax
-// runs down the keys for 16 queries at a time. Threads take items as they finish, the costliest first.
+// runs down the keys for 16 queries at a time. Threads take items as they finish, the costliest first. On a
+// CPU with AMX, bfloat16 whose widths are whole tiles takes both products on the tiles instead, 32 keys a
+// step (attend_tiles): mini's prefill of 32 prompts of 64 tokens about 2x faster than on FMAs.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -17,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "gemm_amx.h"
 #include "gemm_packed.h"
 
 namespace {
@@ -136,6 +139,166 @@ void attend(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v, T* ou
   }
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+
+constexpr int64_t KEYS = 32;     // keys a step on the tiles: two C tiles of scores, the K of one p tile
+constexpr int64_t QUERIES = 16;  // queries a block: the rows of an A and a C tile
+
+// Whether attend_tiles takes a problem of this shape: bfloat16 on AMX, dimensions in whole tiles.
+bool on_tiles(const Shape& s, bool bf16) {
+  return bf16 && amx_ready() && s.dk % TILE_K == 0 && s.dv % 64 == 0;
+}
+
+// What a thread keeps for attend_tiles: an item's queries [64, Dk]; a step's keys with pairs of dimensions
+// interleaved, the B of the scores' product [Dk / 2, 32 keys, 2]; its values with pairs of keys interleaved,
+// the B of the output's product [16, Dv, 2]; a block's scores [16, 32], its probabilities in bfloat16
+// [16, 32] (the A), their product with the values [16, Dv]; the item's running output [64, Dv], max and
+// denominator.
+struct TileScratch {
+  std::vector<uint16_t> q_rows, k_pairs, v_pairs, p;
+  std::vector<float> scores, pv, o, m, l;
+  explicit TileScratch(const Shape& s)
+      : q_rows(TILE * s.dk),
+        k_pairs(s.dk * KEYS),
+        v_pairs(KEYS * s.dv),
+        p(QUERIES * KEYS),
+        scores(QUERIES * KEYS),
+        pv(QUERIES * s.dv),
+        o(TILE * s.dv),
+        m(TILE),
+        l(TILE) {}
+};
+
+// attend on AMX's tiles for bfloat16: per step of 32 keys, their pairs of dimensions transposed once (16 x 16
+// transposes of 32-bit pairs) and their values' pairs of keys interleaved once for the item's blocks of 16
+// queries; per block, scores [16, 32] = q @ k^T on the tiles from the item's queries (copied once), the
+// online softmax in float32 as attend's, then p @ v with p rounded to bfloat16 (as the paged decode on the
+// tiles rounds it), added into the rescaled running output.
+template <typename T>
+void attend_tiles(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v, T* out, const Item& it,
+                  const Shape& s, TileScratch& w) {
+  const int64_t H = s.heads, Dk = s.dk, Dv = s.dv, h = it.head;
+  const int64_t tq = std::min(TILE, it.q_len - it.first);
+  const int64_t shift = it.k_len - it.q_len;  // causal: query i sees keys 0 .. shift + i
+  const int64_t k_end = s.causal ? std::min(it.k_len, shift + it.first + tq) : it.k_len;
+  const auto bits = [](const T* row) { return reinterpret_cast<const uint16_t*>(row); };
+  const int64_t padded = (tq + QUERIES - 1) / QUERIES * QUERIES;  // the last block's rows padded with zeros
+  for (int64_t i = 0; i < padded; ++i) {
+    uint16_t* row = w.q_rows.data() + i * Dk;
+    if (i < tq)
+      std::copy_n(bits(q.row(it.q0 + it.first + i, h)), Dk, row);
+    else
+      std::fill_n(row, Dk, 0);
+  }
+  std::fill(w.m.begin(), w.m.end(), NEG_INF);
+  std::fill(w.l.begin(), w.l.end(), 0.0f);
+  std::fill(w.o.begin(), w.o.begin() + tq * Dv, 0.0f);
+  for (int64_t ks = 0; ks < k_end; ks += KEYS) {
+    const int64_t n = std::min(KEYS, k_end - ks);
+    for (int64_t half = 0; half < KEYS; half += 16)  // k_pairs[pair][key]: keys' 32-bit pairs transposed
+      for (int64_t c = 0; c < Dk / 2; c += 16) {
+        __m512i rows[16];
+        for (int64_t j = 0; j < 16; ++j)
+          rows[j] = half + j < n ? _mm512_loadu_si512(bits(k.row(it.k0 + ks + half + j, h)) + 2 * c)
+                                 : _mm512_setzero_si512();
+        transpose16(rows);
+        for (int64_t j = 0; j < 16; ++j)
+          _mm512_storeu_si512(w.k_pairs.data() + ((c + j) * KEYS + half) * 2, rows[j]);
+      }
+    for (int64_t j = 0; j < KEYS; j += 2) {  // keys j and j + 1 interleaved
+      const uint16_t* x = j < n ? bits(v.row(it.k0 + ks + j, h)) : nullptr;
+      const uint16_t* y = j + 1 < n ? bits(v.row(it.k0 + ks + j + 1, h)) : nullptr;
+      interleave_rows(x, y, Dv, w.v_pairs.data() + j * Dv);
+    }
+    for (int64_t b = 0; b < tq; b += QUERIES) {
+      const int64_t rows = std::min(QUERIES, tq - b), first = it.first + b;  // the block's first query
+      if (s.causal && ks > shift + first + rows - 1) continue;  // no query of the block sees these keys
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t d = 0; d < Dk; d += TILE_K) {
+        _tile_loadd(4, w.q_rows.data() + b * Dk + d, Dk * 2);
+        _tile_loadd(6, w.k_pairs.data() + d * KEYS, KEYS * 4);
+        _tile_loadd(7, w.k_pairs.data() + d * KEYS + 32, KEYS * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+      }
+      _tile_stored(0, w.scores.data(), KEYS * 4);
+      _tile_stored(1, w.scores.data() + 16, KEYS * 4);
+      alignas(64) float correction[QUERIES];
+      for (int64_t r = 0; r < QUERIES; ++r) {
+        float* sr = w.scores.data() + r * KEYS;
+        uint16_t* pr = w.p.data() + r * KEYS;
+        // keys ks .. ks + seen - 1 are visible to this query
+        const int64_t seen = r < rows ? (s.causal ? std::min(n, shift + first + r - ks + 1) : n) : 0;
+        if (seen <= 0) {  // nothing here for it (or a padding row): p = 0, the output kept
+          std::fill_n(pr, KEYS, 0);
+          correction[r] = 1.0f;
+          continue;
+        }
+        const mask16 lo = first_lanes(seen), hi = first_lanes(seen - 16);
+        const f32x16 scale = splat(s.scale), none = splat(NEG_INF);
+        const f32x16 s0 = where(lo, mul(load(sr), scale), none);
+        const f32x16 s1 = where(hi, mul(load(sr + 16), scale), none);
+        const float old = w.m[b + r], top = std::max(old, _mm512_reduce_max_ps(maximum(s0, s1)));
+        const f32x16 p0 = where(lo, exp16(sub(s0, splat(top))), zeros());
+        const f32x16 p1 = where(hi, exp16(sub(s1, splat(top))), zeros());
+        store_bf16(pr, p0, first_lanes(16));
+        store_bf16(pr + 16, p1, first_lanes(16));
+        // exp(-inf - top) on the first step is about 0 (exp16's floor) and multiplies the zeros of l and o
+        correction[r] = std::exp(old - top);
+        w.l[b + r] = w.l[b + r] * correction[r] + _mm512_reduce_add_ps(add(p0, p1));
+        w.m[b + r] = top;
+      }
+      for (int64_t c = 0; c < Dv; c += 64) {  // pv in four C tiles of 16 columns each
+        const int64_t ld = Dv * 4;  // bytes between rows of pv and of v_pairs
+        const uint16_t* vp = w.v_pairs.data() + 2 * c;
+        _tile_loadd(4, w.p.data(), KEYS * 2);
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        _tile_loadd(6, vp, ld);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(7, vp + 32, ld);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(6, vp + 64, ld);
+        _tile_dpbf16ps(2, 4, 6);
+        _tile_loadd(7, vp + 96, ld);
+        _tile_dpbf16ps(3, 4, 7);
+        float* pv = w.pv.data() + c;
+        _tile_stored(0, pv, ld);
+        _tile_stored(1, pv + 16, ld);
+        _tile_stored(2, pv + 32, ld);
+        _tile_stored(3, pv + 48, ld);
+      }
+      for (int64_t r = 0; r < rows; ++r) {  // o = o * correction + p @ v
+        const f32x16 f = splat(correction[r]);
+        float* o = w.o.data() + (b + r) * Dv;
+        const float* pv = w.pv.data() + r * Dv;
+        for (int64_t d = 0; d < Dv; d += 16) store(o + d, fmadd(load(o + d), f, load(pv + d)));
+      }
+    }
+  }
+  for (int64_t i = 0; i < tq; ++i) {
+    T* row = out + ((it.q0 + it.first + i) * H + h) * Dv;
+    const f32x16 inv = splat(1.0f / w.l[i]);
+    for (int64_t d = 0; d < Dv; d += 16)
+      store16(row + d, mul(load(w.o.data() + i * Dv + d), inv), first_lanes(16));
+  }
+}
+
+#else
+
+struct TileScratch {
+  explicit TileScratch(const Shape&) {}
+};
+bool on_tiles(const Shape&, bool) { return false; }
+template <typename T>
+void attend_tiles(const Operand<T>&, const Operand<T>&, const Operand<T>&, T*, const Item&, const Shape&,
+                  TileScratch&) {}
+
+#endif
+
 template <typename T>
 Operand<T> operand(const torch::Tensor& x) {
   return {x.data_ptr<T>(), x.stride(0), x.stride(1)};
@@ -149,7 +312,15 @@ void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
   T* op = out.data_ptr<T>();
   std::atomic<size_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items.size());
+  const bool tiles = on_tiles(s, std::is_same_v<T, at::BFloat16>);
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    if (tiles) {
+      TileScratch w(s);
+      configure_tiles();
+      for (size_t i; (i = next++) < items.size();) attend_tiles(qo, ko, vo, op, items[i], s, w);
+      release_tiles();
+      return;
+    }
     Scratch w(s);
     for (size_t i; (i = next++) < items.size();) attend(qo, ko, vo, op, items[i], s, w);
   });
