@@ -223,6 +223,33 @@ inline void interleave_rows(const uint16_t* x, const uint16_t* y, int64_t column
   }
 }
 
+// out [16, 64] (rows ld bytes apart) = the sum over `blocks` blocks of 32 of p [16, 32] (bfloat16, rows 64
+// bytes apart, blocks p_step apart) @ the values' pairs [16 pairs, 64 columns, 2] (rows ld bytes apart,
+// blocks v_step apart): an attention's output product on the tiles. C tiles 0-3 (16 columns each), A 4, B
+// 6-7.
+inline void probabilities_times_values(const uint16_t* p, int64_t p_step, const uint16_t* v, int64_t v_step,
+                                       int64_t ld, int64_t blocks, float* out) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t b = 0; b < blocks; ++b, p += p_step, v += v_step) {
+    _tile_loadd(4, p, 64);
+    _tile_loadd(6, v, ld);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, v + 32, ld);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(6, v + 64, ld);
+    _tile_dpbf16ps(2, 4, 6);
+    _tile_loadd(7, v + 96, ld);
+    _tile_dpbf16ps(3, 4, 7);
+  }
+  _tile_stored(0, out, ld);
+  _tile_stored(1, out + 16, ld);
+  _tile_stored(2, out + 32, ld);
+  _tile_stored(3, out + 48, ld);
+}
+
 // Eight tiles of 16 rows x 64 bytes, as gemm_amx uses them: a thread configures its tiles before its
 // products, since other code (oneDNN) may have configured them otherwise, and releases them after.
 inline void configure_tiles() {

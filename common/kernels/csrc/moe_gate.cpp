@@ -11,7 +11,6 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
-#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -52,15 +51,7 @@ void choose(const float* logits, const GateSpec& g, std::vector<float>& scores, 
   const int64_t E = g.experts;
   float* score = scores.data();
   if (g.softmax) {  // 16 experts at a time
-    const f32x16 none = splat(-std::numeric_limits<float>::infinity());
-    f32x16 top = none;
-    for (int64_t e = 0; e < E; e += 16) {
-      const mask16 mask = tail_mask(e, E);
-      top = maximum(top, where(mask, load(logits + e, mask), none));
-    }
-    alignas(64) float lanes[16];
-    store(lanes, top);
-    const f32x16 best = splat(*std::max_element(lanes, lanes + 16));
+    const f32x16 best = splat(max_of(logits, E));
     f32x16 sums = zeros();
     for (int64_t e = 0; e < E; e += 16) {
       const mask16 mask = tail_mask(e, E);

@@ -202,29 +202,9 @@ void attend_tiles(const at::BFloat16* q, int64_t H, const at::BFloat16* pages, c
       interleave_rows(j < n ? a : nullptr, j + 1 < n ? a + D : nullptr, Dv, w.v_pairs.data() + j * Dv);
     }
     const int64_t ld = Dv * 4;  // bytes between rows of pv and of v_pairs
-    for (int64_t c = 0; c < Dv; c += 64) {  // pv in four C tiles of 16 columns each, over the page's blocks
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t b = 0; b < blocks; ++b) {
-        const uint16_t* v = w.v_pairs.data() + b * TILE_K * Dv + 2 * c;
-        _tile_loadd(4, w.p.data() + b * TILE_HEADS * TILE_K, 64);
-        _tile_loadd(6, v, ld);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_loadd(7, v + 32, ld);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_loadd(6, v + 64, ld);
-        _tile_dpbf16ps(2, 4, 6);
-        _tile_loadd(7, v + 96, ld);
-        _tile_dpbf16ps(3, 4, 7);
-      }
-      float* pv = w.pv.data() + c;
-      _tile_stored(0, pv, ld);
-      _tile_stored(1, pv + 16, ld);
-      _tile_stored(2, pv + 32, ld);
-      _tile_stored(3, pv + 48, ld);
-    }
+    for (int64_t c = 0; c < Dv; c += 64)  // pv 64 columns at a time, over the page's blocks
+      probabilities_times_values(w.p.data(), TILE_HEADS * TILE_K, w.v_pairs.data() + 2 * c, TILE_K * Dv, ld,
+                                 blocks, w.pv.data() + c);
     alignas(64) float factor[16];
     store(factor, correction);
     for (int64_t h = 0; h < H; ++h) {  // o = o * correction + p @ v

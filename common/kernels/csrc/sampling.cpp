@@ -24,17 +24,7 @@ namespace {
 
 int64_t draw(const float* logits, int64_t V, float u, float* weights) {
   const f32x16 none = splat(-std::numeric_limits<float>::infinity());
-  f32x16 top = none;
-  for (int64_t i = 0; i < V; i += 16) {
-    const mask16 mask = tail_mask(i, V);
-    top = maximum(top, where(mask, load(logits + i, mask), none));
-  }
-  alignas(64) float lanes[16];
-  store(lanes, top);
-  float best = lanes[0];
-  for (const float lane : lanes) best = std::max(best, lane);
-
-  const f32x16 shift = splat(best), floor = splat(-87.0f);
+  const f32x16 shift = splat(max_of(logits, V)), floor = splat(-87.0f);
   f32x16 sums = zeros();
   for (int64_t i = 0; i < V; i += 16) {
     const mask16 mask = tail_mask(i, V);
@@ -43,6 +33,7 @@ int64_t draw(const float* logits, int64_t V, float u, float* weights) {
     store(weights + i, w);
     sums = add(sums, w);
   }
+  alignas(64) float lanes[16];
   store(lanes, sums);
   float totals[16];  // running totals over lanes 0..j
   float total = 0.0f;

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #if defined(__AVX512F__)
 
@@ -308,6 +309,19 @@ inline float sum_lanes(f32x16 v) {
   float sum = 0.0f;
   for (const float lane : lanes) sum += lane;
   return sum;
+}
+
+// The largest of x[0..n), -inf for none.
+inline float max_of(const float* x, int64_t n) {
+  const f32x16 none = splat(-std::numeric_limits<float>::infinity());
+  f32x16 top = none;
+  for (int64_t i = 0; i < n; i += 16) {
+    const mask16 mask = tail_mask(i, n);
+    top = maximum(top, where(mask, load(x + i, mask), none));
+  }
+  alignas(64) float lanes[16];
+  store(lanes, top);
+  return *std::max_element(lanes, lanes + 16);
 }
 
 // exp(x) for 16 floats at once: range reduction x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial

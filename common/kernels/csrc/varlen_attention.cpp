@@ -62,6 +62,10 @@ struct Scratch {
 struct Item {
   int64_t q0, k0, q_len, k_len, head, first;  // the sequence's rows, the head, the tile's first query
   int64_t cost;                             // query-key pairs it scores
+
+  int64_t queries() const { return std::min(TILE, q_len - first); }
+  int64_t shift() const { return k_len - q_len; }  // causal: query i sees keys 0 .. shift + i
+  int64_t keys(bool causal) const { return causal ? std::min(k_len, shift() + first + queries()) : k_len; }
 };
 
 // Queries first..first+tq of one sequence and head, over keys 0..k_end of its context.
@@ -69,9 +73,7 @@ template <typename T>
 void attend(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v, T* out, const Item& it,
             const Shape& s, Scratch& w) {
   const int64_t H = s.heads, Dk = s.dk, Dv = s.dv, h = it.head;
-  const int64_t tq = std::min(TILE, it.q_len - it.first);
-  const int64_t shift = it.k_len - it.q_len;  // causal: query i sees keys 0 .. shift + i
-  const int64_t k_end = s.causal ? std::min(it.k_len, shift + it.first + tq) : it.k_len;
+  const int64_t tq = it.queries(), shift = it.shift(), k_end = it.keys(s.causal);
   std::fill(w.q_t, w.q_t + Dk * TILE, 0.0f);
   for (int64_t i = 0; i < tq; ++i) {
     const T* row = q.row(it.q0 + it.first + i, h);
@@ -178,9 +180,7 @@ template <typename T>
 void attend_tiles(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v, T* out, const Item& it,
                   const Shape& s, TileScratch& w) {
   const int64_t H = s.heads, Dk = s.dk, Dv = s.dv, h = it.head;
-  const int64_t tq = std::min(TILE, it.q_len - it.first);
-  const int64_t shift = it.k_len - it.q_len;  // causal: query i sees keys 0 .. shift + i
-  const int64_t k_end = s.causal ? std::min(it.k_len, shift + it.first + tq) : it.k_len;
+  const int64_t tq = it.queries(), shift = it.shift(), k_end = it.keys(s.causal);
   const auto bits = [](const T* row) { return reinterpret_cast<const uint16_t*>(row); };
   const int64_t padded = (tq + QUERIES - 1) / QUERIES * QUERIES;  // the last block's rows padded with zeros
   for (int64_t i = 0; i < padded; ++i) {
@@ -249,28 +249,8 @@ void attend_tiles(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v,
         w.l[b + r] = w.l[b + r] * correction[r] + _mm512_reduce_add_ps(add(p0, p1));
         w.m[b + r] = top;
       }
-      for (int64_t c = 0; c < Dv; c += 64) {  // pv in four C tiles of 16 columns each
-        const int64_t ld = Dv * 4;  // bytes between rows of pv and of v_pairs
-        const uint16_t* vp = w.v_pairs.data() + 2 * c;
-        _tile_loadd(4, w.p.data(), KEYS * 2);
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        _tile_loadd(6, vp, ld);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_loadd(7, vp + 32, ld);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_loadd(6, vp + 64, ld);
-        _tile_dpbf16ps(2, 4, 6);
-        _tile_loadd(7, vp + 96, ld);
-        _tile_dpbf16ps(3, 4, 7);
-        float* pv = w.pv.data() + c;
-        _tile_stored(0, pv, ld);
-        _tile_stored(1, pv + 16, ld);
-        _tile_stored(2, pv + 32, ld);
-        _tile_stored(3, pv + 48, ld);
-      }
+      for (int64_t c = 0; c < Dv; c += 64)  // pv 64 columns at a time; Dv * 4 bytes between rows
+        probabilities_times_values(w.p.data(), 0, w.v_pairs.data() + 2 * c, 0, Dv * 4, 1, w.pv.data() + c);
       for (int64_t r = 0; r < rows; ++r) {  // o = o * correction + p @ v
         const f32x16 f = splat(correction[r]);
         float* o = w.o.data() + (b + r) * Dv;
@@ -361,12 +341,12 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
     if (q_len == 0) continue;
     TORCH_CHECK_VALUE(k_len > 0 && (!causal || q_len <= k_len), "sequence ", b, ": ", q_len,
                       " queries cannot attend to ", k_len, " keys");
-    for (int64_t first = 0; first < q_len; first += TILE) {
-      const int64_t tq = std::min(TILE, q_len - first);
-      const int64_t keys = causal ? std::min(k_len, k_len - q_len + first + tq) : k_len;
-      for (int64_t h = 0; h < s.heads; ++h)
-        items.push_back({cq[b], ck[b], q_len, k_len, h, first, tq * keys});
-    }
+    for (int64_t first = 0; first < q_len; first += TILE)
+      for (int64_t h = 0; h < s.heads; ++h) {
+        Item item{cq[b], ck[b], q_len, k_len, h, first, 0};
+        item.cost = item.queries() * item.keys(causal);
+        items.push_back(item);
+      }
   }
   auto out = q.new_empty({q.size(0), s.heads, s.dv});  // rows of no sequence stay unset, as in torch's path
   if (items.empty()) return out;
