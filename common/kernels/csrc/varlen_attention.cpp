@@ -225,6 +225,7 @@ void attend_tiles(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v,
       _tile_stored(0, w.scores.data(), KEYS * 4);
       _tile_stored(1, w.scores.data() + 16, KEYS * 4);
       alignas(64) float correction[QUERIES];
+      const f32x16 scale = splat(s.scale), none = splat(NEG_INF);
       for (int64_t r = 0; r < QUERIES; ++r) {
         float* sr = w.scores.data() + r * KEYS;
         uint16_t* pr = w.p.data() + r * KEYS;
@@ -236,7 +237,6 @@ void attend_tiles(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v,
           continue;
         }
         const mask16 lo = first_lanes(seen), hi = first_lanes(seen - 16);
-        const f32x16 scale = splat(s.scale), none = splat(NEG_INF);
         const f32x16 s0 = where(lo, mul(load(sr), scale), none);
         const f32x16 s1 = where(hi, mul(load(sr + 16), scale), none);
         const float old = w.m[b + r], top = std::max(old, _mm512_reduce_max_ps(maximum(s0, s1)));
@@ -244,8 +244,7 @@ void attend_tiles(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v,
         const f32x16 p1 = where(hi, exp16(sub(s1, splat(top))), zeros());
         store_bf16(pr, p0, first_lanes(16));
         store_bf16(pr + 16, p1, first_lanes(16));
-        // exp(-inf - top) on the first step is about 0 (exp16's floor) and multiplies the zeros of l and o
-        correction[r] = std::exp(old - top);
+        correction[r] = std::exp(old - top);  // 0 on the query's first keys (old = -inf), with l and o 0
         w.l[b + r] = w.l[b + r] * correction[r] + _mm512_reduce_add_ps(add(p0, p1));
         w.m[b + r] = top;
       }
