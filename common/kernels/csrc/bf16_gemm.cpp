@@ -189,8 +189,8 @@ void grouped_product(const float* x, const float* w, Layout layout, float* out, 
   grouped(x, w, layout, rows_by_offset(out, off, E, N).data(), N, off, E, K, N);
 }
 
-void grouped_product(TileRows x, const uint16_t* w, float* out, const int64_t* off, int64_t E, int64_t K,
-                     int64_t N) {
+void grouped_product(TileRows x, const uint16_t* w, at::BFloat16* out, const int64_t* off, int64_t E,
+                     int64_t K, int64_t N) {
   grouped(static_cast<const float*>(nullptr), w, Layout::tiles, rows_by_offset(out, off, E, N).data(), N, off,
           E, K, N, x);
 }

@@ -40,9 +40,10 @@ void grouped_product(const float* x, const uint16_t* w, Layout layout, float* ou
 void grouped_product(const float* x, const float* w, Layout layout, float* out, const int64_t* off,
                      int64_t E, int64_t K, int64_t N);
 
-// grouped_product of weights in tile order on rows already so: the routed experts gather theirs so.
-void grouped_product(TileRows x, const uint16_t* w, float* out, const int64_t* off, int64_t E, int64_t K,
-                     int64_t N);
+// grouped_product of weights in tile order on rows already so (the routed experts gather theirs so), its
+// sums rounded to bfloat16 as torch's bfloat16 GEMM rounds them.
+void grouped_product(TileRows x, const uint16_t* w, at::BFloat16* out, const int64_t* off, int64_t E,
+                     int64_t K, int64_t N);
 
 // act rows off[e]..off[e+1] [., I] (bfloat16, ld apart) = silu(gate) * up of x's rows through w13[e] [K, 2I]
 // in tile order (gemm_amx_swiglu), I a multiple of 32: an expert's first product and its activation at once.

@@ -7,9 +7,9 @@
 // within an expert; the pairs' rows are gathered (widened to float32) in that order, each GEMM round runs
 // every expert's rows in one grouped product (bf16_gemm.cpp), SiLU-and-multiply runs on float32, and each
 // token sums its weighted rows in the sorted order, as the torch path's index_add does. In tile order the
-// rows are gathered as bfloat16, and SiLU-and-multiply is made with the first product and rounded to
-// bfloat16, as the tiles take it. Gather, SiLU and sums run on every thread: a prefill chunk has thousands of
-// pairs.
+// rows are gathered as bfloat16, SiLU-and-multiply is made with the first product and rounded to bfloat16,
+// as the tiles take it, and each expert's output rows are rounded to bfloat16 before the sums, as a bfloat16
+// expert's output is. Gather, SiLU and sums run on every thread: a prefill chunk has thousands of pairs.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -50,11 +50,12 @@ void gate_up_then_down(const float* xs, const W* w13, Layout l13, const W* w2, L
 }
 
 // The same for both weights in tile order, the rows as the tiles take them (gemm_amx.h): the pairs' rows
-// gathered as bfloat16, and the activation made with the first product and rounded to bfloat16 (w2's rows,
-// I, are whole tiles, so w13's halves are whole strips: gemm_amx_swiglu), where the other path stages both in
-// float32 (at a prefill chunk's thousands of rows, writing and reading back 100 MB a layer).
-void gate_up_then_down(TileRows xr, const uint16_t* w13, const uint16_t* w2, float* ys, const int64_t* off,
-                       int64_t R, int64_t E, int64_t h, int64_t I) {
+// gathered as bfloat16, the activation made with the first product and rounded to bfloat16 (w2's rows, I, are
+// whole tiles, so w13's halves are whole strips: gemm_amx_swiglu), and ys rounded to bfloat16, as a bfloat16
+// expert's output is (in the reference, and in torch's path here). The other path stages them in float32: at
+// a prefill chunk's thousands of rows some 100 MB a layer written and read back, where this writes 20.
+void gate_up_then_down(TileRows xr, const uint16_t* w13, const uint16_t* w2, at::BFloat16* ys,
+                       const int64_t* off, int64_t R, int64_t E, int64_t h, int64_t I) {
   uint16_t* act = padded_rows(Scratch::activation_rows, R, I);
   grouped_swiglu_product(xr, w13, reinterpret_cast<at::BFloat16*>(act), I + TILE_K, off, E, h, I);
   grouped_product(TileRows{act, I + TILE_K}, w2, ys, off, E, I, h);
@@ -74,11 +75,11 @@ TileRows gather_rows(const T* x, const std::vector<int64_t>& pair, int64_t k, in
   return tile_rows<T>(Scratch::gemm_rows, pair.size(), h, [&](int64_t r) { return x + pair[r] / k * h; });
 }
 
-// out [T, h] (x's dtype): token t's sum of ys[r] * gate over its pairs' rows r, in sorted order; row_of[p] is
-// pair p's row, -1 where another shard computes it.
-template <typename T>
-void weighted_sums(const float* ys, const float* gate, const std::vector<int64_t>& row_of, int64_t k,
-                   int64_t h, T* out) {
+// out [T, h] (x's dtype): token t's sum of ys[r] * gate over its pairs' rows r (float32 or bfloat16) in
+// float32, in sorted order; row_of[p] is pair p's row, -1 where another shard computes it.
+template <typename Y, typename T>
+void weighted_sums(const Y* ys, const float* gate, const std::vector<int64_t>& row_of, int64_t k, int64_t h,
+                   T* out) {
   at::parallel_for(0, row_of.size() / k, 16, [&](int64_t t0, int64_t t1) {
     std::vector<float> acc(h);
     std::vector<std::pair<int64_t, float>> rows;
@@ -88,10 +89,12 @@ void weighted_sums(const float* ys, const float* gate, const std::vector<int64_t
         if (row_of[p] >= 0) rows.emplace_back(row_of[p], gate[p]);
       std::sort(rows.begin(), rows.end());
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (const auto& [r, g] : rows) {
-#pragma omp simd
-        for (int64_t d = 0; d < h; ++d) acc[d] += ys[r * h + d] * g;
-      }
+      for (const auto& [r, g] : rows)
+        for (int64_t d = 0; d < h; d += 16) {
+          const mask16 mask = tail_mask(d, h);
+          const f32x16 y = mul(load16(ys + r * h + d, mask), splat(g));
+          store(acc.data() + d, add(load(acc.data() + d, mask), y), mask);
+        }
       narrow(acc.data(), out + t * h, h);
     }
   });
@@ -162,17 +165,23 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert
     if (id[p] >= 0) pair[row_of[p] = next[id[p]]++] = p;
 
   const int64_t* off = offsets.data();
-  float* ys;
+  torch::Tensor out = torch::empty({T, h}, x.options());
+  const auto sums = [&](const auto* ys) {
+    if (x.scalar_type() == torch::kFloat32)
+      weighted_sums(ys, gate.data(), row_of, k, h, out.data_ptr<float>());
+    else
+      weighted_sums(ys, gate.data(), row_of, k, h, out.data_ptr<at::BFloat16>());
+  };
   if (layout_of(w13) == Layout::tiles && layout_of(w2) == Layout::tiles) {
-    ys = scratch(Scratch::gemm_sums, R * h);
+    at::BFloat16* ys = reinterpret_cast<at::BFloat16*>(scratch(Scratch::gemm_sums, (R * h + 1) / 2));
     const TileRows xr = x.scalar_type() == torch::kFloat32
                              ? gather_rows(xc.data_ptr<float>(), pair, k, h)
                              : gather_rows(xc.data_ptr<at::BFloat16>(), pair, k, h);
     gate_up_then_down(xr, bf16_bits(w13), bf16_bits(w2), ys, off, R, E, h, I);
+    sums(ys);
   } else {
     float* xsp = scratch(Scratch::expert_rows, R * (2 * h + 3 * I));  // xs [R, h], gate_up, act [R, I], ys
-    float *gu = xsp + R * h, *ap = gu + R * 2 * I;
-    ys = ap + R * I;
+    float *gu = xsp + R * h, *ap = gu + R * 2 * I, *ys = ap + R * I;
     if (x.scalar_type() == torch::kFloat32)
       gather(xc.data_ptr<float>(), pair, k, h, xsp);
     else
@@ -183,12 +192,7 @@ torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert
     else
       gate_up_then_down(xsp, w13.data_ptr<float>(), layout_of(w13), w2.data_ptr<float>(), layout_of(w2), gu,
                         ap, ys, off, R, E, h, I);
+    sums(ys);
   }
-
-  torch::Tensor out = torch::empty({T, h}, x.options());
-  if (x.scalar_type() == torch::kFloat32)
-    weighted_sums(ys, gate.data(), row_of, k, h, out.data_ptr<float>());
-  else
-    weighted_sums(ys, gate.data(), row_of, k, h, out.data_ptr<at::BFloat16>());
   return out;
 }
