@@ -95,8 +95,8 @@ struct alignas(64) TileConfig {
 // right), A at 4-5, B at 6-7; their numbers must be constants, hence the second block spelled out. After each
 // step of 32 rows of the weight, share(step, steps) makes its share of the block before's epilogue (Pending):
 // the tile unit multiplies while the vector units round or activate, where one after the other the tiles
-// waited (mini's experts at 2,048 tokens 6.6-7.5 -> 5.5-6.3 ms a layer, a 2,048 x 512 x 512 product rounded
-// to bfloat16 0.68-0.69 -> 0.62-0.65 ms; the same bits).
+// waited (mini's experts at 2,048 / 64 tokens 6.6-7.5 -> 5.5-6.3 / 0.65-0.68 -> 0.60-0.63 ms a layer, hot;
+// a 2,048 x 512 x 512 product rounded to bfloat16 0.68-0.69 -> 0.62-0.65 ms; the same bits).
 template <int R, typename Share>
 inline void multiply(const uint16_t* a, int64_t lda, int64_t K, const uint16_t* left, const uint16_t* right,
                      Share&& share) {
@@ -147,15 +147,18 @@ struct Pending {
 };
 
 // 16 rows x a whole strip of each half into tiles 0-3: C at 0-1 (gate's 32 columns), 2-3 (up's); A at 4; B
-// at 5-7. For a few rows, where the product streams its weight: each strip is read whole, front to back.
+// at 5-7. For a few rows, where the product streams its weight: each strip is read whole, front to back,
+// the strip before's epilogue made in shares as in multiply.
+template <typename Share>
 inline void multiply_strips(const uint16_t* a, int64_t lda, int64_t K, const uint16_t* gate,
-                            const uint16_t* up) {
+                            const uint16_t* up, Share&& share) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  for (int64_t k = 0; k < K; k += TILE_K, gate += TILE_K * STRIP_COLUMNS, up += TILE_K * STRIP_COLUMNS) {
-    _tile_loadd(4, a + k, lda * 2);
+  const int64_t steps = K / TILE_K;
+  for (int64_t step = 0; step < steps; ++step, gate += TILE_K * STRIP_COLUMNS, up += TILE_K * STRIP_COLUMNS) {
+    _tile_loadd(4, a + step * TILE_K, lda * 2);
     _tile_loadd(5, gate, 128);
     _tile_loadd(6, gate + 32, 128);
     _tile_dpbf16ps(0, 4, 5);
@@ -164,6 +167,7 @@ inline void multiply_strips(const uint16_t* a, int64_t lda, int64_t K, const uin
     _tile_loadd(5, up + 32, 128);
     _tile_dpbf16ps(2, 4, 7);
     _tile_dpbf16ps(3, 4, 5);
+    share(step, steps);
   }
 }
 
@@ -328,15 +332,26 @@ inline void gemm_amx_swiglu(const uint16_t* a, int64_t lda, const uint16_t* w, a
   constexpr int64_t BLOCK = 2 * TILE_ROWS;
   constexpr int64_t TILE = TILE_ROWS * 16;
   alignas(64) float sums[2][4 * TILE];
+  int turn = 0;
   if (M <= TILE_ROWS) {  // a few rows: whole strips, 16 rows
-    for (int64_t n = c0; n < c1; n += STRIP_COLUMNS) {
-      multiply_strips(a, lda, K, w + n * K, w + (I + n) * K);
-      store_tiles(sums[0]);
-      for (int64_t r = 0; r < M; ++r)
-        swiglu_row(act + r * ld + n, r, STRIP_COLUMNS, sums[0], 2 * TILE,
+    struct Rows {  // a strip's rows of act from its sums
+      const float* sums;
+      at::BFloat16* act;
+      int64_t ld;
+      void operator()(int64_t r) const {
+        swiglu_row(act + r * ld, r, STRIP_COLUMNS, sums, 2 * TILE,
                    [](int64_t r, int64_t c) { return c / 16 * TILE + r * 16; });
+      }
+    };
+    Pending<Rows> pending{};
+    for (int64_t n = c0; n < c1; n += STRIP_COLUMNS) {
+      multiply_strips(a, lda, K, w + n * K, w + (I + n) * K,
+                      [&](int64_t step, int64_t steps) { pending.share(step, steps); });
+      float* s = sums[turn ^= 1];
+      store_tiles(s);
+      pending = {Rows{s, act + n, ld}, M};
     }
-    return;
+    return pending.share(0, 1);
   }
   // more: 32 rows of half a strip of each, 16 columns of gate, of up
   struct Rows {  // a block's rows of act from its sums
@@ -349,7 +364,6 @@ inline void gemm_amx_swiglu(const uint16_t* a, int64_t lda, const uint16_t* w, a
     }
   };
   Pending<Rows> pending{};
-  int turn = 0;
   const auto share = [&](int64_t step, int64_t steps) { pending.share(step, steps); };
   for (int64_t pass = 0; pass < M; pass += PASS_ROWS)
     for (int64_t n = c0; n < c1; n += 16) {
