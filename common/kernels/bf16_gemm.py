@@ -32,8 +32,11 @@ from common.config import cpu_flags, cpu_has_native_bf16
 from common.kernels import cpu_extension, strips
 
 # Rows per weight up to which the kernel is as fast as the CPU's best other GEMM, or faster: float32 MKL on
-# upcast operands without bfloat16 units, torch's own bfloat16 GEMM with them.
-MAX_ROWS = 256 if cpu_flags() >= {"amx_tile", "amx_bf16"} else 16 if cpu_has_native_bf16() else 256
+# upcast operands without bfloat16 units, torch's own bfloat16 GEMM with them. A weight kept [K, N] (MLA's
+# kv_b_proj, for the naive prefill) is multiplied with FMAs even on AMX, where oneDNN's GEMM beats them past
+# 16 rows (64 rows of kv_b_proj: 77 against 38 us; 256: 272 against 57): ROW_MAJOR_MAX_ROWS.
+ROW_MAJOR_MAX_ROWS = 16 if cpu_has_native_bf16() else 256
+MAX_ROWS = 256 if cpu_flags() >= {"amx_tile", "amx_bf16"} else ROW_MAJOR_MAX_ROWS
 
 
 @functools.cache
@@ -57,12 +60,13 @@ def kernel_order(w: torch.Tensor) -> torch.Tensor:
 
 
 def suits(x: torch.Tensor, w: torch.Tensor, rows_per_weight: float) -> bool:
-    """Whether x's products with w (or with weights like it) should run here."""
+    """Whether x's products with w (or with weights like it, packed as it is) should run here."""
+    most = MAX_ROWS if strips.in_strip_order(w) else ROW_MAJOR_MAX_ROWS
     return (
         x.dtype is torch.bfloat16
         and w.dtype is torch.bfloat16
         and x.is_cpu
-        and 0 < rows_per_weight <= MAX_ROWS
+        and 0 < rows_per_weight <= most
         and available()
     )
 

@@ -80,10 +80,12 @@ def test_rejects_what_it_cannot_multiply():
         bf16_gemm.bmm(torch.randn(3, 2, 8), torch.randn(2, 8, 4).bfloat16())
 
 
-@pytest.mark.parametrize("rows", [1, bf16_gemm.MAX_ROWS, bf16_gemm.MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, bf16_gemm.ROW_MAJOR_MAX_ROWS, bf16_gemm.ROW_MAJOR_MAX_ROWS + 1])
 def test_matmul_takes_the_kernel_up_to_max_rows(rows):
+    """A weight kept [in, out]: the kernel up to ROW_MAJOR_MAX_ROWS (a packed one's limit, MAX_ROWS, is
+    test_a_packed_weight_gives_the_same_bits')."""
     x, w = torch.randn(rows, 64).bfloat16(), torch.randn(64, 48).bfloat16()
-    used = bf16_gemm.available() and rows <= bf16_gemm.MAX_ROWS
+    used = bf16_gemm.available() and rows <= bf16_gemm.ROW_MAJOR_MAX_ROWS
     if used:
         want = bf16_gemm.mm(x, w)
     elif cpu_has_native_bf16() or rows == 1:
