@@ -92,8 +92,8 @@ void weighted_sums(const Y* ys, const float* gate, const std::vector<int64_t>& r
       for (const auto& [r, g] : rows)
         for (int64_t d = 0; d < h; d += 16) {
           const mask16 mask = tail_mask(d, h);
-          const f32x16 y = mul(load16(ys + r * h + d, mask), splat(g));
-          store(acc.data() + d, add(load(acc.data() + d, mask), y), mask);
+          const f32x16 sum = load(acc.data() + d, mask);
+          store(acc.data() + d, fmadd(load16(ys + r * h + d, mask), splat(g), sum), mask);
         }
       narrow(acc.data(), out + t * h, h);
     }
