@@ -171,7 +171,7 @@ inline void multiply_strips(const uint16_t* a, int64_t lda, int64_t K, const uin
   }
 }
 
-// The C tiles 0-3 to sums: gate and up blocks of 16 x 16, as swiglu_row reads them.
+// The C tiles 0-3 to sums: gate and up blocks of 16 x 16, as SwigluRows reads them.
 inline void store_tiles(float* sums) {
   constexpr int64_t TILE = TILE_ROWS * 16;  // floats of a C tile
   _tile_stored(0, sums, 64);  // all four, though a block of 16 rows by halves reads only two
@@ -180,17 +180,22 @@ inline void store_tiles(float* sums) {
   _tile_stored(3, sums + 3 * TILE, 64);
 }
 
-// Row r of act (`width` columns, 16 or 32) from the C tiles' sums, silu(gate) * up rounded to bfloat16, as
-// SiLU-and-multiply makes it of the two products' float32 sums: `gate(r, c)` is where row r's gate sums of
-// columns c..c+15 sit (up's follow `up` floats later).
+// Pending's row for gemm_amx_swiglu: a block's or strip's rows of act (`width` columns, 16 or 32) from the
+// C tiles' sums, silu(gate) * up rounded to bfloat16, as SiLU-and-multiply makes it of the two products'
+// float32 sums: `gate(r, c)` is where row r's gate sums of columns c..c+15 sit (up's `up` floats later).
 template <typename GateAt>
-inline void swiglu_row(at::BFloat16* act, int64_t r, int64_t width, const float* sums, int64_t up,
-                       GateAt gate) {
-  for (int64_t c = 0; c < width; c += 16) {
-    const float* g = sums + gate(r, c);
-    store16(act + c, mul(silu16(load(g)), load(g + up)), first_lanes(16));
+struct SwigluRows {
+  const float* sums;
+  at::BFloat16* act;
+  int64_t ld, width, up;
+  GateAt gate;
+  void operator()(int64_t r) const {
+    for (int64_t c = 0; c < width; c += 16) {
+      const float* g = sums + gate(r, c);
+      store16(act + r * ld + c, mul(silu16(load(g)), load(g + up)), first_lanes(16));
+    }
   }
-}
+};
 
 }  // namespace gemm_amx_detail
 
@@ -334,36 +339,21 @@ inline void gemm_amx_swiglu(const uint16_t* a, int64_t lda, const uint16_t* w, a
   alignas(64) float sums[2][4 * TILE];
   int turn = 0;
   if (M <= TILE_ROWS) {  // a few rows: whole strips, 16 rows
-    struct Rows {  // a strip's rows of act from its sums
-      const float* sums;
-      at::BFloat16* act;
-      int64_t ld;
-      void operator()(int64_t r) const {
-        swiglu_row(act + r * ld, r, STRIP_COLUMNS, sums, 2 * TILE,
-                   [](int64_t r, int64_t c) { return c / 16 * TILE + r * 16; });
-      }
-    };
-    Pending<Rows> pending{};
+    auto gate_at = [](int64_t r, int64_t c) { return c / 16 * TILE + r * 16; };
+    Pending<SwigluRows<decltype(gate_at)>> pending{};
     for (int64_t n = c0; n < c1; n += STRIP_COLUMNS) {
       multiply_strips(a, lda, K, w + n * K, w + (I + n) * K,
                       [&](int64_t step, int64_t steps) { pending.share(step, steps); });
       float* s = sums[turn ^= 1];
       store_tiles(s);
-      pending = {Rows{s, act + n, ld}, M};
+      pending = {{s, act + n, ld, STRIP_COLUMNS, 2 * TILE, gate_at}, M};
     }
-    return pending.share(0, 1);
+    pending.share(0, 1);
+    return;
   }
   // more: 32 rows of half a strip of each, 16 columns of gate, of up
-  struct Rows {  // a block's rows of act from its sums
-    const float* sums;
-    at::BFloat16* act;
-    int64_t ld;
-    void operator()(int64_t r) const {
-      swiglu_row(act + r * ld, r, 16, sums, TILE,
-                 [](int64_t r, int64_t) { return r / TILE_ROWS * 2 * TILE + r % TILE_ROWS * 16; });
-    }
-  };
-  Pending<Rows> pending{};
+  auto gate_at = [](int64_t r, int64_t) { return r / TILE_ROWS * 2 * TILE + r % TILE_ROWS * 16; };
+  Pending<SwigluRows<decltype(gate_at)>> pending{};
   const auto share = [&](int64_t step, int64_t steps) { pending.share(step, steps); };
   for (int64_t pass = 0; pass < M; pass += PASS_ROWS)
     for (int64_t n = c0; n < c1; n += 16) {
@@ -377,7 +367,7 @@ inline void gemm_amx_swiglu(const uint16_t* a, int64_t lda, const uint16_t* w, a
           multiply<1>(a + m * lda, lda, K, gate, up, share);
         float* s = sums[turn ^= 1];
         store_tiles(s);
-        pending = {Rows{s, act + m * ld + n, ld}, rows};
+        pending = {{s, act + m * ld + n, ld, 16, TILE, gate_at}, rows};
       }
     }
   pending.share(0, 1);
