@@ -261,6 +261,7 @@ class LLMEngine:
                 params.skip_special_tokens,
                 params.stop,
                 params.include_stop_str_in_output,
+                deferred=request.final_only and not params.stop,
             )
         return Sequence(request, index, detokenizer=detok, generator=generator)
 

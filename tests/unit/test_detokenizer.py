@@ -79,6 +79,20 @@ def test_deltas_concatenate_to_the_decoded_text(text):
     assert detok.stopped is None
 
 
+@pytest.mark.parametrize("text", TEXTS)
+def test_a_deferred_detokenizer_gives_the_streamed_text_at_flush(text):
+    ids, prompt = encode(text), encode("Prompt: 你好")
+    streamed, _ = stream(ids, prompt_ids=prompt)
+    detok = IncrementalDetokenizer(tokenizer(), prompt, deferred=True)
+    assert [detok.add(i) for i in ids] == [""] * len(ids) and detok.text == ""
+    assert detok.flush() == detok.text == streamed.text == text
+
+
+def test_stop_strings_cannot_be_deferred():
+    with pytest.raises(ValueError, match="deferred"):
+        IncrementalDetokenizer(tokenizer(), [], stop=["x"], deferred=True)
+
+
 def test_incomplete_characters_are_held_back():
     ids = encode("😀")
     assert len(ids) > 1
@@ -226,9 +240,12 @@ def test_streaming_random_text(text, prompt, stop_at):
 @settings(max_examples=300, deadline=None)
 @given(ids=st.lists(st.integers(0, 2**16), max_size=30), prompt=st.lists(st.integers(0, 2**16), max_size=8))
 def test_streaming_arbitrary_token_ids(ids, prompt):
-    """Even ids that make invalid UTF-8 (or special tokens) stream to exactly decode(ids)."""
+    """Even ids that make invalid UTF-8 (or special tokens) stream to exactly decode(ids), and a deferred
+    detokenizer's one window at the end gives the same text."""
     tok = tokenizer()
     ids, prompt = [i % tok.get_vocab_size() for i in ids], [i % tok.get_vocab_size() for i in prompt]
     for skip in (True, False):
         detok, deltas = stream(ids, prompt_ids=prompt, skip_special_tokens=skip)
         assert "".join(deltas) == detok.text == tok.decode(ids, skip_special_tokens=skip)
+        deferred, _ = stream(ids, prompt_ids=prompt, skip_special_tokens=skip, deferred=True)
+        assert deferred.text == detok.text
