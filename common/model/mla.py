@@ -180,8 +180,11 @@ class MLA(nn.Module):
         )
         q = q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split_with_sizes([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rotary(q_pe, cos, sin, self.interleaved)
-        return self.absorb_query(q_nope, q_pe) if absorb else torch.cat([q_nope, q_pe], dim=-1)
+        rotated = apply_rotary(q_pe, cos, sin, self.interleaved)
+        if absorb:
+            return self.absorb_query(q_nope, rotated)
+        q_pe.copy_(rotated)  # into the query's own columns, where a cat would copy the whole query
+        return q
 
     def query_weights(self) -> tuple[torch.Tensor | float | None, ...]:
         """What csrc/mla.cpp's mla_queries takes after x: q_proj's weight, or q_a_proj's (and its bias),
