@@ -48,7 +48,7 @@ inline int64_t score_row(int64_t heads) { return (heads + 7) / 8 * 8; }
 // attend's scratch of one thread: the scaled query transposed [D, Hp], a page widened to float32
 // [block_size, D], its scores and then probabilities [block_size, Hp], each head's rescale factor [H].
 struct FmaScratch {
-  std::vector<float> q_t, rows, scores, correction;
+  LineVector<float> q_t, rows, scores, correction;
   explicit FmaScratch(const Shape& s)
       : q_t(s.dim * score_row(s.heads)),
         rows(std::max(s.block_size, s.heads) * s.dim),  // holds q too, before the first page
@@ -115,8 +115,8 @@ constexpr int64_t TILE_HEADS = 16;  // heads an item holds on the tiles: a C til
 // tokens the A of the output's product [16, 32]; the page's latents with pairs of tokens interleaved, its B
 // [block_size / 2, Dv, 2]; the page's product p @ v [16, Dv]; the running output of 16 heads [16, Dv].
 struct TileScratch {
-  std::vector<uint16_t> q_pairs, p, v_pairs;
-  std::vector<float> scores, pv, o;
+  LineVector<uint16_t> q_pairs, p, v_pairs;
+  LineVector<float> scores, pv, o;
   explicit TileScratch(const Shape& s)
       : q_pairs(s.dim * TILE_HEADS),
         p(s.block_size * TILE_HEADS),

@@ -21,6 +21,7 @@
 
 #include "gemm_amx.h"
 #include "gemm_packed.h"
+#include "scratch.h"
 
 namespace {
 
@@ -157,8 +158,8 @@ bool on_tiles(const Shape& s, bool bf16) {
 // [16, 32] (the A), their product with the values [16, Dv]; the item's running output [64, Dv], max and
 // denominator.
 struct TileScratch {
-  std::vector<uint16_t> q_rows, k_pairs, v_pairs, p;
-  std::vector<float> scores, pv, o, m, l;
+  LineVector<uint16_t> q_rows, k_pairs, v_pairs, p;
+  LineVector<float> scores, pv, o, m, l;
   explicit TileScratch(const Shape& s)
       : q_rows(TILE * s.dk),
         k_pairs(s.dk * KEYS),
