@@ -319,12 +319,12 @@ def test_silu_and_mul_at_the_edges_of_the_vector_exp() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("interleaved", [False, True])
-@pytest.mark.parametrize("shape", [(7, 32), (7, 4, 32)])
+@pytest.mark.parametrize("shape", [(7, 32), (7, 4, 32), (7, 4, 40), (7, 64)])  # 16 pairs a vector, a tail
 def test_rotary_matches_the_torch_path(monkeypatch, dtype, interleaved, shape) -> None:
     gen = torch.Generator().manual_seed(1)
-    wide = torch.randn(*shape[:-1], 96, generator=gen).to(dtype)
+    wide = torch.randn(*shape[:-1], 64 + shape[-1], generator=gen).to(dtype)
     x = wide[..., 64:]  # q_pe and k_pe are views into wider rows
-    angles = torch.arange(7.0)[:, None] * torch.rand(16, generator=gen)
+    angles = torch.arange(7.0)[:, None] * torch.rand(shape[-1] // 2, generator=gen)
     cos, sin = angles.cos(), angles.sin()
     got = rope.apply_rotary(x, cos, sin, interleaved)
     want = torch_path(monkeypatch, rope.apply_rotary, x, cos, sin, interleaved)

@@ -13,9 +13,6 @@ namespace {
 
 constexpr int64_t GRAIN_ROWS = 16;
 
-inline float to_float(float v) { return v; }
-inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
-
 // out = weight * T(x * rsqrt(mean(x^2) + eps)): the normalised row is rounded to T before the weight
 // multiplies it (in T), as in the reference. With a residual (contiguous, like out), x is first added into
 // it, residual = T(x + residual), and the sum is what is normalised: the pre-norm layer's residual add.
@@ -55,17 +52,23 @@ void rms_norm_rows(const T* x, int64_t row_stride, T* residual, const T* weight,
 template <typename T>
 void rotary_rows(const T* x, int64_t token_stride, int64_t group_stride, const float* cos, const float* sin,
                  T* out, int64_t tokens, int64_t groups, int64_t dim, bool interleaved) {
-  const int64_t half = dim / 2, step = interleaved ? 2 : 1, second = interleaved ? 1 : half;
+  const int64_t half = dim / 2;
   at::parallel_for(0, tokens, GRAIN_ROWS, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t g = 0; g < groups; ++g) {
         const T* xr = x + t * token_stride + g * group_stride;
         T* o = out + (t * groups + g) * dim;
-        for (int64_t i = 0; i < half; ++i) {
-          const float x1 = to_float(xr[i * step]), x2 = to_float(xr[i * step + second]);
-          const float c = cos[t * half + i], s = sin[t * half + i];
-          o[i] = static_cast<T>(x1 * c - x2 * s);
-          o[half + i] = static_cast<T>(x2 * c + x1 * s);
+        for (int64_t i = 0; i < half; i += 16) {  // 16 pairs at a time
+          const mask16 mask = tail_mask(i, half);
+          f32x16 x1, x2;
+          if (interleaved)  // x1, x2 the even and odd elements
+            deinterleave(load16(xr + 2 * i, tail_mask(2 * i, dim)),
+                         load16(xr + 2 * i + 16, tail_mask(2 * i + 16, dim)), x1, x2);
+          else
+            x1 = load16(xr + i, mask), x2 = load16(xr + half + i, mask);
+          const f32x16 c = load(cos + t * half + i, mask), s = load(sin + t * half + i, mask);
+          store16(o + i, sub(mul(x1, c), mul(x2, s)), mask);
+          store16(o + half + i, add(mul(x2, c), mul(x1, s)), mask);
         }
       }
   });
