@@ -43,13 +43,12 @@ struct Shape {
 
 // One thread's scratch: q^T [Dk, 64], widened keys [64, Dk], s^T and then p^T [64 keys, 64 queries],
 // a value panel [64 keys, 64], the running output [64, Dv], max, denominator and rescale factor [64]. The
-// panels are read by aligned loads: torch's allocator aligns them to 64 bytes.
-struct Scratch {
-  torch::Tensor buffer;
+// panels are read by aligned loads: each part starts on a cache line.
+struct FmaScratch {
+  LineVector<float> buffer;
   float *q_t, *keys, *s_t, *v_panel, *o, *m, *l, *alpha;
-  explicit Scratch(const Shape& s)
-      : buffer(torch::empty({(2 * s.dk + s.dv + 2 * TILE + 3) * TILE + 8 * 16})) {
-    float* next = buffer.data_ptr<float>();
+  explicit FmaScratch(const Shape& s) : buffer((2 * s.dk + s.dv + 2 * TILE + 3) * TILE + 8 * 16) {
+    float* next = buffer.data();
     auto take = [&](int64_t n) {  // n floats, starting on a cache line
       float* part = next;
       next += (n + 15) / 16 * 16;
@@ -72,7 +71,7 @@ struct Item {
 // Queries first..first+tq of one sequence and head, over keys 0..k_end of its context.
 template <typename T>
 void attend(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v, T* out, const Item& it,
-            const Shape& s, Scratch& w) {
+            const Shape& s, FmaScratch& w) {
   const int64_t H = s.heads, Dk = s.dk, Dv = s.dv, h = it.head;
   const int64_t tq = it.queries(), shift = it.shift(), k_end = it.keys(s.causal);
   std::fill(w.q_t, w.q_t + Dk * TILE, 0.0f);
@@ -301,7 +300,7 @@ void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
       release_tiles();
       return;
     }
-    Scratch w(s);
+    FmaScratch w(s);
     for (size_t i; (i = next++) < items.size();) attend(qo, ko, vo, op, items[i], s, w);
   });
 }
