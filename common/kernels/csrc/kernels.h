@@ -30,6 +30,8 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 torch::Tensor silu_and_mul(const torch::Tensor& x);
 torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                      bool interleaved);
+void rotary_into(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, bool interleaved,
+                 const torch::Tensor& out);
 torch::Tensor mla_queries(const torch::Tensor& x, const std::optional<torch::Tensor>& q_proj,
                           const std::optional<torch::Tensor>& q_a_proj,
                           const std::optional<torch::Tensor>& q_a_bias,

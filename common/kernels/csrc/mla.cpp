@@ -59,16 +59,15 @@ torch::Tensor mla_queries(const torch::Tensor& x, const std::optional<torch::Ten
                     " heads wider than ", rope_dim);
   const torch::Tensor q = q_flat.view({x.size(0), heads, -1});
   const int64_t nope_dim = q.size(2) - rope_dim;
-  const torch::Tensor q_nope = q.narrow(2, 0, nope_dim);
-  const torch::Tensor q_pe = rotary(q.narrow(2, nope_dim, rope_dim), cos, sin, interleaved);
+  const torch::Tensor q_nope = q.narrow(2, 0, nope_dim), q_pe = q.narrow(2, nope_dim, rope_dim);
   if (!w_uk) {  // q_pe rotated into q's own columns, where a cat would copy all of q
-    q.narrow(2, nope_dim, rope_dim).copy_(q_pe);
+    q_pe.copy_(rotary(q_pe, cos, sin, interleaved));
     return q;
   }
   const int64_t rank = columns_of(*w_uk);
   torch::Tensor absorbed = at::empty({x.size(0), heads, rank + rope_dim}, q.options());
   product_into(q_nope.transpose(0, 1), *w_uk, absorbed.narrow(2, 0, rank).transpose(0, 1));
-  absorbed.narrow(2, rank, rope_dim).copy_(q_pe);
+  rotary_into(q_pe, cos, sin, interleaved, absorbed.narrow(2, rank, rope_dim));  // no copy of a rotated q_pe
   return absorbed;
 }
 

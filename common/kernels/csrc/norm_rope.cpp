@@ -46,18 +46,19 @@ void rms_norm_rows(const T* x, int64_t row_stride, T* residual, const T* weight,
   });
 }
 
-// x [T, G, dim] (unit stride in the last dimension) rotated by its token's angles into out [T, G, dim] in
-// the half-split layout: [x1 cos - x2 sin | x2 cos + x1 sin], where x1, x2 are the halves of x or, when
-// interleaved, its even and odd elements.
+// x [T, G, dim] (unit stride in the last dimension) rotated by its token's angles into out [T, G, dim] (its
+// own strides, unit in the last dimension; not x itself) in the half-split layout: [x1 cos - x2 sin | x2 cos
+// + x1 sin], where x1, x2 are the halves of x or, when interleaved, its even and odd elements.
 template <typename T>
 void rotary_rows(const T* x, int64_t token_stride, int64_t group_stride, const float* cos, const float* sin,
-                 T* out, int64_t tokens, int64_t groups, int64_t dim, bool interleaved) {
+                 T* out, int64_t out_token_stride, int64_t out_group_stride, int64_t tokens, int64_t groups,
+                 int64_t dim, bool interleaved) {
   const int64_t half = dim / 2;
   at::parallel_for(0, tokens, GRAIN_ROWS, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t g = 0; g < groups; ++g) {
         const T* xr = x + t * token_stride + g * group_stride;
-        T* o = out + (t * groups + g) * dim;
+        T* o = out + t * out_token_stride + g * out_group_stride;
         for (int64_t i = 0; i < half; i += 16) {  // 16 pairs at a time
           const mask16 mask = tail_mask(i, half);
           f32x16 x1, x2;
@@ -106,8 +107,8 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   return out;
 }
 
-torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                     bool interleaved) {
+void rotary_into(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, bool interleaved,
+                 const torch::Tensor& out) {
   check_float(x);
   TORCH_CHECK_VALUE((x.dim() == 2 || x.dim() == 3) && x.stride(-1) == 1 && x.size(-1) % 2 == 0,
                     "x must be [T, dim] or [T, G, dim] with unit stride in an even last dimension");
@@ -116,13 +117,23 @@ torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const tor
                         cos.is_contiguous() && sin.is_contiguous() && cos.dim() == 2 &&
                         cos.sizes() == sin.sizes() && cos.size(0) == tokens && cos.size(1) == dim / 2,
                     "cos and sin must be contiguous float32 [", tokens, ", ", dim / 2, "]");
-  auto out = torch::empty(x.sizes(), x.options());
-  const int64_t group_stride = x.dim() == 3 ? x.stride(1) : 0;
+  TORCH_CHECK_VALUE(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.stride(-1) == 1 &&
+                        out.device().is_cpu() && (x.numel() == 0 || out.data_ptr() != x.data_ptr()),
+                    "out must be another CPU tensor of x's shape and dtype with a unit last stride");
+  const bool grouped = x.dim() == 3;
+  const int64_t group_stride = grouped ? x.stride(1) : 0, out_group_stride = grouped ? out.stride(1) : 0;
   if (x.scalar_type() == torch::kFloat32)
     rotary_rows(x.data_ptr<float>(), x.stride(0), group_stride, cos.data_ptr<float>(), sin.data_ptr<float>(),
-                out.data_ptr<float>(), tokens, groups, dim, interleaved);
+                out.data_ptr<float>(), out.stride(0), out_group_stride, tokens, groups, dim, interleaved);
   else
     rotary_rows(x.data_ptr<at::BFloat16>(), x.stride(0), group_stride, cos.data_ptr<float>(),
-                sin.data_ptr<float>(), out.data_ptr<at::BFloat16>(), tokens, groups, dim, interleaved);
+                sin.data_ptr<float>(), out.data_ptr<at::BFloat16>(), out.stride(0), out_group_stride, tokens,
+                groups, dim, interleaved);
+}
+
+torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                     bool interleaved) {
+  auto out = torch::empty(x.sizes(), x.options());
+  rotary_into(x, cos, sin, interleaved, out);
   return out;
 }
