@@ -44,6 +44,7 @@ class DecodeLayer:
             post_norm=(after.weight, after.eps),
             queries=attn.query_weights(),
             latents=attn.latent_weights(),
+            input_projection=attn.input_projection(),
             w_uk=w_uk,
             w_uv_t=w_uv_t,
             o_proj=attn.o_proj.weight_t,

@@ -24,8 +24,16 @@ pytestmark = pytest.mark.skipif(
 DTYPES = [torch.float32] + ([torch.bfloat16] if bf16_gemm.available() else [])
 
 
-def model_of(tmp_path: Path, name: str, dtype: torch.dtype, bias: bool = False, **load: object):
-    directory = write_random_checkpoint(tmp_path / name, {**CONFIGS[name], "attention_bias": bias}, seed=3)
+def model_of(
+    tmp_path: Path,
+    name: str,
+    dtype: torch.dtype,
+    bias: bool = False,
+    shape: dict | None = None,
+    **load: object,
+):
+    config = {**CONFIGS[name], "attention_bias": bias, **(shape or {})}
+    directory = write_random_checkpoint(tmp_path / name, config, seed=3)
     config, model = load_model(directory, dtype, progress=False, **load)  # type: ignore[arg-type]
     return config, model
 
@@ -50,12 +58,27 @@ def counted(model) -> list[torch.Tensor]:
     return counts
 
 
+# Latents (and a low-rank query) of whole strips: their first products' weights are packed and joined.
+WHOLE_STRIPS = {"v2_lite": {"kv_lora_rank": 48}, "v3": {"kv_lora_rank": 48, "q_lora_rank": 64}}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name, bias", [("v2_lite", False), ("v3", False), ("v2_group_yarn", True)])
-def test_a_decode_step_gives_the_modules_bits(tmp_path: Path, name: str, bias: bool, dtype) -> None:
+@pytest.mark.parametrize(
+    "name, bias, shape",
+    [
+        ("v2_lite", False, None),
+        ("v3", False, None),
+        ("v2_group_yarn", True, None),
+        ("v2_lite", False, WHOLE_STRIPS["v2_lite"]),
+        ("v3", False, WHOLE_STRIPS["v3"]),
+    ],
+)
+def test_a_decode_step_gives_the_modules_bits(tmp_path: Path, name: str, bias: bool, shape, dtype) -> None:
     """Without and with a low-rank query, biases, every gate method; shared experts inside the routed
-    experts' call; a dense first layer."""
-    config, model = model_of(tmp_path, name, dtype, bias)
+    experts' call; a dense first layer; the queries' and latents' first products as one (bfloat16 packed)."""
+    config, model = model_of(tmp_path, name, dtype, bias, shape)
+    joined = [layer.self_attn.input_projection() is not None for layer in model.layers]
+    assert all(joined) if shape and dtype is torch.bfloat16 else not any(joined)
     graph = DecodeGraph.capture(model)
     assert graph is not None
     pool, batch, ids, positions = step_of(config, dtype, [([0, 1], 7), ([2], 1), ([3, 4, 5], 9)])
@@ -125,6 +148,7 @@ def test_a_layer_binds_the_gate_and_the_experts_together() -> None:
             post_norm=(w[0], 1e-6),
             queries=(w, None, None, None, None, 0.0),
             latents=(w, None, w[0], 1e-6),
+            input_projection=None,
             w_uk=w,
             w_uv_t=w,
             o_proj=w,

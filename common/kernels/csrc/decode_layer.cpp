@@ -1,7 +1,8 @@
 // A decoder layer of a decode step as one call, its weights bound once: the kernel calls that
 // common/engine/decode_graph.py's DecodeLayer makes, in the same order with the same arguments, so the same
-// bits. At a one-sequence step each call from Python costs microseconds of argument conversion and glue
-// beside a few tens of microseconds of work; a layer made eight such calls.
+// bits (the queries' and latents' first products, where MLA.pack joined their weights, are one product:
+// each column's sum is the same). At a one-sequence step each call from Python costs microseconds of argument
+// conversion and glue beside a few tens of microseconds of work; a layer made eight such calls.
 
 #include "decode_layer.h"
 
@@ -10,13 +11,14 @@
 #include "kernels.h"
 
 DecodeLayer::DecodeLayer(Norm input_norm, Norm post_norm, QueryWeights queries, LatentWeights latents,
-                         torch::Tensor w_uk, torch::Tensor w_uv_t, torch::Tensor o_proj,
-                         std::optional<torch::Tensor> o_bias, Attention attention,
-                         std::optional<GateArgs> gate, std::optional<Experts> experts)
+                         std::optional<torch::Tensor> input_projection, torch::Tensor w_uk,
+                         torch::Tensor w_uv_t, torch::Tensor o_proj, std::optional<torch::Tensor> o_bias,
+                         Attention attention, std::optional<GateArgs> gate, std::optional<Experts> experts)
     : input_norm(std::move(input_norm)),
       post_norm(std::move(post_norm)),
       queries(std::move(queries)),
       latents(std::move(latents)),
+      input_projection(std::move(input_projection)),
       w_uk(std::move(w_uk)),
       w_uv_t(std::move(w_uv_t)),
       o_proj(std::move(o_proj)),
@@ -38,10 +40,22 @@ std::tuple<torch::Tensor, torch::Tensor> DecodeLayer::forward(
   const torch::Tensor h = rms_norm(x, norm_w, norm_eps, residual);
   const auto& [q_proj, q_a_proj, q_a_bias, q_a_norm, q_b_proj, q_eps] = queries;
   const auto& [heads, rope_dim, kv_rank, interleaved, scale] = attention;
-  const torch::Tensor q = mla_queries(h, q_proj, q_a_proj, q_a_bias, q_a_norm, q_b_proj, q_eps, cos, sin,
-                                      interleaved, heads, rope_dim, w_uk);
   const auto& [kv_a_proj, kv_a_bias, kv_a_norm, kv_eps] = latents;
-  mla_cache_latents(h, kv_a_proj, kv_a_bias, kv_a_norm, kv_eps, cos, sin, interleaved, pages, slots);
+  torch::Tensor q;
+  if (input_projection) {  // both first products at once: the latents' columns last
+    const torch::Tensor both = bf16_mm(h, *input_projection);
+    const int64_t latent_columns = pages.size(2), query_columns = both.size(1) - latent_columns;
+    const bool low_rank = !q_proj;
+    q = mla_queries_from(both.narrow(1, 0, query_columns), low_rank ? q_a_norm : std::nullopt,
+                         low_rank ? q_b_proj : std::nullopt, q_eps, cos, sin, interleaved, heads, rope_dim,
+                         w_uk);
+    mla_cache_latents_from(both.narrow(1, query_columns, latent_columns), kv_a_norm, kv_eps, cos, sin,
+                           interleaved, pages, slots);
+  } else {
+    q = mla_queries(h, q_proj, q_a_proj, q_a_bias, q_a_norm, q_b_proj, q_eps, cos, sin, interleaved, heads,
+                    rope_dim, w_uk);
+    mla_cache_latents(h, kv_a_proj, kv_a_bias, kv_a_norm, kv_eps, cos, sin, interleaved, pages, slots);
+  }
   const torch::Tensor out = paged_latent_decode(q, pages, block_tables, context_lens, scale, kv_rank, 0);
   const auto& [post_w, post_eps] = post_norm;
   const torch::Tensor y = rms_norm(mla_output(out, w_uv_t, o_proj, o_bias), post_w, post_eps, res);

@@ -22,9 +22,12 @@ class DecodeLayer {
                               int64_t, bool, double>;
   using Experts = std::tuple<Tensor, Tensor, int64_t>;  // w13, w2 (strip order), shared experts among them
 
-  DecodeLayer(Norm input_norm, Norm post_norm, QueryWeights queries, LatentWeights latents, Tensor w_uk,
-              Tensor w_uv_t, Tensor o_proj, std::optional<Tensor> o_bias, Attention attention,
-              std::optional<GateArgs> gate, std::optional<Experts> experts);
+  // input_projection: q_proj's (or q_a_proj's) and kv_a_proj's weights side by side, where MLA.pack joined
+  // them (the two products from x in one; the queries' and latents' own weights are then views of it).
+  DecodeLayer(Norm input_norm, Norm post_norm, QueryWeights queries, LatentWeights latents,
+              std::optional<Tensor> input_projection, Tensor w_uk, Tensor w_uv_t, Tensor o_proj,
+              std::optional<Tensor> o_bias, Attention attention, std::optional<GateArgs> gate,
+              std::optional<Experts> experts);
 
   // (the MoE's output, or without experts the MLP's normalised input; the residual stream)
   std::tuple<Tensor, Tensor> forward(const Tensor& x, const std::optional<Tensor>& residual,
@@ -36,6 +39,7 @@ class DecodeLayer {
   Norm input_norm, post_norm;
   QueryWeights queries;
   LatentWeights latents;
+  std::optional<Tensor> input_projection;
   Tensor w_uk, w_uv_t, o_proj;
   std::optional<Tensor> o_bias;
   Attention attention;

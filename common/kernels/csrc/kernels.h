@@ -39,10 +39,17 @@ torch::Tensor mla_queries(const torch::Tensor& x, const std::optional<torch::Ten
                           const std::optional<torch::Tensor>& q_b_proj, double eps, const torch::Tensor& cos,
                           const torch::Tensor& sin, bool interleaved, int64_t heads, int64_t rope_dim,
                           const std::optional<torch::Tensor>& w_uk);
+torch::Tensor mla_queries_from(const torch::Tensor& first, const std::optional<torch::Tensor>& q_a_norm,
+                               const std::optional<torch::Tensor>& q_b_proj, double eps,
+                               const torch::Tensor& cos, const torch::Tensor& sin, bool interleaved,
+                               int64_t heads, int64_t rope_dim, const std::optional<torch::Tensor>& w_uk);
 void mla_cache_latents(const torch::Tensor& x, const torch::Tensor& kv_a_proj,
                        const std::optional<torch::Tensor>& kv_a_bias, const torch::Tensor& kv_a_norm,
                        double eps, const torch::Tensor& cos, const torch::Tensor& sin, bool interleaved,
                        const torch::Tensor& pages, const torch::Tensor& slots);
+void mla_cache_latents_from(const torch::Tensor& kv, const torch::Tensor& kv_a_norm, double eps,
+                            const torch::Tensor& cos, const torch::Tensor& sin, bool interleaved,
+                            const torch::Tensor& pages, const torch::Tensor& slots);
 torch::Tensor mla_output(const torch::Tensor& o_latent, const torch::Tensor& w_uv_t,
                          const torch::Tensor& o_proj, const std::optional<torch::Tensor>& o_bias);
 torch::Tensor inverse_cdf_draw(const torch::Tensor& logits, const torch::Tensor& u);

@@ -34,12 +34,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using L = DecodeLayer;
   using Tensor = torch::Tensor;
   py::class_<L>(m, "DecodeLayer", "a decoder layer of a decode step as one call, weights bound")
-      .def(py::init<L::Norm, L::Norm, L::QueryWeights, L::LatentWeights, Tensor, Tensor, Tensor,
-                    std::optional<Tensor>, L::Attention, std::optional<L::GateArgs>,
+      .def(py::init<L::Norm, L::Norm, L::QueryWeights, L::LatentWeights, std::optional<Tensor>, Tensor,
+                    Tensor, Tensor, std::optional<Tensor>, L::Attention, std::optional<L::GateArgs>,
                     std::optional<L::Experts>>(),
            py::kw_only(), py::arg("input_norm"), py::arg("post_norm"), py::arg("queries"), py::arg("latents"),
-           py::arg("w_uk"), py::arg("w_uv_t"), py::arg("o_proj"), py::arg("o_bias"), py::arg("attention"),
-           py::arg("gate"), py::arg("experts"))
+           py::arg("input_projection"), py::arg("w_uk"), py::arg("w_uv_t"), py::arg("o_proj"),
+           py::arg("o_bias"), py::arg("attention"), py::arg("gate"), py::arg("experts"))
       .def("__call__", &L::forward, py::arg("x"), py::arg("residual"), py::arg("cos"), py::arg("sin"),
            py::arg("pages"), py::arg("slots"), py::arg("block_tables"), py::arg("context_lens"),
            py::arg("counts"), nogil);
