@@ -76,25 +76,34 @@ TileRows gather_rows(const T* x, const std::vector<int64_t>& pair, int64_t k, in
 }
 
 // out [T, h] (x's dtype): token t's sum of ys[r] * gate over its pairs' rows r (float32 or bfloat16) in
-// float32, in sorted order; row_of[p] is pair p's row, -1 where another shard computes it.
+// float32, in sorted order; row_of[p] is pair p's row, -1 where another shard computes it. A token's rows lie
+// wherever its experts' rows went, so each is a fresh read from L3 or memory: the next token's rows are asked
+// for while this token's are summed (a prefill chunk of 2,048 tokens waited on these loads for about half of
+// the sums' time).
 template <typename Y, typename T>
 void weighted_sums(const Y* ys, const float* gate, const std::vector<int64_t>& row_of, int64_t k, int64_t h,
                    T* out) {
-  at::parallel_for(0, row_of.size() / k, 16, [&](int64_t t0, int64_t t1) {
+  const int64_t row_bytes = h * static_cast<int64_t>(sizeof(Y)), tokens = row_of.size() / k;
+  at::parallel_for(0, tokens, 16, [&](int64_t t0, int64_t t1) {
     std::vector<float> acc(h);
     std::vector<std::pair<int64_t, float>> rows;
     for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t p = (t + 1) * k; p < std::min(t + 2, tokens) * k; ++p)
+        if (row_of[p] >= 0)
+          for (int64_t b = 0; b < row_bytes; b += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(ys + row_of[p] * h) + b, _MM_HINT_T0);
       rows.clear();
       for (int64_t p = t * k; p < (t + 1) * k; ++p)
         if (row_of[p] >= 0) rows.emplace_back(row_of[p], gate[p]);
       std::sort(rows.begin(), rows.end());
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (const auto& [r, g] : rows)
+      for (const auto& [r, g] : rows) {
+        const Y* y = ys + r * h;
         for (int64_t d = 0; d < h; d += 16) {
           const mask16 mask = tail_mask(d, h);
-          const f32x16 sum = load(acc.data() + d, mask);
-          store(acc.data() + d, fmadd(load16(ys + r * h + d, mask), splat(g), sum), mask);
+          store(acc.data() + d, fmadd(load16(y + d, mask), splat(g), load(acc.data() + d, mask)), mask);
         }
+      }
       narrow(acc.data(), out + t * h, h);
     }
   });
