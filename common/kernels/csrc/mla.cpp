@@ -104,7 +104,8 @@ void mla_cache_latents_from(const torch::Tensor& kv, const torch::Tensor& kv_a_n
   TORCH_CHECK_VALUE(kv.dim() == 2 && kv.stride(1) == 1, "kv must be [T, d_c + d_R]");
   TORCH_CHECK_VALUE(pages.dim() == 3 && pages.is_contiguous() && pages.device().is_cpu() &&
                         pages.scalar_type() == kv.scalar_type(),
-                    "pages must be a contiguous CPU tensor [num_blocks, block_size, entry_dim] of x's dtype");
+                    "pages must be a contiguous CPU tensor [num_blocks, block_size, entry_dim] of the ",
+                    "latents' dtype");
   TORCH_CHECK_VALUE(slots.dim() == 1 && slots.size(0) == kv.size(0) && slots.scalar_type() == torch::kInt64 &&
                         slots.is_contiguous() && slots.device().is_cpu(),
                     "slots must be contiguous int64 [", kv.size(0), "] on the CPU");
