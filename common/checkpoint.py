@@ -182,6 +182,8 @@ def load_model(
         for layer in model.layers:
             layer.self_attn = None
     model = model.to(dtype=dtype).to_empty(device=device)
+    if config.tie_word_embeddings:  # to_empty gave the lm_head a table of its own, which nothing loads
+        model.lm_head.weight = model.embed_tokens.weight
     model.reset_buffers()
     load_weights(list(_hub_targets(model, config)), reader, progress)
     _pack(model)
