@@ -198,14 +198,11 @@ class ModelRunner:
             sampling.append(seq)
             logits_rows.append(len(ids) - 1)
         batch, cache = attention
-        every_row = len(logits_rows) == len(ids)  # a decode-only step samples every row: no rows to pick
+        tokens = int_tensor(ids, np.int64, self.device)
+        at = int_tensor(positions, np.int64, self.device)
         graph = self.decode_graph
-        logits = self.model(
-            int_tensor(ids, np.int64, self.device),
-            int_tensor(positions, np.int64, self.device),
-            batch,
-            cache,
-            None if every_row else int_tensor(logits_rows, np.int64, self.device),
-            graph.layers if graph is not None and graph.takes(batch, cache) else None,
-        )
-        return logits, sampling
+        if graph is not None and graph.takes(batch, cache):  # decodes only: every row samples
+            return graph(tokens, at, batch, cache), sampling
+        every_row = len(logits_rows) == len(ids)  # a decode-only step samples every row: no rows to pick
+        rows = None if every_row else int_tensor(logits_rows, np.int64, self.device)
+        return self.model(tokens, at, batch, cache, rows), sampling

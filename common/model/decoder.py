@@ -3,7 +3,7 @@ lm_head. Module names follow the Hub checkpoints, so weights load by name."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -79,14 +79,11 @@ class DeepseekModel(nn.Module):
         batch: AttentionBatch,
         cache: BlockPool,
         logits_indices: torch.Tensor | None = None,
-        layers: Sequence[Callable[..., tuple[torch.Tensor, torch.Tensor]]] | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]. Returns float32 logits for the rows in logits_indices (all if None).
-        layers: stand-ins for self.layers with their forward's signature (a captured decode step,
-        common/engine/decode_graph.py)."""
+        """input_ids, positions: [T]. Returns float32 logits for the rows in logits_indices (all if None)."""
         x, residual = self.embed_tokens(input_ids), None
         cos, sin = self.rotary(positions)
-        for layer in self.layers if layers is None else layers:
+        for layer in self.layers:
             x, residual = layer(x, residual, cos, sin, batch, cache)
         if logits_indices is not None:
             x, residual = x[logits_indices], residual[logits_indices]

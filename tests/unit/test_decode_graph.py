@@ -71,14 +71,17 @@ WHOLE_STRIPS = {"v2_lite": {"kv_lora_rank": 48}, "v3": {"kv_lora_rank": 48, "q_l
         ("v2_group_yarn", True, None),
         ("v2_lite", False, WHOLE_STRIPS["v2_lite"]),
         ("v3", False, WHOLE_STRIPS["v3"]),
+        ("v2_lite", False, {"tie_word_embeddings": True}),
     ],
 )
 def test_a_decode_step_gives_the_modules_bits(tmp_path: Path, name: str, bias: bool, shape, dtype) -> None:
     """Without and with a low-rank query, biases, every gate method; shared experts inside the routed
-    experts' call; a dense first layer; the queries' and latents' first products as one (bfloat16 packed)."""
+    experts' call; a dense first layer; the queries' and latents' first products as one (bfloat16 packed);
+    an lm_head tied to the embedding."""
     config, model = model_of(tmp_path, name, dtype, bias, shape)
     joined = [layer.self_attn.input_projection() is not None for layer in model.layers]
-    assert all(joined) if shape and dtype is torch.bfloat16 else not any(joined)
+    whole_strips = shape in WHOLE_STRIPS.values()
+    assert all(joined) if whole_strips and dtype is torch.bfloat16 else not any(joined)
     graph = DecodeGraph.capture(model)
     assert graph is not None
     pool, batch, ids, positions = step_of(config, dtype, [([0, 1], 7), ([2], 1), ([3, 4, 5], 9)])
@@ -89,7 +92,7 @@ def test_a_decode_step_gives_the_modules_bits(tmp_path: Path, name: str, bias: b
         want_pages, want_counts = pool.pages.clone(), [c.clone() for c in counts]
         pool.pages.copy_(pages)
         counts = counted(model)
-        got = model(ids, positions, batch, pool, layers=graph.layers)
+        got = graph(ids, positions, batch, pool)
     assert torch.equal(got, want)
     assert torch.equal(pool.pages, want_pages)
     assert all(torch.equal(a, b) for a, b in zip(counts, want_counts, strict=True))
@@ -138,11 +141,16 @@ def test_the_engine_replays_decode_steps_unless_told_to_run_eager(checkpoint_dir
     assert engine_config(args).enforce_eager and not EngineConfig().enforce_eager
 
 
-def test_a_layer_binds_the_gate_and_the_experts_together() -> None:
-    """csrc/decode_layer.cpp runs a MoE layer's gate and experts or neither (a dense MLP runs as a module)."""
+@pytest.mark.parametrize("parts", ["gate", "experts", "gate, experts, mlp", ""])
+def test_a_layer_binds_the_gate_and_the_experts_or_a_dense_mlp(parts: str) -> None:
+    """csrc/decode_layer.cpp runs a MoE layer's gate and experts together, or a dense layer's MLP."""
     w = torch.zeros(4, 4)
-    gate = (w, None, 2, "softmax", "greedy", 1, 1, False, 1.0)
-    with pytest.raises(ValueError, match="the gate and the experts, or neither"):
+    given = {
+        "gate": (w, None, 2, "softmax", "greedy", 1, 1, False, 1.0),
+        "experts": (w[None, None], w[None, None], 0),
+        "mlp": (w, w),
+    }
+    with pytest.raises(ValueError, match="the gate and the experts, or a dense MLP"):
         cpu_extension.module().DecodeLayer(
             input_norm=(w[0], 1e-6),
             post_norm=(w[0], 1e-6),
@@ -154,6 +162,5 @@ def test_a_layer_binds_the_gate_and_the_experts_together() -> None:
             o_proj=w,
             o_bias=None,
             attention=(2, 2, 2, False, 1.0),
-            gate=gate,
-            experts=None,
+            **{name: given[name] if name in parts else None for name in given},
         )

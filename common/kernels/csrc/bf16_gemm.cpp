@@ -295,3 +295,11 @@ torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w) {
   bf16_bmm_into(x, w, out);
   return out;
 }
+
+// x @ w as common/model/linear.py's matmul multiplies the products it sends here: a bfloat16 weight through
+// the kernel (a projection's [K, N] or in strip order [1, N / 32, K, 32], a weight per head [H, K, N] or in
+// strip order [H, N / 32, K, 32]), a float32 one as torch's `x @ w`.
+torch::Tensor linear_product(const torch::Tensor& x, const torch::Tensor& w) {
+  if (w.scalar_type() != torch::kBFloat16) return at::matmul(x, w);
+  return w.dim() == 3 || (w.dim() == 4 && w.size(0) > 1) ? bf16_bmm(x, w) : bf16_mm(x, w);
+}

@@ -13,7 +13,8 @@
 DecodeLayer::DecodeLayer(Norm input_norm, Norm post_norm, QueryWeights queries, LatentWeights latents,
                          std::optional<torch::Tensor> input_projection, torch::Tensor w_uk,
                          torch::Tensor w_uv_t, torch::Tensor o_proj, std::optional<torch::Tensor> o_bias,
-                         Attention attention, std::optional<GateArgs> gate, std::optional<Experts> experts)
+                         Attention attention, std::optional<GateArgs> gate, std::optional<Experts> experts,
+                         std::optional<Dense> mlp)
     : input_norm(std::move(input_norm)),
       post_norm(std::move(post_norm)),
       queries(std::move(queries)),
@@ -25,9 +26,11 @@ DecodeLayer::DecodeLayer(Norm input_norm, Norm post_norm, QueryWeights queries, 
       o_bias(std::move(o_bias)),
       attention(attention),
       gate(std::move(gate)),
-      experts(std::move(experts)) {
-  TORCH_CHECK_VALUE(this->gate.has_value() == this->experts.has_value(),
-                    "give the gate and the experts, or neither (a dense MLP runs outside)");
+      experts(std::move(experts)),
+      mlp(std::move(mlp)) {
+  TORCH_CHECK_VALUE(this->gate.has_value() == this->experts.has_value() &&
+                        this->gate.has_value() != this->mlp.has_value(),
+                    "give the gate and the experts, or a dense MLP");
 }
 
 std::tuple<torch::Tensor, torch::Tensor> DecodeLayer::forward(
@@ -59,7 +62,10 @@ std::tuple<torch::Tensor, torch::Tensor> DecodeLayer::forward(
   const torch::Tensor out = paged_latent_decode(q, pages, block_tables, context_lens, scale, kv_rank, 0);
   const auto& [post_w, post_eps] = post_norm;
   const torch::Tensor y = rms_norm(mla_output(out, w_uv_t, o_proj, o_bias), post_w, post_eps, res);
-  if (!gate) return {y, res};
+  if (mlp) {  // MLP.forward's products
+    const auto& [gate_up, down] = *mlp;
+    return {linear_product(silu_and_mul(linear_product(y, gate_up)), down), res};
+  }
   const auto& [weight, bias, top_k, scoring, method, n_group, topk_group, norm_topk_prob, scaling] = *gate;
   const auto [weights, ids] = moe_gate(y, weight, bias, top_k, scoring, method, n_group, topk_group,
                                        norm_topk_prob, scaling, counts);

@@ -21,15 +21,17 @@ class DecodeLayer {
   using GateArgs = std::tuple<Tensor, std::optional<Tensor>, int64_t, std::string, std::string, int64_t,
                               int64_t, bool, double>;
   using Experts = std::tuple<Tensor, Tensor, int64_t>;  // w13, w2 (strip order), shared experts among them
+  using Dense = std::tuple<Tensor, Tensor>;  // a dense layer's MLP: gate_up_proj, down_proj
 
   // input_projection: q_proj's (or q_a_proj's) and kv_a_proj's weights side by side, where MLA.pack joined
   // them (the two products from x in one; the queries' and latents' own weights are then views of it).
+  // The MLP: the gate and the experts, or a dense MLP.
   DecodeLayer(Norm input_norm, Norm post_norm, QueryWeights queries, LatentWeights latents,
               std::optional<Tensor> input_projection, Tensor w_uk, Tensor w_uv_t, Tensor o_proj,
               std::optional<Tensor> o_bias, Attention attention, std::optional<GateArgs> gate,
-              std::optional<Experts> experts);
+              std::optional<Experts> experts, std::optional<Dense> mlp);
 
-  // (the MoE's output, or without experts the MLP's normalised input; the residual stream)
+  // (the MLP's output, the residual stream)
   std::tuple<Tensor, Tensor> forward(const Tensor& x, const std::optional<Tensor>& residual,
                                      const Tensor& cos, const Tensor& sin, const Tensor& pages,
                                      const Tensor& slots, const Tensor& block_tables,
@@ -45,4 +47,5 @@ class DecodeLayer {
   Attention attention;
   std::optional<GateArgs> gate;
   std::optional<Experts> experts;
+  std::optional<Dense> mlp;
 };

@@ -10,6 +10,7 @@
 torch::Tensor bf16_mm(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor bf16_bmm(const torch::Tensor& x, const torch::Tensor& w);
 void bf16_bmm_into(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& out);
+torch::Tensor linear_product(const torch::Tensor& x, const torch::Tensor& w);
 torch::Tensor grouped_swiglu(const torch::Tensor& x, const torch::Tensor& expert_ids,
                              const torch::Tensor& weights, const torch::Tensor& w13, const torch::Tensor& w2,
                              int64_t shared);

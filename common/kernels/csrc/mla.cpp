@@ -15,15 +15,7 @@
 
 namespace {
 
-// x @ w as common/model/linear.py's matmul multiplies the products it sends here: a bfloat16 weight through
-// bf16_gemm.cpp (a projection's [K, N] or in strip order [1, N / 32, K, 32], a weight per head [H, K, N] or
-// in strip order [H, N / 32, K, 32]), a float32 one as torch's `x @ w`.
-torch::Tensor product(const torch::Tensor& x, const torch::Tensor& w) {
-  if (w.scalar_type() != torch::kBFloat16) return at::matmul(x, w);
-  return w.dim() == 3 || (w.dim() == 4 && w.size(0) > 1) ? bf16_bmm(x, w) : bf16_mm(x, w);
-}
-
-// out = x [H, T, K] @ w, a weight per head (as product's), written into out [H, T, N] at its strides.
+// out = x [H, T, K] @ w, a weight per head (as linear_product's), written into out [H, T, N] at its strides.
 void product_into(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& out) {
   if (w.scalar_type() == torch::kBFloat16) return bf16_bmm_into(x, w, out);
   out.copy_(at::matmul(x, w));
@@ -31,7 +23,7 @@ void product_into(const torch::Tensor& x, const torch::Tensor& w, const torch::T
 
 torch::Tensor projection(const torch::Tensor& x, const torch::Tensor& w,
                          const std::optional<torch::Tensor>& bias) {
-  torch::Tensor y = product(x, w);
+  torch::Tensor y = linear_product(x, w);
   return bias ? y.add_(*bias) : y;
 }
 
@@ -51,8 +43,8 @@ torch::Tensor mla_queries(const torch::Tensor& x, const std::optional<torch::Ten
   TORCH_CHECK_VALUE(q_proj.has_value() != (q_a_proj && q_a_norm && q_b_proj),
                     "give q_proj, or q_a_proj, q_a_norm and q_b_proj");
   if (q_proj)
-    return mla_queries_from(product(x, *q_proj), std::nullopt, std::nullopt, eps, cos, sin, interleaved,
-                            heads, rope_dim, w_uk);
+    return mla_queries_from(linear_product(x, *q_proj), std::nullopt, std::nullopt, eps, cos, sin,
+                            interleaved, heads, rope_dim, w_uk);
   return mla_queries_from(projection(x, *q_a_proj, q_a_bias), q_a_norm, q_b_proj, eps, cos, sin, interleaved,
                           heads, rope_dim, w_uk);
 }
@@ -67,7 +59,7 @@ torch::Tensor mla_queries_from(const torch::Tensor& first, const std::optional<t
   TORCH_CHECK_VALUE(first.dim() == 2 && first.stride(1) == 1, "the first projection must be [T, columns]");
   TORCH_CHECK_VALUE(q_a_norm.has_value() == q_b_proj.has_value(), "give q_a_norm and q_b_proj, or neither");
   const torch::Tensor q_flat =
-      q_b_proj ? product(rms_norm(first, *q_a_norm, eps, std::nullopt), *q_b_proj) : first;
+      q_b_proj ? linear_product(rms_norm(first, *q_a_norm, eps, std::nullopt), *q_b_proj) : first;
   TORCH_CHECK_VALUE(heads > 0 && q_flat.size(1) % heads == 0 && q_flat.size(1) / heads > rope_dim,
                     "the query projection's ", q_flat.size(1), " columns are not ", heads,
                     " heads wider than ", rope_dim);

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "decode_layer.h"
+#include "decode_model.h"
 #include "gemm_amx.h"
 #include "kernels.h"
 
@@ -36,11 +37,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<L>(m, "DecodeLayer", "a decoder layer of a decode step as one call, weights bound")
       .def(py::init<L::Norm, L::Norm, L::QueryWeights, L::LatentWeights, std::optional<Tensor>, Tensor,
                     Tensor, Tensor, std::optional<Tensor>, L::Attention, std::optional<L::GateArgs>,
-                    std::optional<L::Experts>>(),
+                    std::optional<L::Experts>, std::optional<L::Dense>>(),
            py::kw_only(), py::arg("input_norm"), py::arg("post_norm"), py::arg("queries"), py::arg("latents"),
            py::arg("input_projection"), py::arg("w_uk"), py::arg("w_uv_t"), py::arg("o_proj"),
-           py::arg("o_bias"), py::arg("attention"), py::arg("gate"), py::arg("experts"))
+           py::arg("o_bias"), py::arg("attention"), py::arg("gate"), py::arg("experts"), py::arg("mlp"))
       .def("__call__", &L::forward, py::arg("x"), py::arg("residual"), py::arg("cos"), py::arg("sin"),
            py::arg("pages"), py::arg("slots"), py::arg("block_tables"), py::arg("context_lens"),
            py::arg("counts"), nogil);
+  using M = DecodeModel;
+  py::class_<M>(m, "DecodeModel", "a decode step of the whole model as one call, weights bound")
+      .def(py::init<Tensor, Tensor, Tensor, std::vector<L>, L::Norm, Tensor, bool>(), py::kw_only(),
+           py::arg("embedding"), py::arg("cos_table"), py::arg("sin_table"), py::arg("layers"),
+           py::arg("norm"), py::arg("lm_head"), py::arg("tied_lm_head"))
+      .def("__call__", &M::forward, py::arg("ids"), py::arg("positions"), py::arg("pages"), py::arg("slots"),
+           py::arg("block_tables"), py::arg("context_lens"), py::arg("counts"), nogil);
 }
