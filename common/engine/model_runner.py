@@ -198,11 +198,11 @@ class ModelRunner:
             sampling.append(seq)
             logits_rows.append(len(ids) - 1)
         batch, cache = attention
-        tokens = int_tensor(ids, np.int64, self.device)
-        at = int_tensor(positions, np.int64, self.device)
+        token_ids = int_tensor(ids, np.int64, self.device)
+        token_positions = int_tensor(positions, np.int64, self.device)
         graph = self.decode_graph
         if graph is not None and graph.takes(batch, cache):  # decodes only: every row samples
-            return graph(tokens, at, batch, cache), sampling
+            return graph(token_ids, token_positions, batch, cache), sampling
         every_row = len(logits_rows) == len(ids)  # a decode-only step samples every row: no rows to pick
         rows = None if every_row else int_tensor(logits_rows, np.int64, self.device)
-        return self.model(tokens, at, batch, cache, rows), sampling
+        return self.model(token_ids, token_positions, batch, cache, rows), sampling
