@@ -74,6 +74,19 @@ CONFIGS: dict[str, dict] = {
         "routed_scaling_factor": 1.0,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     },
+    # No published DeepSeek ties its lm_head to the embedding, but the config allows it: the checkpoint then
+    # holds no lm_head.
+    "v2_lite_tied": {
+        **_BASE,
+        "model_type": "deepseek_v2",
+        "q_lora_rank": None,
+        "topk_method": "greedy",
+        "norm_topk_prob": False,
+        "routed_scaling_factor": 1.0,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "tie_word_embeddings": True,
+    },
     # DeepSeek-V3's shape: sigmoid scores + correction bias, noaux_tc groups, interleaved rope, dense layers.
     "v3": {
         **_BASE,

@@ -61,8 +61,7 @@ def test_a_router_with_remote_attention_loads_no_mla_weight(checkpoint_dir):
 
 def test_a_tied_lm_head_is_the_embedding(tmp_path):
     """tie_word_embeddings: the checkpoint holds no lm_head, whose weight is the embedding's own table."""
-    config = {**CONFIGS["v2_lite"], "tie_word_embeddings": True}
-    directory = write_random_checkpoint(tmp_path / "tied", config)
+    directory = write_random_checkpoint(tmp_path / "tied", CONFIGS["v2_lite_tied"])
     assert "lm_head.weight" not in load_file(os.path.join(directory, SINGLE_FILE))
     _, model = load_model(directory, torch.float32, progress=False)
     assert model.lm_head.weight is model.embed_tokens.weight

@@ -71,7 +71,7 @@ WHOLE_STRIPS = {"v2_lite": {"kv_lora_rank": 48}, "v3": {"kv_lora_rank": 48, "q_l
         ("v2_group_yarn", True, None),
         ("v2_lite", False, WHOLE_STRIPS["v2_lite"]),
         ("v3", False, WHOLE_STRIPS["v3"]),
-        ("v2_lite", False, {"tie_word_embeddings": True}),
+        ("v2_lite_tied", False, None),
     ],
 )
 def test_a_decode_step_gives_the_modules_bits(tmp_path: Path, name: str, bias: bool, shape, dtype) -> None:
