@@ -81,15 +81,16 @@ def test_bfloat16_prefill_on_tiles_matches_the_reference(
 ) -> None:
     """bfloat16 with dimensions in whole tiles runs on AMX's tiles, the probabilities rounded to bfloat16 for
     the value product: within the output's own rounding of the reference on the same bfloat16 inputs, around
-    the 16-query blocks and 32-key steps, after cached prefixes, on any thread count; keys and values read
-    through their strides (one latent row for every head, as the absorbed prefill gives them)."""
-    q_lens = [1, 5, 16, 17, 63, 64, 65, 0, 130, 200]
-    k_lens = [1, 40, 16, 48, 63, 100, 65, 9, 130, 333]
+    the 16-query blocks, 64-key steps and 256-query items, after cached prefixes, the last keys of k (which a
+    tile would read past), on any thread count; keys and values read through their strides (one latent row
+    for every head, as the absorbed prefill gives them)."""
+    q_lens = [1, 5, 16, 17, 63, 64, 65, 0, 130, 257, 200]
+    k_lens = [1, 40, 16, 48, 63, 100, 65, 9, 130, 300, 333]
     q, k, v, cu_q, cu_k = varlen_case(q_lens, k_lens, heads=heads, d_qk=d_qk, d_v=d_v, seed=2)
     q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
 
     def attend(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return cpu_attention.flash_attn_varlen(q, k, v, cu_q, cu_k, 200, 333, 0.1, causal)
+        return cpu_attention.flash_attn_varlen(q, k, v, cu_q, cu_k, 257, 333, 0.1, causal)
 
     out = attend(k, v)
     assert out.dtype == torch.bfloat16

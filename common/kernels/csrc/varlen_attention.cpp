@@ -6,9 +6,9 @@
 // gemm_packed.h's register tiles: the scores transposed, s^T [keys, queries] = k [keys, D] @ q^T [D, 64],
 // where q^T (scaled, built once per item) is the panel, and out [queries, Dv] += p [queries, keys] @
 // v [keys, Dv], p read out of s^T by strides and v widened into 64-column panels. In between, the softmax
-// runs down the keys for 16 queries at a time. Threads take items as they finish, the costliest first. On a
-// CPU with AMX, bfloat16 whose widths are whole tiles takes both products on the tiles instead, 32 keys a
-// step (attend_tiles): mini's prefill of 32 prompts of 64 tokens about 2x faster than on FMAs.
+// runs down the keys for 16 queries at a time. Threads take items as they finish, a sequence's head at a
+// time, the costliest first. On a CPU with AMX, bfloat16 whose widths are whole tiles takes both products on
+// the tiles instead, in the same transposed layout, items of 256 queries and 64 keys a step (attend_tiles).
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -25,13 +25,17 @@
 
 namespace {
 
-constexpr int64_t TILE = PANEL_COLUMNS;  // queries per item and keys per step: a panel's width
+constexpr int64_t TILE = PANEL_COLUMNS;  // queries per item and keys per step on FMAs: a panel's width
+// Queries per item on the tiles: a step's keys and values, read and interleaved once, serve 16 blocks of
+// queries (4x512 and 1x2048 prompts, 8 heads: 7-15% faster than items of 64 or 128).
+constexpr int64_t TILES_ITEM = 256;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 template <typename T>
 struct Operand {  // q, k or v: rows [tokens, heads, dim], the last dimension contiguous
   const T* data;
   int64_t token, head;  // strides, in elements
+  int64_t tokens;
   const T* row(int64_t t, int64_t h) const { return data + t * token + h * head; }
 };
 
@@ -60,10 +64,11 @@ struct FmaScratch {
 };
 
 struct Item {
-  int64_t q0, k0, q_len, k_len, head, first;  // the sequence's rows, the head, the tile's first query
-  int64_t cost;                             // query-key pairs it scores
-
-  int64_t queries() const { return std::min(TILE, q_len - first); }
+  int64_t q0, k0, q_len, k_len, head;  // the sequence's rows, the head
+  int64_t first, width;                // the item's first query, its most queries
+  int64_t cost;                        // query-key pairs it scores
+  int64_t head_cost;                   // the pairs of every item of its sequence and head
+  int64_t queries() const { return std::min(width, q_len - first); }
   int64_t shift() const { return k_len - q_len; }  // causal: query i sees keys 0 .. shift + i
   int64_t keys(bool causal) const { return causal ? std::min(k_len, shift() + first + queries()) : k_len; }
 };
@@ -143,116 +148,155 @@ void attend(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v, T* ou
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 
-constexpr int64_t KEYS = 32;     // keys a step on the tiles: two C tiles of scores, the K of one p tile
-constexpr int64_t QUERIES = 16;  // queries a block: the rows of an A and a C tile
+constexpr int64_t KEYS = 64;     // keys a step on the tiles: four C tiles of scores, two blocks of p
+constexpr int64_t QUERIES = 16;  // queries a block: the scores' columns (a vector's lanes), then p's rows
 
 // Whether attend_tiles takes a problem of this shape: bfloat16 on AMX, dimensions in whole tiles.
 bool on_tiles(const Shape& s, bool bf16) {
   return bf16 && amx_ready() && s.dk % TILE_K == 0 && s.dv % 64 == 0;
 }
 
-// What a thread keeps for attend_tiles: an item's queries [64, Dk]; a step's keys with pairs of dimensions
-// interleaved, the B of the scores' product [Dk / 2, 32 keys, 2]; its values with pairs of keys interleaved,
-// the B of the output's product [16, Dv, 2]; a block's scores [16, 32], its probabilities in bfloat16
-// [16, 32] (the A), their product with the values [16, Dv]; the item's running output [64, Dv], max and
-// denominator.
+// What a thread keeps for attend_tiles: an item's queries with pairs of dimensions transposed, per block of
+// 16 the B of the scores' product [Dk / 2, 16, 2]; a step's keys, copied only at the end of k (a tile reads
+// 16 rows); its values with pairs of keys interleaved, the B of the output's product [32, Dv, 2]; a block's
+// scores, transposed [64 keys, 16 queries]; its probabilities in bfloat16, the A [2, 16, 32]; their product
+// with the values [16, Dv]; the item's running output [256, Dv], max and denominator [256].
 struct TileScratch {
-  LineVector<uint16_t> q_rows, k_pairs, v_pairs, p;
+  LineVector<uint16_t> q_pairs, keys, v_pairs, p;
   LineVector<float> scores, pv, o, m, l;
   explicit TileScratch(const Shape& s)
-      : q_rows(TILE * s.dk),
-        k_pairs(s.dk * KEYS),
+      : q_pairs(TILES_ITEM * s.dk),
+        keys(KEYS * s.dk),
         v_pairs(KEYS * s.dv),
         p(QUERIES * KEYS),
-        scores(QUERIES * KEYS),
+        scores(KEYS * QUERIES),
         pv(QUERIES * s.dv),
-        o(TILE * s.dv),
-        m(TILE),
-        l(TILE) {}
+        o(TILES_ITEM * s.dv),
+        m(TILES_ITEM),
+        l(TILES_ITEM) {}
 };
 
-// attend on AMX's tiles for bfloat16: per step of 32 keys, their pairs of dimensions transposed once (16 x 16
-// transposes of 32-bit pairs) and their values' pairs of keys interleaved once for the item's blocks of 16
-// queries; per block, scores [16, 32] = q @ k^T on the tiles from the item's queries (copied once), the
-// online softmax in float32 as attend's, then p @ v with p rounded to bfloat16 (as the paged decode on the
-// tiles rounds it), added into the rescaled running output.
+// attend on AMX's tiles for bfloat16, the paged decode's layout: the scores transposed, s^T [keys, 16
+// queries] = k @ q^T on the tiles with the keys' rows straight from k as the A (the item's queries' pairs
+// transposed once), so the online softmax runs down the keys with the queries in the lanes (no horizontal
+// reduction, no scalar exp); then p @ v with p rounded to bfloat16 (as the paged decode rounds it), its pairs
+// of keys transposed to the queries' rows (16 x 16 transposes of 32-bit pairs), the values' pairs of keys
+// interleaved once a step for the item's blocks, added into the rescaled running output.
 template <typename T>
 void attend_tiles(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v, T* out, const Item& it,
                   const Shape& s, TileScratch& w) {
   const int64_t H = s.heads, Dk = s.dk, Dv = s.dv, h = it.head;
   const int64_t tq = it.queries(), shift = it.shift(), k_end = it.keys(s.causal);
+  const int64_t blocks = (tq + QUERIES - 1) / QUERIES;
   const auto bits = [](const T* row) { return reinterpret_cast<const uint16_t*>(row); };
-  const int64_t padded = (tq + QUERIES - 1) / QUERIES * QUERIES;  // the last block's rows padded with zeros
-  for (int64_t i = 0; i < padded; ++i) {
-    uint16_t* row = w.q_rows.data() + i * Dk;
-    if (i < tq)
-      std::copy_n(bits(q.row(it.q0 + it.first + i, h)), Dk, row);
-    else
-      std::fill_n(row, Dk, 0);
-  }
+  for (int64_t b = 0; b < blocks; ++b)  // q_pairs[b][pair][query]: the queries past tq zeros
+    for (int64_t c = 0; c < Dk / 2; c += 16) {
+      __m512i rows[16];
+      for (int64_t i = 0; i < QUERIES; ++i) {
+        const int64_t query = b * QUERIES + i;
+        rows[i] = query < tq ? _mm512_loadu_si512(bits(q.row(it.q0 + it.first + query, h)) + 2 * c)
+                             : _mm512_setzero_si512();
+      }
+      transpose16(rows);
+      for (int64_t j = 0; j < 16; ++j)
+        _mm512_storeu_si512(w.q_pairs.data() + (b * Dk / 2 + c + j) * 2 * QUERIES, rows[j]);
+    }
   std::fill(w.m.begin(), w.m.end(), NEG_INF);
   std::fill(w.l.begin(), w.l.end(), 0.0f);
   std::fill(w.o.begin(), w.o.begin() + tq * Dv, 0.0f);
+  const f32x16 scale = splat(s.scale), none = splat(NEG_INF);
+  float* scores = w.scores.data();
   for (int64_t ks = 0; ks < k_end; ks += KEYS) {
     const int64_t n = std::min(KEYS, k_end - ks);
-    for (int64_t half = 0; half < KEYS; half += 16)  // k_pairs[pair][key]: keys' 32-bit pairs transposed
-      for (int64_t c = 0; c < Dk / 2; c += 16) {
-        __m512i rows[16];
-        for (int64_t j = 0; j < 16; ++j)
-          rows[j] = half + j < n ? _mm512_loadu_si512(bits(k.row(it.k0 + ks + half + j, h)) + 2 * c)
-                                 : _mm512_setzero_si512();
-        transpose16(rows);
-        for (int64_t j = 0; j < 16; ++j)
-          _mm512_storeu_si512(w.k_pairs.data() + ((c + j) * KEYS + half) * 2, rows[j]);
-      }
-    for (int64_t j = 0; j < KEYS; j += 2) {  // keys j and j + 1 interleaved
+    const uint16_t* keys = bits(k.row(it.k0 + ks, h));
+    int64_t ld = k.token * 2;  // bytes between keys
+    if (it.k0 + ks + (n + 15) / 16 * 16 > k.tokens) {  // a tile would read past k's last row
+      for (int64_t j = 0; j < n; ++j) std::copy_n(bits(k.row(it.k0 + ks + j, h)), Dk, w.keys.data() + j * Dk);
+      keys = w.keys.data();
+      ld = Dk * 2;
+    }
+    for (int64_t j = 0; j < (n + 31) / 32 * 32; j += 2) {  // keys j and j + 1 interleaved, zeros past n
       const uint16_t* x = j < n ? bits(v.row(it.k0 + ks + j, h)) : nullptr;
       const uint16_t* y = j + 1 < n ? bits(v.row(it.k0 + ks + j + 1, h)) : nullptr;
       interleave_rows(x, y, Dv, w.v_pairs.data() + j * Dv);
     }
-    for (int64_t b = 0; b < tq; b += QUERIES) {
-      const int64_t rows = std::min(QUERIES, tq - b), first = it.first + b;  // the block's first query
-      if (s.causal && ks > shift + first + rows - 1) continue;  // no query of the block sees these keys
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t rows = std::min(QUERIES, tq - b * QUERIES), first = it.first + b * QUERIES;
+      // Key ks + j is visible to the block's queries (lanes) from lane ks + j - (shift + first) on; none of
+      // them sees the keys from ks + seen on.
+      const int64_t seen = s.causal ? std::min(n, shift + first + rows - ks) : n;
+      if (seen <= 0) continue;
+      const int64_t tiles = (seen + 15) / 16;
       _tile_zero(0);
       _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
       for (int64_t d = 0; d < Dk; d += TILE_K) {
-        _tile_loadd(4, w.q_rows.data() + b * Dk + d, Dk * 2);
-        _tile_loadd(6, w.k_pairs.data() + d * KEYS, KEYS * 4);
-        _tile_loadd(7, w.k_pairs.data() + d * KEYS + 32, KEYS * 4);
+        _tile_loadd(6, w.q_pairs.data() + (b * Dk + d) * QUERIES, 2 * QUERIES * 2);
+        const uint16_t* a = keys + d;  // C tile t: keys 16 t .. 16 t + 15 (the A tiles 4 and 5 in turn)
+        const int64_t next = 8 * ld;   // 16 keys on, in elements
+        _tile_loadd(4, a, ld);
         _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-      }
-      _tile_stored(0, w.scores.data(), KEYS * 4);
-      _tile_stored(1, w.scores.data() + 16, KEYS * 4);
-      alignas(64) float correction[QUERIES];
-      const f32x16 scale = splat(s.scale), none = splat(NEG_INF);
-      for (int64_t r = 0; r < QUERIES; ++r) {
-        float* sr = w.scores.data() + r * KEYS;
-        uint16_t* pr = w.p.data() + r * KEYS;
-        // keys ks .. ks + seen - 1 are visible to this query
-        const int64_t seen = r < rows ? (s.causal ? std::min(n, shift + first + r - ks + 1) : n) : 0;
-        if (seen <= 0) {  // nothing here for it (or a padding row): p = 0, the output kept
-          std::fill_n(pr, KEYS, 0);
-          correction[r] = 1.0f;
-          continue;
+        if (tiles > 1) {
+          _tile_loadd(5, a + next, ld);
+          _tile_dpbf16ps(1, 5, 6);
         }
-        const mask16 lo = first_lanes(seen), hi = first_lanes(seen - 16);
-        const f32x16 s0 = where(lo, mul(load(sr), scale), none);
-        const f32x16 s1 = where(hi, mul(load(sr + 16), scale), none);
-        const float old = w.m[b + r], top = std::max(old, _mm512_reduce_max_ps(maximum(s0, s1)));
-        const f32x16 p0 = where(lo, exp16(sub(s0, splat(top))), zeros());
-        const f32x16 p1 = where(hi, exp16(sub(s1, splat(top))), zeros());
-        store_bf16(pr, p0, first_lanes(16));
-        store_bf16(pr + 16, p1, first_lanes(16));
-        correction[r] = std::exp(old - top);  // 0 on the query's first keys (old = -inf), with l and o 0
-        w.l[b + r] = w.l[b + r] * correction[r] + _mm512_reduce_add_ps(add(p0, p1));
-        w.m[b + r] = top;
+        if (tiles > 2) {
+          _tile_loadd(4, a + 2 * next, ld);
+          _tile_dpbf16ps(2, 4, 6);
+        }
+        if (tiles > 3) {
+          _tile_loadd(5, a + 3 * next, ld);
+          _tile_dpbf16ps(3, 5, 6);
+        }
       }
+      _tile_stored(0, scores, QUERIES * 4);
+      if (tiles > 1) _tile_stored(1, scores + 16 * QUERIES, QUERIES * 4);
+      if (tiles > 2) _tile_stored(2, scores + 32 * QUERIES, QUERIES * 4);
+      if (tiles > 3) _tile_stored(3, scores + 48 * QUERIES, QUERIES * 4);
+
+      // Only a step across the diagonal hides some of its first `seen` keys from some of the queries.
+      const bool diagonal = s.causal && ks + seen - 1 > shift + first;
+      const auto visible = [&](int64_t j) { return lanes_from(ks + j - (shift + first)); };
+      f32x16 raw = none;  // the step's largest score, before the scale (which is positive)
+      for (int64_t j = 0; j < seen; ++j) {
+        const f32x16 x = load(scores + j * QUERIES);
+        raw = maximum(raw, diagonal ? where(visible(j), x, none) : x);
+      }
+      // Key 0 is visible to every query, so top is finite from the first step on.
+      const f32x16 old = load(w.m.data() + b * QUERIES), top = maximum(old, mul(raw, scale));
+      const f32x16 minus_top = sub(zeros(), top);
+      const auto probability = [&](int64_t j) {  // exp(score * scale - top); 0 for keys not seen
+        if (j >= seen) return zeros();
+        const f32x16 p = exp16(fmadd(load(scores + j * QUERIES), scale, minus_top));
+        return diagonal ? where(visible(j), p, zeros()) : p;
+      };
+      f32x16 sum = zeros();
+      const int64_t halves = (seen + 31) / 32;
+      for (int64_t half = 0; half < halves; ++half) {  // p of 32 keys, rounded: [16 key pairs, 16 queries]
+        __m512i pairs[16];                             // transposed to [16 queries, 32 keys], the A of p @ v
+        for (int64_t i = 0; i < 16; ++i) {
+          const int64_t j = half * 32 + 2 * i;
+          const f32x16 even = probability(j), odd = probability(j + 1);
+          sum = add(add(sum, even), odd);
+          pairs[i] = _mm512_or_si512(bf16_rounded_bits(even), _mm512_slli_epi32(bf16_rounded_bits(odd), 16));
+        }
+        transpose16(pairs);
+        for (int64_t r = 0; r < QUERIES; ++r)
+          _mm512_storeu_si512(w.p.data() + (half * QUERIES + r) * 32, pairs[r]);
+      }
+      const f32x16 correction = exp16(sub(old, top));  // about 0 on the first step (m = -inf), l and o 0
+      float* l = w.l.data() + b * QUERIES;
+      store(l, fmadd(load(l), correction, sum));
+      store(w.m.data() + b * QUERIES, top);
       for (int64_t c = 0; c < Dv; c += 64)  // pv 64 columns at a time; Dv * 4 bytes between rows
-        probabilities_times_values(w.p.data(), 0, w.v_pairs.data() + 2 * c, 0, Dv * 4, 1, w.pv.data() + c);
+        probabilities_times_values(w.p.data(), QUERIES * 32, w.v_pairs.data() + 2 * c, 32 * Dv, Dv * 4, halves,
+                                   w.pv.data() + c);
+      alignas(64) float factor[QUERIES];
+      store(factor, correction);
       for (int64_t r = 0; r < rows; ++r) {  // o = o * correction + p @ v
-        const f32x16 f = splat(correction[r]);
-        float* o = w.o.data() + (b + r) * Dv;
+        const f32x16 f = splat(factor[r]);
+        float* o = w.o.data() + (b * QUERIES + r) * Dv;
         const float* pv = w.pv.data() + r * Dv;
         for (int64_t d = 0; d < Dv; d += 16) store(o + d, fmadd(load(o + d), f, load(pv + d)));
       }
@@ -280,13 +324,17 @@ void attend_tiles(const Operand<T>&, const Operand<T>&, const Operand<T>&, T*, c
 
 template <typename T>
 Operand<T> operand(const torch::Tensor& x) {
-  return {x.data_ptr<T>(), x.stride(0), x.stride(1)};
+  return {x.data_ptr<T>(), x.stride(0), x.stride(1), x.size(0)};
 }
 
 template <typename T>
 void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
          std::vector<Item>& items, const Shape& s) {
-  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  // A sequence's head at a time, its keys and values then read from a core's cache by all its query tiles
+  // (the costliest head first, its costliest tile first).
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
+    return a.head_cost != b.head_cost ? a.head_cost > b.head_cost : a.cost > b.cost;
+  });
   const Operand<T> qo = operand<T>(q), ko = operand<T>(k), vo = operand<T>(v);
   T* op = out.data_ptr<T>();
   std::atomic<size_t> next{0};
@@ -333,6 +381,7 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
   const int64_t batch = cu_seqlens_q.size(0) - 1;
   TORCH_CHECK_VALUE(cq[0] == 0 && ck[0] == 0 && cq[batch] <= q.size(0) && ck[batch] <= k.size(0),
                     "cu_seqlens must start at 0 and end within q's and k's rows");
+  const int64_t width = on_tiles(s, q.scalar_type() == torch::kBFloat16) ? TILES_ITEM : TILE;
   std::vector<Item> items;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t q_len = cq[b + 1] - cq[b], k_len = ck[b + 1] - ck[b];
@@ -340,12 +389,17 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
     if (q_len == 0) continue;
     TORCH_CHECK_VALUE(k_len > 0 && (!causal || q_len <= k_len), "sequence ", b, ": ", q_len,
                       " queries cannot attend to ", k_len, " keys");
-    for (int64_t first = 0; first < q_len; first += TILE)
-      for (int64_t h = 0; h < s.heads; ++h) {
-        Item item{cq[b], ck[b], q_len, k_len, h, first, 0};
+    for (int64_t h = 0; h < s.heads; ++h) {
+      const size_t head_items = items.size();
+      int64_t head_cost = 0;
+      for (int64_t first = 0; first < q_len; first += width) {
+        Item item{cq[b], ck[b], q_len, k_len, h, first, width, 0, 0};
         item.cost = item.queries() * item.keys(causal);
+        head_cost += item.cost;
         items.push_back(item);
       }
+      for (size_t i = head_items; i < items.size(); ++i) items[i].head_cost = head_cost;
+    }
   }
   auto out = q.new_empty({q.size(0), s.heads, s.dv});  // rows of no sequence stay unset, as in torch's path
   if (items.empty()) return out;
