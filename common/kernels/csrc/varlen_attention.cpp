@@ -290,8 +290,8 @@ void attend_tiles(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v,
       store(l, fmadd(load(l), correction, sum));
       store(w.m.data() + b * QUERIES, top);
       for (int64_t c = 0; c < Dv; c += 64)  // pv 64 columns at a time; Dv * 4 bytes between rows
-        probabilities_times_values(w.p.data(), QUERIES * 32, w.v_pairs.data() + 2 * c, 32 * Dv, Dv * 4, halves,
-                                   w.pv.data() + c);
+        probabilities_times_values(w.p.data(), QUERIES * 32, w.v_pairs.data() + 2 * c, 32 * Dv, Dv * 4,
+                                   halves, w.pv.data() + c);
       alignas(64) float factor[QUERIES];
       store(factor, correction);
       for (int64_t r = 0; r < rows; ++r) {  // o = o * correction + p @ v
