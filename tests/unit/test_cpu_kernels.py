@@ -75,7 +75,7 @@ def test_bfloat16_prefill_matches_the_torch_path() -> None:
 
 @needs_tiles
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("heads, d_qk, d_v", [(2, 96, 64), (1, 160, 128)])  # mini's naive and absorbed widths
+@pytest.mark.parametrize("heads, d_qk, d_v", [(2, 96, 64), (1, 160, 128), (8, 160, 128)])  # mini's widths
 def test_bfloat16_prefill_on_tiles_matches_the_reference(
     causal: bool, heads: int, d_qk: int, d_v: int
 ) -> None:
@@ -83,7 +83,7 @@ def test_bfloat16_prefill_on_tiles_matches_the_reference(
     the value product: within the output's own rounding of the reference on the same bfloat16 inputs, around
     the 16-query blocks, 64-key steps and 256-query items, after cached prefixes, the last keys of k (which a
     tile would read past), on any thread count; keys and values read through their strides (one latent row
-    for every head, as the absorbed prefill gives them)."""
+    for every head, as the absorbed prefill gives them: the heads then folded into the query rows)."""
     q_lens = [1, 5, 16, 17, 63, 64, 65, 0, 130, 257, 200]
     k_lens = [1, 40, 16, 48, 63, 100, 65, 9, 130, 300, 333]
     q, k, v, cu_q, cu_k = varlen_case(q_lens, k_lens, heads=heads, d_qk=d_qk, d_v=d_v, seed=2)

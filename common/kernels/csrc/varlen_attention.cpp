@@ -43,6 +43,10 @@ struct Shape {
   int64_t heads, dk, dv;
   float scale;
   bool causal;
+  // Query rows a position: 1, or where every head reads the same keys and values (MQA, as absorbed MLA's
+  // prefill gives them) and the tiles run, the heads, folded into the rows so a step's keys and values
+  // serve all of them.
+  int64_t group = 1;
 };
 
 // One thread's scratch: q^T [Dk, 64], widened keys [64, Dk], s^T and then p^T [64 keys, 64 queries],
@@ -64,13 +68,17 @@ struct FmaScratch {
 };
 
 struct Item {
-  int64_t q0, k0, q_len, k_len, head;  // the sequence's rows, the head
-  int64_t first, width;                // the item's first query, its most queries
+  int64_t q0, k0, q_len, k_len, head;  // the sequence's query rows and keys, the head
+  int64_t group;                       // query rows a position (Shape::group)
+  int64_t first, width;                // the item's first query row, its most rows
   int64_t cost;                        // query-key pairs it scores
   int64_t head_cost;                   // the pairs of every item of its sequence and head
+
   int64_t queries() const { return std::min(width, q_len - first); }
-  int64_t shift() const { return k_len - q_len; }  // causal: query i sees keys 0 .. shift + i
-  int64_t keys(bool causal) const { return causal ? std::min(k_len, shift() + first + queries()) : k_len; }
+  int64_t shift() const { return k_len - q_len / group; }  // causal: position i sees keys 0 .. shift + i
+  int64_t keys(bool causal) const {  // the keys its last row sees
+    return causal ? std::min(k_len, shift() + (first + queries() - 1) / group + 1) : k_len;
+  }
 };
 
 // Queries first..first+tq of one sequence and head, over keys 0..k_end of its context.
@@ -221,10 +229,10 @@ void attend_tiles(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v,
       interleave_rows(x, y, Dv, w.v_pairs.data() + j * Dv);
     }
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t rows = std::min(QUERIES, tq - b * QUERIES), first = it.first + b * QUERIES;
-      // Key ks + j is visible to the block's queries (lanes) from lane ks + j - (shift + first) on; none of
-      // them sees the keys from ks + seen on.
-      const int64_t seen = s.causal ? std::min(n, shift + first + rows - ks) : n;
+      const int64_t rows = std::min(QUERIES, tq - b * QUERIES), first = it.first + b * QUERIES, g = s.group;
+      // Key ks + j is visible to the block's query rows (lanes) from lane (ks + j - shift) g - first on; none
+      // of them sees the keys from ks + seen on.
+      const int64_t seen = s.causal ? std::min(n, shift + (first + rows - 1) / g + 1 - ks) : n;
       if (seen <= 0) continue;
       const int64_t tiles = (seen + 15) / 16;
       _tile_zero(0);
@@ -256,8 +264,8 @@ void attend_tiles(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v,
       if (tiles > 3) _tile_stored(3, scores + 48 * QUERIES, QUERIES * 4);
 
       // Only a step across the diagonal hides some of its first `seen` keys from some of the queries.
-      const bool diagonal = s.causal && ks + seen - 1 > shift + first;
-      const auto visible = [&](int64_t j) { return lanes_from(ks + j - (shift + first)); };
+      const bool diagonal = s.causal && ks + seen - 1 > shift + first / g;
+      const auto visible = [&](int64_t j) { return lanes_from((ks + j - shift) * g - first); };
       f32x16 raw = none;  // the step's largest score, before the scale (which is positive)
       for (int64_t j = 0; j < seen; ++j) {
         const f32x16 x = load(scores + j * QUERIES);
@@ -323,7 +331,8 @@ void attend_tiles(const Operand<T>&, const Operand<T>&, const Operand<T>&, T*, c
 #endif
 
 template <typename T>
-Operand<T> operand(const torch::Tensor& x) {
+Operand<T> operand(const torch::Tensor& x, int64_t group) {  // heads folded into the tokens' rows, group > 1
+  if (group > 1) return {x.data_ptr<T>(), x.stride(1), 0, x.size(0) * group};
   return {x.data_ptr<T>(), x.stride(0), x.stride(1), x.size(0)};
 }
 
@@ -335,7 +344,7 @@ void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
     return a.head_cost != b.head_cost ? a.head_cost > b.head_cost : a.cost > b.cost;
   });
-  const Operand<T> qo = operand<T>(q), ko = operand<T>(k), vo = operand<T>(v);
+  const Operand<T> qo = operand<T>(q, s.group), ko = operand<T>(k, 1), vo = operand<T>(v, 1);
   T* op = out.data_ptr<T>();
   std::atomic<size_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items.size());
@@ -375,13 +384,18 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
   TORCH_CHECK_VALUE(cu_seqlens_q.dim() == 1 && cu_seqlens_q.sizes() == cu_seqlens_k.sizes() &&
                         cu_seqlens_q.size(0) >= 1,
                     "cu_seqlens_q and cu_seqlens_k must both be [batch + 1]");
-  const Shape s{q.size(1), q.size(2), v.size(2), static_cast<float>(scale), causal};
+  Shape s{q.size(1), q.size(2), v.size(2), static_cast<float>(scale), causal};
   const int32_t* cq = cu_seqlens_q.data_ptr<int32_t>();
   const int32_t* ck = cu_seqlens_k.data_ptr<int32_t>();
   const int64_t batch = cu_seqlens_q.size(0) - 1;
   TORCH_CHECK_VALUE(cq[0] == 0 && ck[0] == 0 && cq[batch] <= q.size(0) && ck[batch] <= k.size(0),
                     "cu_seqlens must start at 0 and end within q's and k's rows");
-  const int64_t width = on_tiles(s, q.scalar_type() == torch::kBFloat16) ? TILES_ITEM : TILE;
+  const bool tiles = on_tiles(s, q.scalar_type() == torch::kBFloat16);
+  const int64_t width = tiles ? TILES_ITEM : TILE, heads = s.heads;
+  if (tiles && heads > 1 && k.stride(1) == 0 && v.stride(1) == 0 && q.stride(0) == heads * q.stride(1)) {
+    s.group = heads;
+    s.heads = 1;
+  }
   std::vector<Item> items;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t q_len = cq[b + 1] - cq[b], k_len = ck[b + 1] - ck[b];
@@ -392,8 +406,8 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
     for (int64_t h = 0; h < s.heads; ++h) {
       const size_t head_items = items.size();
       int64_t head_cost = 0;
-      for (int64_t first = 0; first < q_len; first += width) {
-        Item item{cq[b], ck[b], q_len, k_len, h, first, width, 0, 0};
+      for (int64_t first = 0; first < q_len * s.group; first += width) {
+        Item item{cq[b] * s.group, ck[b], q_len * s.group, k_len, h, s.group, first, width, 0, 0};
         item.cost = item.queries() * item.keys(causal);
         head_cost += item.cost;
         items.push_back(item);
@@ -401,7 +415,7 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
       for (size_t i = head_items; i < items.size(); ++i) items[i].head_cost = head_cost;
     }
   }
-  auto out = q.new_empty({q.size(0), s.heads, s.dv});  // rows of no sequence stay unset, as in torch's path
+  auto out = q.new_empty({q.size(0), heads, s.dv});  // rows of no sequence stay unset, as in torch's path
   if (items.empty()) return out;
   if (q.scalar_type() == torch::kFloat32)
     run<float>(q, k, v, out, items, s);
