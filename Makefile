@@ -44,6 +44,7 @@ bench: venv checkpoint
 	$(BIN)/python -m tests.bench.bench_kv_bytes --output-json bench-results/kv_bytes.json
 	$(BIN)/python -m tests.bench.bench_block_waste --output-json bench-results/block_waste.json
 	$(BIN)/python -m tests.bench.bench_decode_attention --output-json bench-results/decode_attention.json
+	$(BIN)/python -m tests.bench.bench_prefill_attention --output-json bench-results/prefill_attention.json
 	$(BIN)/python -m tests.bench.bench_weight_layout --output-json bench-results/weight_layout.json
 	$(BIN)/python -m tests.bench.bench_bf16_gemm --output-json bench-results/bf16_gemm.json
 	$(BIN)/python -m tests.bench.bench_throughput --model $(MODEL) --dtype bfloat16 \
