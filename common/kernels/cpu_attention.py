@@ -6,9 +6,10 @@ prefill) or about forty per layer (the decode), whose dispatch costs more than t
 chunk of short prompts or at decode's sizes. These kernels run the same online softmax in float32, their
 products in register tiles: the prefill of 32 prompts of 64 tokens (mini's shapes, bfloat16) takes 3.3
 against 13.1 ms, 2 x 1,024 tokens 24 against 60 ms. On a CPU with AMX, bfloat16 in whole tiles runs both
-products of either on the tiles: that prefill (8 heads of 96 / 64 wide) 1.9 -> 0.9 ms, 1 x 1,024 tokens
-5.4 -> 3.1 ms. The decode reads each latent row once for every head and finds its pages from the block
-tables itself, so it needs no DecodePlan.
+products of either on the tiles, with the queries in the vectors' lanes: that prefill (8 heads of 96 / 64
+wide) 0.63 against the torch path's 8.9 ms, 1 x 2,048 tokens 5.7 against 36 ms (tests/bench/
+bench_prefill_attention.py). The decode reads each latent row once for every head and finds its pages from
+the block tables itself, so it needs no DecodePlan.
 """
 
 from __future__ import annotations
