@@ -80,11 +80,11 @@ def main() -> None:
     rows = []
     for form, seqs, q_len, k_len in CASES:
         q, k, v, cu_q, cu_k = make_case(form, seqs, q_len, k_len, dtype)
-        args_ = (q, k, v, cu_q, cu_k, q_len, k_len, SCALE)
-        torch_s = best_time(partial(flash_attention.flash_attn_varlen, *args_))
-        kernel_s = best_time(partial(cpu_attention.flash_attn_varlen, *args_))
-        ref = flash_attention.flash_attn_varlen(q.float(), k.float(), v.float(), *args_[3:])
-        out = cpu_attention.flash_attn_varlen(*args_).float()
+        inputs = (q, k, v, cu_q, cu_k, q_len, k_len, SCALE)
+        torch_s = best_time(partial(flash_attention.flash_attn_varlen, *inputs))
+        kernel_s = best_time(partial(cpu_attention.flash_attn_varlen, *inputs))
+        ref = flash_attention.flash_attn_varlen(q.float(), k.float(), v.float(), *inputs[3:])
+        out = cpu_attention.flash_attn_varlen(*inputs).float()
         err = ((out - ref).abs().max() / ref.abs().max()).item()
         # the causal query-key pairs, each a product over q's width and one over v's
         pairs = seqs * HEADS * sum(min(k_len, k_len - q_len + i + 1) for i in range(q_len))

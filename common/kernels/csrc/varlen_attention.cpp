@@ -35,7 +35,7 @@ template <typename T>
 struct Operand {  // q, k or v: rows [tokens, heads, dim], the last dimension contiguous
   const T* data;
   int64_t token, head;  // strides, in elements
-  int64_t tokens;
+  int64_t tokens;        // rows: a tile must not read past the last
   const T* row(int64_t t, int64_t h) const { return data + t * token + h * head; }
 };
 
