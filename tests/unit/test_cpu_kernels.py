@@ -51,7 +51,8 @@ def test_prefill_matches_the_reference(causal: bool, heads: int, d_qk: int, d_v:
 
 
 def test_prefill_reads_keys_and_values_through_their_strides() -> None:
-    """k and v as views of one fused tensor (naive MLA), or one latent row shared by every head (absorbed)."""
+    """k and v as views of one fused tensor (naive MLA), or one latent row shared by every head (absorbed: the
+    heads are then folded into the query rows)."""
     q, k, v, cu_q, cu_k = varlen_case([20, 70], [50, 70], heads=4, d_qk=24, d_v=24)
     kv = torch.cat([k, v], dim=-1)
     out = cpu_attention.flash_attn_varlen(q, kv[..., :24], kv[..., 24:], cu_q, cu_k, 70, 70, 0.3)

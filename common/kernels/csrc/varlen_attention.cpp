@@ -7,8 +7,10 @@
 // where q^T (scaled, built once per item) is the panel, and out [queries, Dv] += p [queries, keys] @
 // v [keys, Dv], p read out of s^T by strides and v widened into 64-column panels. In between, the softmax
 // runs down the keys for 16 queries at a time. Threads take items as they finish, a sequence's head at a
-// time, the costliest first. On a CPU with AMX, bfloat16 whose widths are whole tiles takes both products on
-// the tiles instead, in the same transposed layout, items of 256 queries and 64 keys a step (attend_tiles).
+// time, the costliest first. Where every head reads the same keys and values (absorbed MLA), the heads are
+// folded into the query rows (Shape::group). On a CPU with AMX, bfloat16 whose widths are whole tiles takes
+// both products on the tiles instead, in the same transposed layout, items of 256 query rows and 64 keys a
+// step (attend_tiles).
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -44,8 +46,7 @@ struct Shape {
   float scale;
   bool causal;
   // Query rows a position: 1, or where every head reads the same keys and values (MQA, as absorbed MLA's
-  // prefill gives them) and the tiles run, the heads, folded into the rows so a step's keys and values
-  // serve all of them.
+  // prefill gives them) the heads, folded into the rows so a step's keys and values serve all of them.
   int64_t group = 1;
 };
 
@@ -115,7 +116,9 @@ void attend(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v, T* ou
 
     for (int64_t c = 0; c < tq; c += 16) {  // online softmax down the keys, 16 queries at a time
       // Key ks + j is visible to the queries (lanes) at positions from it on.
-      auto visible = [&](int64_t j) { return lanes_from(s.causal ? ks + j - (shift + it.first + c) : 0); };
+      auto visible = [&](int64_t j) {
+        return lanes_from(s.causal ? (ks + j - shift) * s.group - (it.first + c) : 0);
+      };
       const f32x16 old = load(w.m + c);
       f32x16 top = old;
       for (int64_t j = 0; j < n; ++j) top = where(visible(j), maximum(top, load(s_t + j * TILE + c)), top);
@@ -392,7 +395,7 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
                     "cu_seqlens must start at 0 and end within q's and k's rows");
   const bool tiles = on_tiles(s, q.scalar_type() == torch::kBFloat16);
   const int64_t width = tiles ? TILES_ITEM : TILE, heads = s.heads;
-  if (tiles && heads > 1 && k.stride(1) == 0 && v.stride(1) == 0 && q.stride(0) == heads * q.stride(1)) {
+  if (heads > 1 && k.stride(1) == 0 && v.stride(1) == 0 && q.stride(0) == heads * q.stride(1)) {
     s.group = heads;
     s.heads = 1;
   }
