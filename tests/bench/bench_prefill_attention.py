@@ -14,7 +14,6 @@ Times are the best of a few runs (the machine may be shared); not a timed test.
 """
 
 import argparse
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # runnable as a script from any directory
 
 from common.kernels import cpu_attention, cpu_extension, flash_attention  # noqa: E402
+from tests.bench.results import write_results  # noqa: E402
 from tests.bench.timing import best_time  # noqa: E402
 
 HEADS, NOPE, ROPE, V_DIM, KV_RANK = 8, 64, 32, 64, 128
@@ -61,7 +61,7 @@ def make_case(form: str, seqs: int, q_len: int, k_len: int, dtype: torch.dtype) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    parser.add_argument("--output-json", type=Path, help="also write the results here")
+    parser.add_argument("--output-json", help="also write the results here")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -109,21 +109,11 @@ def main() -> None:
         )
 
     if args.output_json:
-        args.output_json.write_text(
-            json.dumps(
-                {
-                    "benchmark": "prefill_attention",
-                    "dtype": args.dtype,
-                    "heads": HEADS,
-                    "threads": torch.get_num_threads(),
-                    "torch": torch.__version__,
-                    "results": rows,
-                },
-                indent=2,
-            )
-            + "\n"
+        write_results(
+            args.output_json,
+            args,
+            {"heads": HEADS, "threads": torch.get_num_threads(), "torch": torch.__version__, "cases": rows},
         )
-        print(f"wrote {args.output_json}")
 
 
 if __name__ == "__main__":
