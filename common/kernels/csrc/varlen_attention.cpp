@@ -341,7 +341,7 @@ Operand<T> operand(const torch::Tensor& x, int64_t group) {  // heads folded int
 
 template <typename T>
 void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
-         std::vector<Item>& items, const Shape& s) {
+         std::vector<Item>& items, const Shape& s, bool tiles) {  // tiles: on_tiles for these q, k, v
   // A sequence's head at a time, its keys and values then read from a core's cache by all its query tiles
   // (the costliest head first, its costliest tile first).
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
@@ -351,7 +351,6 @@ void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
   T* op = out.data_ptr<T>();
   std::atomic<size_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items.size());
-  const bool tiles = on_tiles(s, std::is_same_v<T, at::BFloat16>);
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     if (tiles) {
       TileScratch w(s);
@@ -421,8 +420,8 @@ torch::Tensor flash_attn_varlen(const torch::Tensor& q, const torch::Tensor& k, 
   auto out = q.new_empty({q.size(0), heads, s.dv});  // rows of no sequence stay unset, as in torch's path
   if (items.empty()) return out;
   if (q.scalar_type() == torch::kFloat32)
-    run<float>(q, k, v, out, items, s);
+    run<float>(q, k, v, out, items, s, tiles);
   else
-    run<at::BFloat16>(q, k, v, out, items, s);
+    run<at::BFloat16>(q, k, v, out, items, s, tiles);
   return out;
 }
