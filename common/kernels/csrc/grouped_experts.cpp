@@ -80,13 +80,17 @@ TileRows gather_rows(const T* x, const std::vector<int64_t>& pair, int64_t k, in
 // wherever its experts' rows went, so each is a fresh read from L3 or memory: the next token's rows are asked
 // for while this token's are summed (a prefill chunk of 2,048 tokens waited on these loads for about half of
 // the sums' time).
+struct TokenRows {  // a token's rows and gates, in weighted_sums
+  std::vector<std::pair<int64_t, float>> rows;
+};
+
 template <typename Y, typename T>
 void weighted_sums(const Y* ys, const float* gate, const std::vector<int64_t>& row_of, int64_t k, int64_t h,
                    T* out) {
   const int64_t row_bytes = h * static_cast<int64_t>(sizeof(Y)), tokens = row_of.size() / k;
   at::parallel_for(0, tokens, 16, [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc(h);
-    std::vector<std::pair<int64_t, float>> rows;
+    float* acc = scratch(Scratch::row, h);
+    std::vector<std::pair<int64_t, float>>& rows = kept<TokenRows>().rows;
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t p = (t + 1) * k; p < std::min(t + 2, tokens) * k; ++p)
         if (row_of[p] >= 0)
@@ -96,15 +100,15 @@ void weighted_sums(const Y* ys, const float* gate, const std::vector<int64_t>& r
       for (int64_t p = t * k; p < (t + 1) * k; ++p)
         if (row_of[p] >= 0) rows.emplace_back(row_of[p], gate[p]);
       std::sort(rows.begin(), rows.end());
-      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill_n(acc, h, 0.0f);
       for (const auto& [r, g] : rows) {
         const Y* y = ys + r * h;
         for (int64_t d = 0; d < h; d += 16) {
           const mask16 mask = tail_mask(d, h);
-          store(acc.data() + d, fmadd(load16(y + d, mask), splat(g), load(acc.data() + d, mask)), mask);
+          store(acc + d, fmadd(load16(y + d, mask), splat(g), load(acc + d, mask)), mask);
         }
       }
-      narrow(acc.data(), out + t * h, h);
+      narrow(acc, out + t * h, h);
     }
   });
 }

@@ -44,11 +44,25 @@ void largest(const float* v, int64_t size, int64_t n, int64_t* out) {
   }
 }
 
+// choose's working rows, a thread's (kept: scratch.h).
+struct GateScratch {
+  std::vector<float> scores, choice, group_scores;
+  std::vector<int64_t> best_groups;
+  std::vector<char> taken;
+  void fit(const GateSpec& g) {
+    grow(scores, g.experts);
+    grow(choice, g.experts);
+    grow(group_scores, g.groups);
+    grow(best_groups, g.groups);
+  }
+};
+
 // One token: logits [E] -> ids [k] (best first) and their weights [k].
-void choose(const float* logits, const GateSpec& g, std::vector<float>& scores, std::vector<float>& choice,
-            std::vector<float>& group_scores, std::vector<int64_t>& kept, std::vector<char>& taken,
-            int64_t* ids, float* weights) {
+void choose(const float* logits, const GateSpec& g, GateScratch& w, int64_t* ids, float* weights) {
   const int64_t E = g.experts;
+  std::vector<float>& scores = w.scores;
+  std::vector<float>& choice = w.choice;
+  std::vector<float>& group_scores = w.group_scores;
   float* score = scores.data();
   if (g.softmax) {  // 16 experts at a time
     const f32x16 best = splat(max_of(logits, E));
@@ -85,11 +99,11 @@ void choose(const float* logits, const GateSpec& g, std::vector<float>& scores, 
         for (int64_t e = 1; e < size; ++e) group_scores[q] = std::max(group_scores[q], c[e]);
       }
     }
-    largest(group_scores.data(), g.groups, g.top_groups, kept.data());
-    taken.assign(g.groups, 0);
-    for (int64_t j = 0; j < g.top_groups; ++j) taken[kept[j]] = 1;
+    largest(group_scores.data(), g.groups, g.top_groups, w.best_groups.data());
+    w.taken.assign(g.groups, 0);
+    for (int64_t j = 0; j < g.top_groups; ++j) w.taken[w.best_groups[j]] = 1;
     for (int64_t e = 0; e < E; ++e)
-      if (!taken[e / size]) choice[e] = -std::numeric_limits<float>::infinity();
+      if (!w.taken[e / size]) choice[e] = -std::numeric_limits<float>::infinity();
   }
   largest(choice.data(), E, g.top_k, ids);
   float sum = 0.0f;
@@ -111,12 +125,10 @@ void gate_rows(const T* x, const float* w, int64_t T_, int64_t h, const GateSpec
     for (int64_t t = t0; t < t1; ++t) widen(x + t * h, xs + (t - t0) * h, h);
     float* logits = scratch(Scratch::gemm_sums, rows * E);
     gemm_packed(xs, h, RowMajor<float>{w, E}, logits, E, rows, h, 0, E);
-    std::vector<float> scores(E), choice(E), group_scores(g.groups);
-    std::vector<int64_t> kept(g.groups);
-    std::vector<char> taken;
+    GateScratch& work = kept<GateScratch>();
+    work.fit(g);
     for (int64_t t = t0; t < t1; ++t)
-      choose(logits + (t - t0) * E, g, scores, choice, group_scores, kept, taken, ids + t * g.top_k,
-             weights + t * g.top_k);
+      choose(logits + (t - t0) * E, g, work, ids + t * g.top_k, weights + t * g.top_k);
   });
 }
 

@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -49,11 +48,12 @@ inline int64_t score_row(int64_t heads) { return (heads + 7) / 8 * 8; }
 // [block_size, D], its scores and then probabilities [block_size, Hp], each head's rescale factor [H].
 struct FmaScratch {
   LineVector<float> q_t, rows, scores, correction;
-  explicit FmaScratch(const Shape& s)
-      : q_t(s.dim * score_row(s.heads)),
-        rows(std::max(s.block_size, s.heads) * s.dim),  // holds q too, before the first page
-        scores(s.block_size * score_row(s.heads)),
-        correction(s.heads) {}
+  void fit(const Shape& s) {
+    grow(q_t, s.dim * score_row(s.heads));
+    grow(rows, std::max(s.block_size, s.heads) * s.dim);  // holds q too, before the first page
+    grow(scores, s.block_size * score_row(s.heads));
+    grow(correction, s.heads);
+  }
 };
 
 // The partial softmax of H heads' queries q [H, D] over one sequence's tokens [begin, end): running max
@@ -117,13 +117,14 @@ constexpr int64_t TILE_HEADS = 16;  // heads an item holds on the tiles: a C til
 struct TileScratch {
   LineVector<uint16_t> q_pairs, p, v_pairs;
   LineVector<float> scores, pv, o;
-  explicit TileScratch(const Shape& s)
-      : q_pairs(s.dim * TILE_HEADS),
-        p(s.block_size * TILE_HEADS),
-        v_pairs(s.block_size * s.value_dim),
-        scores(s.block_size * TILE_HEADS),
-        pv(TILE_HEADS * s.value_dim),
-        o(TILE_HEADS * s.value_dim) {}
+  void fit(const Shape& s) {
+    grow(q_pairs, s.dim * TILE_HEADS);
+    grow(p, s.block_size * TILE_HEADS);
+    grow(v_pairs, s.block_size * s.value_dim);
+    grow(scores, s.block_size * TILE_HEADS);
+    grow(pv, TILE_HEADS * s.value_dim);
+    grow(o, TILE_HEADS * s.value_dim);
+  }
 };
 
 // Whether attend_tiles takes a problem of this shape: bfloat16 on AMX, dimensions in whole tiles.
@@ -153,7 +154,7 @@ void attend_tiles(const at::BFloat16* q, int64_t H, const at::BFloat16* pages, c
   }
   std::fill(m, m + H, NEG_INF);
   std::fill(l, l + H, 0.0f);
-  std::fill(w.o.begin(), w.o.end(), 0.0f);
+  std::fill_n(w.o.begin(), TILE_HEADS * Dv, 0.0f);
   float* scores = w.scores.data();
   for (int64_t t0 = begin; t0 < end; t0 += bs) {
     const int64_t n = std::min(bs, end - t0), blocks = (n + TILE_K - 1) / TILE_K;
@@ -221,7 +222,7 @@ void attend_tiles(const at::BFloat16* q, int64_t H, const at::BFloat16* pages, c
 
 constexpr int64_t TILE_HEADS = 16;
 struct TileScratch {
-  explicit TileScratch(const Shape&) {}
+  void fit(const Shape&) {}
 };
 bool on_tiles(const Shape&, bool) { return false; }
 void attend_tiles(const at::BFloat16*, int64_t, const at::BFloat16*, const int32_t*, int64_t, int64_t,
@@ -253,13 +254,13 @@ void decode(const torch::Tensor& q, const torch::Tensor& pages, const int32_t* t
   const T* qp = q.data_ptr<T>();
   const T* pp = pages.data_ptr<T>();
   at::parallel_for(0, splits * groups, 1, [&](int64_t j0, int64_t j1) {
-    std::optional<FmaScratch> w;  // the scratch of the path the items take
-    std::optional<TileScratch> on;
+    FmaScratch& w = kept<FmaScratch>();  // the scratch of the path the items take
+    TileScratch& on = kept<TileScratch>();
     if (tiles) {
-      on.emplace(s);
+      on.fit(s);
       configure_tiles();
     } else {
-      w.emplace(s);
+      w.fit(s);
     }
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t i = j / groups, h0 = j % groups * per_group, heads = std::min(per_group, H - h0);
@@ -268,23 +269,23 @@ void decode(const torch::Tensor& q, const torch::Tensor& pages, const int32_t* t
       const int64_t row = i * H + h0;  // the item's first head among m, l and o's rows
       if constexpr (std::is_same_v<T, at::BFloat16>)
         if (tiles) {
-          attend_tiles(qp + (b * H + h0) * D, heads, pp, tables + b * s.max_blocks, begin, end, s, *on,
+          attend_tiles(qp + (b * H + h0) * D, heads, pp, tables + b * s.max_blocks, begin, end, s, on,
                        m + row, l + row, o + row * Dv);
           continue;
         }
-      attend(qp + (b * H + h0) * D, heads, pp, tables + b * s.max_blocks, begin, end, s, *w, m + row, l + row,
+      attend(qp + (b * H + h0) * D, heads, pp, tables + b * s.max_blocks, begin, end, s, w, m + row, l + row,
              o + row * Dv);
     }
     if (tiles) release_tiles();
   });
   T* op = out.data_ptr<T>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> acc(Dv);
+    float* acc = scratch(Scratch::row, Dv);
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t h = 0; h < H; ++h) {
         float top = NEG_INF, den = 0.0f;
         for (int64_t i = first[b]; i < first[b + 1]; ++i) top = std::max(top, m[i * H + h]);
-        std::fill(acc.begin(), acc.end(), 0.0f);
+        std::fill_n(acc, Dv, 0.0f);
         for (int64_t i = first[b]; i < first[b + 1]; ++i) {
           const float weight = std::exp(m[i * H + h] - top);
           den += l[i * H + h] * weight;

@@ -15,9 +15,9 @@
 
 #include <cmath>
 #include <limits>
-#include <vector>
 
 #include "kernels.h"
+#include "scratch.h"
 #include "simd.h"
 
 namespace {
@@ -64,9 +64,8 @@ torch::Tensor inverse_cdf_draw(const torch::Tensor& logits, const torch::Tensor&
   const float* uniforms = u.data_ptr<float>();
   int64_t* out = tokens.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<float> weights((V + 15) / 16 * 16);
-    for (int64_t r = r0; r < r1; ++r)
-      out[r] = draw(rows + r * logits.stride(0), V, uniforms[r], weights.data());
+    float* weights = scratch(Scratch::row, (V + 15) / 16 * 16);
+    for (int64_t r = r0; r < r1; ++r) out[r] = draw(rows + r * logits.stride(0), V, uniforms[r], weights);
   });
   return tokens;
 }

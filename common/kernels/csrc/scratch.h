@@ -1,7 +1,11 @@
-// A thread's working memory. Float32 scratch that the calling thread keeps from one call to the next, one
-// buffer per use: memory allocated afresh at tens of MB (a prefill chunk's expert rows) comes from the
-// kernel page by page on every call, and at a decode step's few rows even a small torch allocation is a
-// dispatch worth a good part of the product. A thread keeps its largest use of each buffer so far.
+// A thread's working memory, kept from one call to the next: float32 buffers, one per use (`scratch`), and
+// the working sets of the attention kernels and others (`kept`). Memory allocated afresh at tens of MB (a
+// prefill chunk's expert rows) comes from the kernel page by page on every call; at a decode step's few rows
+// even a small torch allocation is a dispatch worth a good part of the product; and allocations made inside
+// a parallel region come from every thread at once, out of the one arena a latentmoe process gives malloc
+// (common/rpc/allocator.py), where they wait on each other: the paged decode of 64 sequences, which made
+// its working set in each thread at every call, took 170 us a layer there against 110 with an arena per
+// thread. A thread keeps its largest use of each buffer so far.
 //
 // All of it starts on a cache line (64 bytes), where malloc gives 16: AMX's tile loads and stores move rows
 // of 64 bytes, and a row that straddles two lines costs two (a 64 x 512 x 768 product with its rows 16 bytes
@@ -35,7 +39,23 @@ struct LineAligned {
 template <typename T>
 using LineVector = std::vector<T, LineAligned<T>>;
 
-enum class Scratch { gemm_rows, gemm_sums, expert_rows, tile_rows, activation_rows, decode_partials, count };
+// `row`: a row of float32 inside a parallel region (the paged decode's combine, the experts' weighted sums,
+// the sampler's weights).
+enum class Scratch { gemm_rows, gemm_sums, expert_rows, tile_rows, activation_rows, decode_partials, row,
+                     count };
+
+// v holding at least n elements: grown (what it held kept), never shrunk.
+template <typename V>
+void grow(V& v, int64_t n) {
+  if (v.size() < static_cast<size_t>(n)) v.resize(n);
+}
+
+// The calling thread's W, made once and kept: W grows its buffers to each call's needs itself.
+template <typename W>
+W& kept() {
+  thread_local W w;
+  return w;
+}
 
 inline float* scratch(Scratch use, int64_t floats) {
   thread_local LineVector<float> buffers[static_cast<int>(Scratch::count)];

@@ -56,7 +56,8 @@ struct Shape {
 struct FmaScratch {
   LineVector<float> buffer;
   float *q_t, *keys, *s_t, *v_panel, *o, *m, *l, *alpha;
-  explicit FmaScratch(const Shape& s) : buffer((2 * s.dk + s.dv + 2 * TILE + 3) * TILE + 8 * 16) {
+  void fit(const Shape& s) {
+    grow(buffer, (2 * s.dk + s.dv + 2 * TILE + 3) * TILE + 8 * 16);
     float* next = buffer.data();
     auto take = [&](int64_t n) {  // n floats, starting on a cache line
       float* part = next;
@@ -175,16 +176,17 @@ bool on_tiles(const Shape& s, bool bf16) {
 struct TileScratch {
   LineVector<uint16_t> q_pairs, keys, v_pairs, p;
   LineVector<float> scores, pv, o, m, l;
-  explicit TileScratch(const Shape& s)
-      : q_pairs(TILES_ITEM * s.dk),
-        keys(KEYS * s.dk),
-        v_pairs(KEYS * s.dv),
-        p(QUERIES * KEYS),
-        scores(KEYS * QUERIES),
-        pv(QUERIES * s.dv),
-        o(TILES_ITEM * s.dv),
-        m(TILES_ITEM),
-        l(TILES_ITEM) {}
+  void fit(const Shape& s) {
+    grow(q_pairs, TILES_ITEM * s.dk);
+    grow(keys, KEYS * s.dk);
+    grow(v_pairs, KEYS * s.dv);
+    grow(p, QUERIES * KEYS);
+    grow(scores, KEYS * QUERIES);
+    grow(pv, QUERIES * s.dv);
+    grow(o, TILES_ITEM * s.dv);
+    grow(m, TILES_ITEM);
+    grow(l, TILES_ITEM);
+  }
 };
 
 // attend on AMX's tiles for bfloat16, the paged decode's layout: the scores transposed, s^T [keys, 16
@@ -212,8 +214,8 @@ void attend_tiles(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v,
       for (int64_t j = 0; j < 16; ++j)
         _mm512_storeu_si512(w.q_pairs.data() + (b * Dk / 2 + c + j) * 2 * QUERIES, rows[j]);
     }
-  std::fill(w.m.begin(), w.m.end(), NEG_INF);
-  std::fill(w.l.begin(), w.l.end(), 0.0f);
+  std::fill_n(w.m.begin(), TILES_ITEM, NEG_INF);
+  std::fill_n(w.l.begin(), TILES_ITEM, 0.0f);
   std::fill(w.o.begin(), w.o.begin() + tq * Dv, 0.0f);
   const f32x16 scale = splat(s.scale), none = splat(NEG_INF);
   float* scores = w.scores.data();
@@ -324,7 +326,7 @@ void attend_tiles(const Operand<T>& q, const Operand<T>& k, const Operand<T>& v,
 #else
 
 struct TileScratch {
-  explicit TileScratch(const Shape&) {}
+  void fit(const Shape&) {}
 };
 bool on_tiles(const Shape&, bool) { return false; }
 template <typename T>
@@ -353,13 +355,15 @@ void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items.size());
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     if (tiles) {
-      TileScratch w(s);
+      TileScratch& w = kept<TileScratch>();
+      w.fit(s);
       configure_tiles();
       for (size_t i; (i = next++) < items.size();) attend_tiles(qo, ko, vo, op, items[i], s, w);
       release_tiles();
       return;
     }
-    FmaScratch w(s);
+    FmaScratch& w = kept<FmaScratch>();
+    w.fit(s);
     for (size_t i; (i = next++) < items.size();) attend(qo, ko, vo, op, items[i], s, w);
   });
 }
