@@ -16,7 +16,9 @@ def reuse_freed_memory() -> None:
     pages anew: on loopback a 4 MiB tensor's round trip took 31 ms, against 18 ms with the blocks kept.
     The engine's own step tensors (logits, sampling, operands upcast for MKL) fault the same way: in-process
     at 64 sequences, 1,173 against 1,312 tok/s (bf16 mini, tests/bench/bench_throughput.py).
-    One arena for all threads (set before they start) keeps the torch thread's blocks too. Only glibc."""
+    One arena for all threads (set before they start) keeps the torch thread's blocks too; threads that
+    allocate at once then queue on it, so the C++ kernels keep their threads' working memory from call to
+    call instead of allocating inside parallel regions (common/kernels/csrc/scratch.h). Only glibc."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
