@@ -12,7 +12,7 @@ Sections (each prints a table; all figures go to the JSON):
                bandwidth).
 Not a timed test: the machine is shared and noisy; ratios measured in the same run are what to read.
 
-Both sides allocate with glibc's defaults, as transformers runs for its users and as the issue's anchors for
+Both sides allocate with glibc's defaults, as transformers runs for its users and as the targets' anchors for
 it were measured: under the settings latentmoe's services give malloc (--reuse-freed-memory, common/rpc/
 allocator.py) transformers' generate() runs about 1.6x faster (mini, bf16, 64 sequences: 467-522 against
 294-325 tok/s on a 2-core CPU), the engine the same (3,691-3,787 against 3,825-3,848), its kernels keeping
