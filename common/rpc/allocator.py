@@ -14,8 +14,8 @@ def reuse_freed_memory() -> None:
     of a heap at once, and gives threads heaps of their own that come and go. A prefill chunk's hidden
     states are megabytes, copied several times per call, and each fresh block faults in and zeroes its
     pages anew: on loopback a 4 MiB tensor's round trip took 31 ms, against 18 ms with the blocks kept.
-    The engine's own step tensors (logits, sampling, operands upcast for MKL) fault the same way: in-process
-    at 64 sequences, 1,173 against 1,312 tok/s (bf16 mini, tests/bench/bench_throughput.py).
+    torch's operators fault the same way with every fresh tensor (transformers' generate() of 64 sequences
+    runs 1.6-2x faster so); the engine's kernels keep their working memory and run the same either way.
     One arena for all threads (set before they start) keeps the torch thread's blocks too; threads that
     allocate at once then queue on it, so the C++ kernels keep their threads' working memory from call to
     call instead of allocating inside parallel regions (common/kernels/csrc/scratch.h). Only glibc."""
